@@ -1,0 +1,1 @@
+"""Server side: runs offloaded tasks, reports its load, survives bad input."""

@@ -1,0 +1,1 @@
+"""Device side: per-message offloading decisions, execution with fallback, topic bridge."""

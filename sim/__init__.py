@@ -1,0 +1,1 @@
+"""Simulated fleets: emulation over a real broker and a discrete-event mode."""

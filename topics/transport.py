@@ -1,0 +1,221 @@
+"""The narrow transport every agent talks to, and the pieces its implementations share.
+
+Two implementations: :class:`topics.mqtt.MqttTransport` (paho-mqtt, the only module that imports
+paho) and :class:`topics.memory.MemoryTransport` (in-process, for fast unit tests). Agents see bytes
+and topics only; the codec lives in :mod:`topics.codec`.
+
+Handlers run on one dispatch thread per transport, never on the network thread, in arrival order.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+from urllib.parse import unquote, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from topics.errors import WireError
+
+log = logging.getLogger(__name__)
+
+ProtocolVersion = Literal["3.1.1", "5"]
+
+
+class TransportError(WireError):
+    """Root of transport failures."""
+
+
+class ConnectError(TransportError):
+    """The broker could not be reached, refused us, or did not answer in time."""
+
+
+class NotConnectedError(TransportError):
+    """A publish was attempted while the connection is down; nothing was sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A received message as handlers see it."""
+
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+
+
+Handler = Callable[[Message], None]
+ConnectListener = Callable[[], None]
+
+
+class TlsConfig(BaseModel):
+    """TLS settings; certificates are verified unless ``insecure`` is set explicitly."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False
+
+
+class TransportConfig(BaseModel):
+    """How to reach a broker. Build one from a URL with :meth:`from_url`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    protocol: ProtocolVersion = "3.1.1"
+    client_id: str = ""
+    username: str | None = None
+    password: SecretStr | None = None
+    tls: TlsConfig | None = None
+    keepalive: int = Field(10, ge=1, le=65535)
+    connect_timeout: float = Field(10.0, gt=0)
+    reconnect_min_delay: float = Field(0.1, gt=0)
+    reconnect_max_delay: float = Field(10.0, gt=0)
+    max_queued_messages: int = Field(10_000, ge=0)
+    dispatch_queue: int = Field(10_000, ge=1)
+    tcp_nodelay: bool = True
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: object) -> TransportConfig:
+        """Parse ``mqtt://[user[:password]@]host[:port]`` (``mqtts://`` for TLS)."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise ValueError(f"broker URL {url!r} has no host")
+        secure = parts.scheme in ("mqtts", "ssl")
+        try:
+            port = parts.port or (8883 if secure else 1883)
+        except ValueError as exc:
+            raise ValueError(f"broker URL {url!r}: {exc}") from exc
+        values: dict[str, object] = {"host": parts.hostname, "port": port}
+        if parts.username:
+            values["username"] = unquote(parts.username)
+        if parts.password:
+            values["password"] = unquote(parts.password)
+        if secure:
+            values["tls"] = TlsConfig()
+        values.update(overrides)
+        return cls.model_validate(values)
+
+    @property
+    def url(self) -> str:
+        """The broker address without credentials, for logs."""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def backoff_delays(
+    min_delay: float, max_delay: float, rng: random.Random | None = None
+) -> Callable[[], float]:
+    """Capped exponential backoff with full jitter: each call returns the next delay."""
+    chooser = rng or random.Random()
+    attempt = 0
+
+    def next_delay() -> float:
+        nonlocal attempt
+        ceiling = min(max_delay, min_delay * (2**attempt))
+        attempt = min(attempt + 1, 62)
+        return chooser.uniform(min_delay, max(min_delay, ceiling))
+
+    return next_delay
+
+
+class Dispatcher:
+    """Runs handlers on one thread, in order, off the network thread; bounded, drops counted."""
+
+    def __init__(self, name: str, *, capacity: int = 10_000) -> None:
+        self._queue: queue.Queue[tuple[Handler, Message] | Callable[[], None] | None] = queue.Queue(
+            capacity
+        )
+        self.counters: Counter[str] = Counter()
+        self._last_drop_log = 0.0
+        self._thread = threading.Thread(target=self._run, name=f"dispatch-{name}", daemon=True)
+        self._thread.start()
+
+    def deliver(self, handler: Handler, message: Message) -> None:
+        """Queue a message for its handler; a full queue drops it (counted, logged once a second)."""
+        try:
+            self._queue.put_nowait((handler, message))
+        except queue.Full:
+            self.counters["dropped_dispatch_full"] += 1
+            now = time.monotonic()
+            if now - self._last_drop_log > 1.0:
+                self._last_drop_log = now
+                log.warning("dispatch queue full, dropped %d messages so far (latest on %s)",
+                            self.counters["dropped_dispatch_full"], message.topic)
+
+    def call(self, callback: Callable[[], None]) -> None:
+        """Run a callback on the dispatch thread (connect listeners), never dropped."""
+        self._queue.put(callback)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                if isinstance(item, tuple):
+                    handler, message = item
+                    handler(message)
+                    self.counters["delivered"] += 1
+                else:
+                    item()
+            except Exception:
+                self.counters["handler_errors"] += 1
+                log.exception("handler failed")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Finish what is queued, then stop the thread."""
+        if not self._thread.is_alive():
+            return
+        self._queue.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+
+class Transport(Protocol):
+    """What agents need from MQTT: nothing more."""
+
+    @property
+    def client_id(self) -> str: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+    def set_will(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = True) -> None:
+        """Register the Will; must be called before :meth:`connect`."""
+
+    def add_connect_listener(self, listener: ConnectListener) -> None:
+        """Call ``listener`` on the dispatch thread after every (re)connect and re-subscription."""
+
+    def connect(self, *, timeout: float | None = None) -> None:
+        """Connect and start the network loop; raises :class:`ConnectError` if the first try fails.
+        Later losses are reconnected with backoff, re-subscribing every filter."""
+
+    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1) -> None:
+        """Route messages matching ``topic_filter`` to ``handler`` (kept across reconnects)."""
+
+    def unsubscribe(self, topic_filter: str) -> None: ...
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False) -> None:
+        """Send a message; raises :class:`NotConnectedError` when the link is down."""
+
+    def close(self, *, timeout: float = 5.0) -> None:
+        """Disconnect cleanly (the broker discards the Will) and stop all threads."""
+
+    def abort(self) -> None:
+        """Drop the connection without DISCONNECT, as a crash would: the broker sends the Will."""
+
+    def stats(self) -> dict[str, int]:
+        """Counters: delivered, dropped, handler errors, reconnects."""
