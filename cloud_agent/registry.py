@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from topics.models import TaskCapability
+from topics.models import Executor, TaskCapability
 
 ExecutorKind = Literal["thread", "process"]
 TaskFunction = Callable[[Any], Any]
@@ -64,7 +64,7 @@ class TaskSpec:
 
     def capability(self) -> TaskCapability:
         """How this task is announced in heartbeats."""
-        return TaskCapability(executor=self.executor,
+        return TaskCapability(executor=Executor(self.executor),
                               stages=len(self.stages) if self.pipeline else None)
 
     def check_stage(self, start: int | None) -> int:
