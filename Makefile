@@ -1,0 +1,36 @@
+# Two set-up commands (see README): `make demo` and `make test`.
+# Everything installs into .venv (with the system's site-packages visible, so nothing already
+# installed is downloaded again; and it works on systems whose Python is "externally managed").
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test test-all lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+
+$(VENV)/.installed: $(PY) pyproject.toml
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,sim,vision]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/offload-sim demo
+
+test: $(VENV)/.installed
+	bash scripts/ensure-mosquitto.sh
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(VENV)/.installed
+	bash scripts/ensure-mosquitto.sh
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+bench: $(VENV)/.installed
+	bash scripts/run-benchmarks.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache results bench/out
