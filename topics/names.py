@@ -24,7 +24,16 @@ DEFAULT_PREFIX = "offload/v1"
 MAX_NODE_ID_LENGTH = 64
 MAX_TOPIC_BYTES = 65535
 
-_NODE_ID = re.compile(r"^[A-Za-z0-9_.:@-]+$")
+_NODE_ID = re.compile(r"[A-Za-z0-9_.:@-]+")
+
+
+def _utf8_length(topic: str) -> int:
+    """Length of ``topic`` in UTF-8 bytes; lone surrogates (not valid Unicode) are a TopicError."""
+    try:
+        return len(topic.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise TopicError(f"topic is not valid UTF-8: {exc.reason}",
+                         topic=topic.encode("utf-8", "backslashreplace").decode()) from exc
 
 
 class Kind(str, Enum):
@@ -54,7 +63,7 @@ def validate_node_id(node_id: str, *, what: str = "node id") -> str:
     for bad in ("/", "+", "#"):
         if bad in node_id:
             raise TopicError(f"{what} must not contain {bad!r}", topic=node_id)
-    if not _NODE_ID.match(node_id):
+    if not _NODE_ID.fullmatch(node_id):
         raise TopicError(f"{what} may only use letters, digits and _.:@-", topic=node_id)
     return node_id
 
@@ -67,7 +76,7 @@ def validate_publish_topic(topic: str) -> str:
         raise TopicError("publish topic must not contain wildcards", topic=topic)
     if topic.startswith("$"):
         raise TopicError("publish topic must not start with '$'", topic=topic)
-    if "\x00" in topic or len(topic.encode()) > MAX_TOPIC_BYTES:
+    if "\x00" in topic or _utf8_length(topic) > MAX_TOPIC_BYTES:
         raise TopicError("publish topic has a NUL or is too long", topic=topic)
     return topic
 
@@ -76,6 +85,8 @@ def validate_filter(topic_filter: str) -> str:
     """Return ``topic_filter`` if it is a valid MQTT subscription filter (``$share/g/...`` allowed)."""
     if not topic_filter or "\x00" in topic_filter:
         raise TopicError("subscription filter is empty or has a NUL", topic=topic_filter)
+    if _utf8_length(topic_filter) > MAX_TOPIC_BYTES:
+        raise TopicError("subscription filter is too long", topic=topic_filter[:100])
     levels = topic_filter.split("/")
     if levels[0] == "$share":
         if len(levels) < 3 or not levels[1] or "+" in levels[1] or "#" in levels[1]:
