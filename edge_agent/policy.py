@@ -1,0 +1,356 @@
+"""The offloading decision, as a pure function.
+
+:func:`decide` maps (task, local state, server table, now, rng) to a :class:`Decision`: run locally
+or send to one server, with the reason and the estimates behind it. It does no I/O, reads no clock and
+draws randomness only from the ``rng`` it is given, so the edge agent and the simulator run the very
+same code and a seeded run is reproducible.
+
+Expected completion time (ECT) of an option, in seconds::
+
+    server: rtt + payload_bytes / bandwidth + queue_wait + service_time + recent_failures * penalty
+    local:                                    queue_wait + service_time
+
+    queue_wait = 0                                                    if ahead < workers
+               = (ahead - workers + in_flight_residual) * service / workers   otherwise
+    ahead      = queue_length + in_flight (+ sent_since_report for a server)
+
+``in_flight_residual`` (default 0.5) is the part of a running task still to do when a new one
+arrives: the head of the line is on average half done. A server's ``queue_length`` comes from its last
+heartbeat, which may be old: ``sent_since_report`` adds what this device sent it since, and spreading
+over near-equal options keeps devices that read the same stale report from herding onto one server.
+
+Policies (:data:`POLICIES`): ``local``, ``remote`` (best server by ECT), ``random`` (uniform over
+usable servers), ``min_rtt`` (lowest round trip, blind to load), ``threshold`` (the old proxy's rule:
+offload to the best server once the local arrival rate exceeds ``threshold_rate``) and ``ect``
+(default: lowest ECT over local and servers, deadline-aware, spread, with hysteresis).
+
+Stale, incapable and excluded servers are never chosen by any policy.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "DEFAULT_POLICY", "DEFAULT_POLICY_CONFIG", "LOCAL", "POLICIES", "Decision", "LocalInfo", "PolicyConfig",
+    "ServerInfo", "TaskInfo", "UnknownPolicyError", "check_policy", "decide", "local_ect", "server_ect",
+]
+
+LOCAL = "local"
+"""Label of the local option in :attr:`Decision.estimates` and in ``previous``."""
+
+POLICIES: tuple[str, ...] = ("local", "remote", "random", "min_rtt", "threshold", "ect")
+DEFAULT_POLICY = "ect"
+
+
+class UnknownPolicyError(ValueError):
+    """A policy name that is not one of :data:`POLICIES`."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"unknown policy {name!r}; valid policies: {', '.join(POLICIES)}")
+        self.name = name
+
+
+def check_policy(name: str) -> str:
+    """Return ``name`` if it is a known policy, else raise :class:`UnknownPolicyError`."""
+    if name not in POLICIES:
+        raise UnknownPolicyError(name)
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class TaskInfo:
+    """What the policy knows about the task being decided."""
+
+    name: str
+    payload_bytes: int
+    time_left: float | None = None
+    """Seconds until the task's deadline; ``None`` means no deadline."""
+
+    def __post_init__(self) -> None:
+        if self.payload_bytes < 0:
+            raise ValueError(f"TaskInfo.payload_bytes must be >= 0, got {self.payload_bytes}")
+
+
+@dataclass(frozen=True, slots=True)
+class LocalInfo:
+    """The device's own state for this task name."""
+
+    capable: bool
+    """The task is registered on this device."""
+    queue_length: int = 0
+    in_flight: int = 0
+    workers: int = 1
+    service_time: float | None = None
+    """EWMA local service time for this task name (s); ``None`` = never run here."""
+    rate: float = 0.0
+    """Local task arrivals per second over the recent window (``threshold`` policy)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """One row of the device's server table, as seen for this task name."""
+
+    node: str
+    capable: bool = True
+    """The server announced this task name."""
+    stale: bool = False
+    """Missed heartbeats or a death message: never chosen."""
+    rtt: float | None = None
+    """EWMA round trip over MQTT (s); ``None`` = not measured yet (``default_rtt`` is assumed)."""
+    rtt_dev: float = 0.0
+    bandwidth: float | None = None
+    """Bytes/s device -> server; ``None`` = unknown (``default_bandwidth``)."""
+    queue_length: int = 0
+    in_flight: int = 0
+    workers: int = 1
+    service_time: float | None = None
+    """Reported EWMA service time for this task name (s); ``None`` = ``default_service_time``."""
+    sent_since_report: int = 0
+    """Tasks this device sent it since the heartbeat these numbers come from."""
+    recent_failures: float = 0.0
+    """Decayed count of recent failures (timeout, busy, death)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """Tuning of the policies. The defaults suit a LAN with millisecond round trips."""
+
+    default_rtt: float = 0.005
+    """Round trip assumed for a server never measured: small, so new servers get tried."""
+    default_bandwidth: float = 12.5e6
+    """Bytes/s assumed when unknown (100 Mbit/s)."""
+    default_service_time: float = 0.010
+    """Service time assumed for a task never timed on that node (s)."""
+    spread_k: int = 2
+    """Spread over at most this many near-equal best options (1 = always the minimum)."""
+    near_equal: float = 0.15
+    """Options within this relative margin of the best count as near-equal."""
+    near_equal_abs: float = 0.0005
+    """... or within this many seconds of it (so tiny estimates are not split by noise)."""
+    hysteresis: float = 0.2
+    """Keep ``previous`` unless the best option is better by more than this relative margin."""
+    failure_penalty: float = 0.5
+    """Seconds added to a server's estimate per recent failure."""
+    threshold_rate: float = 25.0
+    """``threshold`` policy: offload once the local rate (tasks/s) exceeds this."""
+    in_flight_residual: float = 0.5
+    """Fraction of a running task assumed still to do (see the module docstring)."""
+    rtt_dev_weight: float = 0.0
+    """Add this many ``rtt_dev`` to a server's round trip (risk aversion; 0 = mean only)."""
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("default_rtt", self.default_rtt >= 0.0), ("default_bandwidth", self.default_bandwidth > 0.0),
+            ("default_service_time", self.default_service_time >= 0.0), ("spread_k", self.spread_k >= 1),
+            ("near_equal", self.near_equal >= 0.0), ("near_equal_abs", self.near_equal_abs >= 0.0),
+            ("hysteresis", self.hysteresis >= 0.0), ("failure_penalty", self.failure_penalty >= 0.0),
+            ("threshold_rate", self.threshold_rate >= 0.0),
+            ("in_flight_residual", 0.0 <= self.in_flight_residual <= 1.0),
+            ("rtt_dev_weight", self.rtt_dev_weight >= 0.0),
+        )
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"PolicyConfig.{name}: out of range ({getattr(self, name)!r})")
+
+
+DEFAULT_POLICY_CONFIG = PolicyConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of :func:`decide`, kept for logs, traces and tests."""
+
+    policy: str
+    target: str | None
+    """``None`` = run locally; otherwise the server node id."""
+    reason: str
+    """Short stable phrase: ``lowest-ect``; ``keep-previous`` (hysteresis); ``spread`` (random among
+    near-equal best options); ``deadline`` (the deadline removed options, or none can meet it);
+    ``always-local``; ``local-incapable``; ``no-server`` / ``stale`` (no usable server, run locally);
+    ``random``; ``min-rtt``; ``under-threshold`` / ``over-threshold``; ``no-option``."""
+    estimates: tuple[tuple[str, float], ...] = ()
+    """``(LOCAL or node id, expected completion s)`` for every option considered, best first."""
+    feasible: bool = True
+    """False when no option could meet the deadline, or none could run the task at all."""
+
+    @property
+    def local(self) -> bool:
+        return self.target is None
+
+    def estimate(self, option: str) -> float | None:
+        """The ECT computed for ``option`` (``LOCAL`` or a node id), if it was considered."""
+        for name, value in self.estimates:
+            if name == option:
+                return value
+        return None
+
+
+def _queue_wait(ahead: int, workers: int, service: float, residual: float) -> float:
+    workers = workers if workers > 0 else 1
+    if ahead < workers:
+        return 0.0
+    return (ahead - workers + residual) * service / workers
+
+
+def server_ect(task: TaskInfo, server: ServerInfo, config: PolicyConfig = DEFAULT_POLICY_CONFIG) -> float:
+    """Expected completion time (s) of ``task`` sent to ``server`` (see the module docstring)."""
+    rtt = config.default_rtt if server.rtt is None else server.rtt
+    if config.rtt_dev_weight:
+        rtt += config.rtt_dev_weight * server.rtt_dev
+    bandwidth = server.bandwidth if server.bandwidth else config.default_bandwidth
+    service = config.default_service_time if server.service_time is None else server.service_time
+    ahead = server.queue_length + server.in_flight + server.sent_since_report
+    return (rtt + task.payload_bytes / bandwidth
+            + _queue_wait(ahead, server.workers, service, config.in_flight_residual)
+            + service + server.recent_failures * config.failure_penalty)
+
+
+def local_ect(local: LocalInfo, config: PolicyConfig = DEFAULT_POLICY_CONFIG) -> float:
+    """Expected completion time (s) of running the task on this device."""
+    service = config.default_service_time if local.service_time is None else local.service_time
+    return (_queue_wait(local.queue_length + local.in_flight, local.workers, service,
+                        config.in_flight_residual) + service)
+
+
+def _sort_key(option: tuple[str, float]) -> float:
+    return option[1]
+
+
+def _options(task: TaskInfo, local: LocalInfo, servers: Sequence[ServerInfo], exclude: frozenset[str],
+             allow_local: bool, config: PolicyConfig) -> tuple[list[tuple[str, float]], float | None]:
+    """Every usable option with its ECT (unsorted): usable servers first, local last if allowed."""
+    options: list[tuple[str, float]] = []
+    for server in servers:
+        if server.stale or not server.capable or server.node in exclude:
+            continue
+        options.append((server.node, server_ect(task, server, config)))
+    local_estimate = local_ect(local, config) if (allow_local and local.capable) else None
+    return options, local_estimate
+
+
+def _pick(policy: str, options: list[tuple[str, float]], time_left: float | None, *, rng: random.Random,
+          previous: str | None, spread: bool, config: PolicyConfig
+          ) -> tuple[str, str, tuple[tuple[str, float], ...], bool]:
+    """Lowest-ECT choice among ``options`` (non-empty): deadline filter, hysteresis, then spreading.
+
+    Returns (option label, reason, estimates best first, feasible).
+    """
+    options.sort(key=_sort_key)
+    estimates = tuple(options)
+    best_overall = options[0]
+    candidates = options
+    if time_left is not None:
+        candidates = [option for option in options if option[1] <= time_left]
+        if not candidates:
+            return best_overall[0], "deadline", estimates, False
+    best = candidates[0]
+    reason = "lowest-ect" if len(candidates) == len(options) else "deadline"
+    if previous is not None and previous != best[0]:
+        for option in candidates:
+            if option[0] == previous:
+                if option[1] <= best[1] * (1.0 + config.hysteresis):
+                    return previous, "keep-previous", estimates, True
+                break
+    if spread and config.spread_k > 1 and len(candidates) > 1:
+        limit = max(best[1] * (1.0 + config.near_equal), best[1] + config.near_equal_abs)
+        near = 1
+        top = min(config.spread_k, len(candidates))
+        while near < top and candidates[near][1] <= limit:
+            near += 1
+        if near > 1:
+            if previous is not None:
+                for option in candidates[:near]:
+                    if option[0] == previous:
+                        return previous, "keep-previous", estimates, True
+            return candidates[rng.randrange(near)][0], "spread", estimates, True
+    return best[0], reason, estimates, True
+
+
+def _labelled(options: list[tuple[str, float]], local_estimate: float | None) -> list[tuple[str, float]]:
+    if local_estimate is None:
+        return options
+    return [*options, (LOCAL, local_estimate)]
+
+
+def _decision(policy: str, label: str, reason: str, estimates: tuple[tuple[str, float], ...],
+              feasible: bool) -> Decision:
+    return Decision(policy, None if label == LOCAL else label, reason, estimates, feasible)
+
+
+def _fits(estimate: float, time_left: float | None) -> bool:
+    return time_left is None or estimate <= time_left
+
+
+def decide(policy: str, task: TaskInfo, local: LocalInfo, servers: Sequence[ServerInfo], *,
+           now: float, rng: random.Random, previous: str | None = None,
+           exclude: frozenset[str] = frozenset(), allow_local: bool = True,
+           config: PolicyConfig = DEFAULT_POLICY_CONFIG) -> Decision:
+    """Decide where ``task`` runs under ``policy``.
+
+    ``previous`` is the option chosen last time for this task name (a node id, or :data:`LOCAL`);
+    ``exclude`` are servers already tried for this task; ``allow_local=False`` removes the local option.
+    ``now`` is the caller's clock (unused by the current policies, kept so that policies stay pure).
+    Raises :class:`UnknownPolicyError` for a name not in :data:`POLICIES`.
+    """
+    del now  # pure by contract: time arrives as an argument; no current policy needs it
+    if policy not in POLICIES:
+        raise UnknownPolicyError(policy)
+    time_left = task.time_left
+    if policy == "local" and allow_local and local.capable:
+        estimate = local_ect(local, config)
+        return Decision(policy, None, "always-local", ((LOCAL, estimate),), _fits(estimate, time_left))
+    options, local_estimate = _options(task, local, servers, exclude, allow_local, config)
+
+    if not options and local_estimate is None:
+        return Decision(policy, None, "no-option", (), False)
+
+    if policy == "ect":
+        label, reason, estimates, feasible = _pick(policy, _labelled(options, local_estimate), time_left,
+                                                   rng=rng, previous=previous, spread=True, config=config)
+        return _decision(policy, label, reason, estimates, feasible)
+
+    if policy == "local":  # the local option is unavailable here: the best server instead
+        label, _, estimates, feasible = _pick(policy, options, time_left, rng=rng, previous=previous,
+                                              spread=False, config=config)
+        return _decision(policy, label, "local-incapable", estimates, feasible)
+
+    if not options:
+        # Every offloading policy falls back to local when no server is usable.
+        assert local_estimate is not None
+        stale = any(server.stale and server.capable for server in servers)
+        return Decision(policy, None, "stale" if stale else "no-server", ((LOCAL, local_estimate),),
+                        _fits(local_estimate, time_left))
+
+    if policy == "remote":
+        label, reason, estimates, feasible = _pick(policy, options, time_left, rng=rng, previous=previous,
+                                                   spread=True, config=config)
+        return _decision(policy, label, reason, estimates, feasible)
+
+    if policy == "threshold":
+        if local_estimate is not None and local.rate <= config.threshold_rate:
+            return Decision(policy, None, "under-threshold",
+                            tuple(sorted(_labelled(options, local_estimate), key=_sort_key)),
+                            _fits(local_estimate, time_left))
+        label, _, estimates, feasible = _pick(policy, options, None, rng=rng, previous=None,
+                                              spread=False, config=config)
+        reason = "over-threshold" if local_estimate is not None else "local-incapable"
+        return _decision(policy, label, reason, estimates, _fits(estimates[0][1], time_left))
+
+    estimates = tuple(sorted(options, key=_sort_key))
+    if policy == "random":
+        chosen = options[rng.randrange(len(options))]
+        return Decision(policy, chosen[0], "random", estimates, _fits(chosen[1], time_left))
+
+    # min_rtt: the lowest measured round trip, ignoring load; first in table order on ties.
+    by_node = {server.node: server for server in servers}
+    best_label, best_rtt = options[0][0], float("inf")
+    for label, _ in options:
+        server = by_node[label]
+        rtt = config.default_rtt if server.rtt is None else server.rtt
+        if rtt < best_rtt:
+            best_label, best_rtt = label, rtt
+    chosen_ect = next(value for label, value in estimates if label == best_label)
+    return Decision(policy, best_label, "min-rtt", estimates, _fits(chosen_ect, time_left))
