@@ -1,0 +1,439 @@
+"""The MQTT transport: paho-mqtt 2.x behind the narrow :class:`~topics.transport.Transport` interface.
+
+This is the only module that imports paho. One network thread per transport runs paho's ``loop()``
+and our reconnect loop (capped exponential backoff with jitter, every filter re-subscribed after
+each reconnect); handlers run on a :class:`~topics.transport.Dispatcher` thread, never on the
+network thread, so a slow handler cannot stall keepalives or acknowledgements.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from topics.names import topic_matches, validate_filter, validate_publish_topic
+from topics.transport import (
+    ConnectError,
+    ConnectListener,
+    Dispatcher,
+    Handler,
+    Message,
+    NotConnectedError,
+    TransportConfig,
+    TransportError,
+    backoff_delays,
+)
+
+log = logging.getLogger(__name__)
+
+_LOOP_TIMEOUT = 0.5  # seconds paho's select() may block; publish() wakes it earlier
+_RECONNECT_LOG_INTERVAL = 30.0  # at most one "still reconnecting" warning per interval
+
+# CONNACK reason codes (MQTT 5 numbering; paho maps 3.1.1 return codes onto them).
+_UNSUPPORTED_PROTOCOL = 132
+_BAD_CREDENTIALS = 134
+_NOT_AUTHORISED = 135
+_BAD_CREDENTIALS_V3 = 4
+_NOT_AUTHORISED_V3 = 5
+_UNSUPPORTED_PROTOCOL_V3 = 1
+
+_STAT_KEYS = ("published", "delivered", "dropped_dispatch_full", "handler_errors", "reconnects",
+              "disconnects", "publish_queue_full", "subscribe_refused")
+
+
+def _connack_problem(reason: ReasonCode | int, protocol: str) -> str:
+    """One line explaining a refused CONNACK."""
+    value = reason.value if isinstance(reason, ReasonCode) else int(reason)
+    if value in (_BAD_CREDENTIALS, _BAD_CREDENTIALS_V3):
+        return "not authorised: bad user name or password"
+    if value in (_NOT_AUTHORISED, _NOT_AUTHORISED_V3):
+        return "not authorised (check the user name and password)"
+    if value in (_UNSUPPORTED_PROTOCOL, _UNSUPPORTED_PROTOCOL_V3):
+        return f"the broker does not support MQTT {protocol} (amqtt speaks only 3.1.1)"
+    return f"refused: {reason}"
+
+
+class MqttTransport:
+    """A :class:`~topics.transport.Transport` over a real MQTT broker (3.1.1 or 5, optional TLS)."""
+
+    def __init__(self, config: TransportConfig, *, name: str = "") -> None:
+        self.config = config
+        self._client_id = config.client_id or f"offload-{uuid.uuid4().hex[:16]}"
+        self._name = name or self._client_id
+        self._protocol = (MQTTProtocolVersion.MQTTv5 if config.protocol == "5"
+                          else MQTTProtocolVersion.MQTTv311)
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self._client_id,
+            protocol=self._protocol,
+            clean_session=None if config.protocol == "5" else True,
+            reconnect_on_failure=False,  # we reconnect ourselves, with jitter
+        )
+        self._client.max_queued_messages_set(config.max_queued_messages)
+        self._client.connect_timeout = config.connect_timeout
+        if config.username is not None:
+            password = config.password.get_secret_value() if config.password else None
+            self._client.username_pw_set(config.username, password)
+        if config.tls is not None:
+            self._client.tls_set(
+                ca_certs=config.tls.ca_file,
+                certfile=config.tls.cert_file,
+                keyfile=config.tls.key_file,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+            if config.tls.insecure:
+                self._client.tls_insecure_set(True)
+        self._client.on_socket_open = self._on_socket_open
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
+
+        self._lock = threading.RLock()
+        self._filters: dict[str, tuple[Handler, int]] = {}
+        self._listeners: list[ConnectListener] = []
+        self._pending_subacks: dict[int, tuple[threading.Event, list[ReasonCode]]] = {}
+        self._counters: Counter[str] = Counter()
+        self._counter_lock = threading.Lock()
+        self._dispatch_totals: Counter[str] = Counter()
+        self._dispatcher: Dispatcher | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._connack = threading.Event()
+        self._connack_problem: str | None = None
+        self._connected = False
+        self._established = False
+        self._will_set = False
+        self._closed = False
+
+    # ----------------------------------------------------------------------------------- properties
+    @property
+    def client_id(self) -> str:
+        return self._client_id
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def socket_nodelay(self) -> bool | None:
+        """Whether TCP_NODELAY is set on the live socket (None when there is no socket)."""
+        sock = self._raw_socket()
+        if sock is None:
+            return None
+        return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    def _raw_socket(self) -> socket.socket | None:
+        sock = self._client.socket()
+        return sock if isinstance(sock, socket.socket) else None
+
+    # ------------------------------------------------------------------------------------ set-up
+    def set_will(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = True) -> None:
+        """Register the Will; must be called before :meth:`connect`."""
+        validate_publish_topic(topic)
+        if self._thread is not None:
+            raise TransportError("set_will must be called before connect()", topic=topic)
+        self._client.will_set(topic, bytes(payload), qos=qos, retain=retain)
+        self._will_set = True
+
+    def add_connect_listener(self, listener: ConnectListener) -> None:
+        """Call ``listener`` on the dispatch thread after every (re)connect and re-subscription."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    def connect(self, *, timeout: float | None = None) -> None:
+        """Connect, wait for CONNACK and start the network thread; :class:`ConnectError` on failure."""
+        if self._closed:
+            raise ConnectError(f"{self._name}: transport already closed; create a new one")
+        if self._thread is not None:
+            return
+        wait = timeout if timeout is not None else self.config.connect_timeout
+        self._client.connect_timeout = wait
+        url = self.config.url
+        self._connack.clear()
+        self._connack_problem = None
+        self._stopping.clear()
+        try:
+            if self.config.protocol == "5":
+                self._client.connect(self.config.host, self.config.port, self.config.keepalive,
+                                     clean_start=True)
+            else:
+                self._client.connect(self.config.host, self.config.port, self.config.keepalive)
+        except ssl.SSLError as exc:
+            raise ConnectError(f"cannot connect to {url}: TLS failed: {exc.reason or exc}") from exc
+        except ssl.CertificateError as exc:
+            raise ConnectError(f"cannot connect to {url}: TLS certificate rejected: {exc}") from exc
+        except ConnectionRefusedError as exc:
+            raise ConnectError(f"cannot connect to {url}: connection refused "
+                               "(is the broker running on that port?)") from exc
+        except TimeoutError as exc:
+            raise ConnectError(f"cannot connect to {url}: no answer within {wait:.1f}s") from exc
+        except socket.gaierror as exc:
+            raise ConnectError(f"cannot connect to {url}: unknown host ({exc.strerror})") from exc
+        except OSError as exc:
+            raise ConnectError(f"cannot connect to {url}: {exc.strerror or exc}") from exc
+        if self._dispatcher is None:
+            self._dispatcher = Dispatcher(self._name, capacity=self.config.dispatch_queue)
+        self._thread = threading.Thread(target=self._network_loop, name=f"mqtt-{self._name}",
+                                        daemon=True)
+        self._thread.start()
+        if not self._connack.wait(wait) or self._connack_problem is not None:
+            problem = self._connack_problem or f"no CONNACK within {wait:.1f}s"
+            self._shutdown_threads(timeout=wait)
+            raise ConnectError(f"cannot connect to {url} as {self._client_id!r}: {problem}")
+
+    # ---------------------------------------------------------------------------- subscriptions
+    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1) -> None:
+        """Route messages matching ``topic_filter`` to ``handler``; waits for SUBACK when connected."""
+        validate_filter(topic_filter)
+        with self._lock:
+            self._filters[topic_filter] = (handler, qos)
+        if not self._connected:
+            return  # subscribed on (re)connect
+        result, mid = self._client.subscribe(topic_filter, qos)
+        if result != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            return  # the link just dropped: the reconnect re-subscribes every filter
+        if threading.current_thread() is self._thread:
+            return  # never block the network thread on its own SUBACK
+        codes = self._await_suback(mid)
+        if codes is not None and any(code.is_failure for code in codes):
+            with self._lock:
+                self._filters.pop(topic_filter, None)
+            self._count("subscribe_refused")
+            raise TransportError(f"broker refused the subscription: {codes[0]}", topic=topic_filter)
+
+    def _await_suback(self, mid: int) -> list[ReasonCode] | None:
+        """Wait (bounded) for the SUBACK of ``mid``; None if it did not come in time."""
+        with self._lock:
+            entry = self._pending_subacks.setdefault(mid, (threading.Event(), []))
+        try:
+            if entry[0].wait(self.config.connect_timeout):
+                return entry[1]
+            log.warning("%s: no SUBACK within %.1fs", self._name, self.config.connect_timeout)
+            return None
+        finally:
+            with self._lock:
+                self._pending_subacks.pop(mid, None)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            known = self._filters.pop(topic_filter, None) is not None
+        if known and self._connected:
+            self._client.unsubscribe(topic_filter)
+
+    # ---------------------------------------------------------------------------------- publish
+    def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False) -> None:
+        """Send a message; :class:`NotConnectedError` when the link is down (nothing is queued)."""
+        validate_publish_topic(topic)
+        if not self._connected:
+            raise NotConnectedError(f"{self._name}: not connected to {self.config.url}", topic=topic)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._count("published")
+        elif info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            self._count("publish_queue_full")
+            raise TransportError(f"{self._name}: outgoing queue full "
+                                 f"({self.config.max_queued_messages} messages)", topic=topic)
+        else:
+            raise NotConnectedError(f"{self._name}: publish failed: {paho.error_string(info.rc)}",
+                                    topic=topic)
+
+    # ---------------------------------------------------------------------------------- shutdown
+    def close(self, *, timeout: float = 5.0) -> None:
+        """Send DISCONNECT (the broker discards the Will), stop both threads; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping.set()
+        if self._connected:
+            self._client.disconnect()
+        self._shutdown_threads(timeout=timeout)
+        log.info("%s: closed connection to %s", self._name, self.config.url)
+
+    def abort(self) -> None:
+        """Drop the TCP connection without DISCONNECT, like a crash: the broker publishes the Will."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping.set()
+        sock = self._raw_socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._connected = False
+        self._shutdown_threads(timeout=5.0)
+        log.info("%s: aborted connection to %s (no DISCONNECT)", self._name, self.config.url)
+
+    def _shutdown_threads(self, *, timeout: float) -> None:
+        self._stopping.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("%s: network thread did not stop within %.1fs", self._name, timeout)
+        self._thread = None
+        sock = self._client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+        self._connected = False
+        if self._dispatcher is not None:
+            self._dispatcher.stop(timeout)
+            self._dispatch_totals.update(self._dispatcher.counters)
+            self._dispatcher = None
+
+    def _count(self, key: str) -> None:
+        with self._counter_lock:
+            self._counters[key] += 1
+
+    def stats(self) -> dict[str, int]:
+        """Counters: published, delivered, dropped_dispatch_full, handler_errors, reconnects, ..."""
+        merged: Counter[str] = Counter(dict.fromkeys(_STAT_KEYS, 0))
+        with self._counter_lock:
+            merged.update(self._counters)
+        merged.update(self._dispatch_totals)
+        if self._dispatcher is not None:
+            merged.update(self._dispatcher.counters)
+        return dict(merged)
+
+    # ---------------------------------------------------------------------------- network thread
+    def _network_loop(self) -> None:
+        """paho's loop plus our reconnect policy; exits when stopping or when the first try fails."""
+        next_delay: Callable[[], float] | None = None
+        last_warning = 0.0
+        failures = 0
+        while True:
+            rc = self._client.loop(_LOOP_TIMEOUT)
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                if self._connected and next_delay is not None:
+                    next_delay, failures = None, 0  # a fresh backoff after each good connection
+                continue
+            if self._stopping.is_set():
+                return
+            if not self._established:
+                if self._connack_problem is None:
+                    hint = " (does the broker speak MQTT 5?)" if self.config.protocol == "5" else ""
+                    self._connack_problem = f"connection closed before CONNACK{hint}"
+                self._connack.set()
+                return
+            self._mark_disconnected("connection lost")
+            if next_delay is None:
+                next_delay = backoff_delays(self.config.reconnect_min_delay,
+                                            self.config.reconnect_max_delay)
+            if self._stopping.wait(next_delay()):
+                return
+            try:
+                self._client.reconnect()
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                failures += 1
+                now = time.monotonic()
+                if failures == 1 or now - last_warning > _RECONNECT_LOG_INTERVAL:
+                    last_warning = now
+                    log.warning("%s: reconnect to %s failed (%d attempts so far): %s",
+                                self._name, self.config.url, failures, exc)
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        if self.config.tcp_nodelay:
+            # Nagle's algorithm meets delayed ACKs: ~44 ms per QoS 1 round trip without this.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                    properties: Any) -> None:
+        if reason.is_failure:
+            problem = _connack_problem(reason, self.config.protocol)
+            if not self._established:
+                self._connack_problem = problem
+                self._connack.set()
+            else:
+                log.warning("%s: %s refused the reconnect: %s", self._name, self.config.url, problem)
+            return
+        first = not self._established
+        self._established = True
+        self._connected = True
+        if first:
+            log.info("%s: connected to %s (MQTT %s)", self._name, self.config.url, self.config.protocol)
+        else:
+            self._count("reconnects")
+            log.info("%s: reconnected to %s", self._name, self.config.url)
+        with self._lock:
+            filters = [(topic_filter, qos) for topic_filter, (_h, qos) in self._filters.items()]
+            listeners = list(self._listeners)
+        resubscribed = threading.Event()
+        if filters:
+            result, mid = client.subscribe(filters)
+            if result == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                with self._lock:
+                    entry = self._pending_subacks.setdefault(mid, (threading.Event(), []))
+                waiter = entry[0]
+            else:
+                waiter = resubscribed
+                resubscribed.set()
+        else:
+            waiter = resubscribed
+            resubscribed.set()
+        if self._dispatcher is not None:
+            self._dispatcher.call(lambda: self._after_connect(waiter, listeners))
+        self._connack.set()
+
+    def _after_connect(self, subscribed: threading.Event, listeners: list[ConnectListener]) -> None:
+        """On the dispatch thread: wait (bounded) for the re-subscription, then run the listeners."""
+        if not subscribed.wait(self.config.connect_timeout):
+            log.warning("%s: re-subscription not acknowledged within %.1fs",
+                        self._name, self.config.connect_timeout)
+        with self._lock:
+            for mid, (event, _codes) in list(self._pending_subacks.items()):
+                if event is subscribed:
+                    del self._pending_subacks[mid]
+        for listener in listeners:
+            try:
+                listener()
+            except Exception:
+                self._count("handler_errors")
+                log.exception("%s: connect listener failed", self._name)
+
+    def _mark_disconnected(self, why: str) -> None:
+        if not self._connected:
+            return
+        self._connected = False
+        self._count("disconnects")
+        log.info("%s: disconnected from %s: %s", self._name, self.config.url, why)
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                       properties: Any) -> None:
+        if self._stopping.is_set():
+            self._connected = False
+            return
+        self._mark_disconnected(str(reason))
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, codes: list[ReasonCode],
+                      properties: Any) -> None:
+        with self._lock:
+            entry = self._pending_subacks.setdefault(mid, (threading.Event(), []))
+        entry[1].extend(codes)
+        entry[0].set()
+        refused = [code for code in codes if code.is_failure]
+        if refused:
+            log.warning("%s: broker refused %d subscription(s): %s", self._name, len(refused), refused[0])
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        dispatcher = self._dispatcher
+        if dispatcher is None:
+            return
+        topic = message.topic
+        delivered = Message(topic, bytes(message.payload), message.qos, bool(message.retain))
+        with self._lock:
+            handlers = [handler for topic_filter, (handler, _qos) in self._filters.items()
+                        if topic_matches(topic_filter, topic)]
+        for handler in handlers:
+            dispatcher.deliver(handler, delivered)
