@@ -1,0 +1,83 @@
+"""Helpers shared by broker tests: endpoints, broker start-up, and condition waits."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from topics.brokers import EmbeddedBroker, MosquittoBroker, mosquitto_binary
+from topics.transport import ProtocolVersion, TransportConfig
+
+MOSQUITTO_MISSING = "mosquitto not installed: apt-get install -y mosquitto"
+
+Broker = EmbeddedBroker | MosquittoBroker
+
+# Parametrisation ids: broker kind and protocol the clients speak.
+BROKER_IDS = ("amqtt-3.1.1", "mosquitto-3.1.1", "mosquitto-5")
+
+
+@dataclass(frozen=True)
+class BrokerEndpoint:
+    """A running broker plus the MQTT version a test's clients should speak to it."""
+
+    kind: str
+    url: str
+    protocol: ProtocolVersion
+    broker: Broker
+
+    @property
+    def id(self) -> str:
+        return f"{self.kind}-{self.protocol}"
+
+    def config(self, client_id: str = "", **overrides: Any) -> TransportConfig:
+        """A TransportConfig for this broker; ``overrides`` replace any field (e.g. keepalive=1)."""
+        values: dict[str, Any] = {"protocol": self.protocol, "client_id": client_id}
+        values.update(overrides)
+        return TransportConfig.from_url(self.url, **values)
+
+
+def endpoint(broker: Broker, protocol: ProtocolVersion = "3.1.1") -> BrokerEndpoint:
+    return BrokerEndpoint(kind=broker.kind, url=broker.url, protocol=protocol, broker=broker)
+
+
+def split_id(broker_id: str) -> tuple[str, ProtocolVersion]:
+    kind, _, protocol = broker_id.partition("-")
+    if protocol not in ("3.1.1", "5"):
+        raise ValueError(f"unknown broker id {broker_id!r}")
+    return kind, protocol  # type: ignore[return-value]
+
+
+def require_mosquitto() -> None:
+    """Skip the test when Mosquitto is missing, or fail it under CI=true."""
+    if mosquitto_binary() is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(MOSQUITTO_MISSING)
+        pytest.skip(MOSQUITTO_MISSING)
+
+
+def start_broker(kind: str, *, users: dict[str, str] | None = None, port: int = 0) -> Broker:
+    """Start a fresh broker of ``kind`` ("amqtt" or "mosquitto"); the caller must close() it."""
+    if kind == "amqtt":
+        return EmbeddedBroker(port=port, users=users).start()
+    if kind == "mosquitto":
+        require_mosquitto()
+        return MosquittoBroker(port=port, users=users).start()
+    raise ValueError(f"unknown broker kind {kind!r}")
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.01,
+             message: str = "") -> None:
+    """Return as soon as ``predicate()`` is truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        if time.monotonic() >= deadline:
+            what = message or getattr(predicate, "__name__", "condition")
+            pytest.fail(f"timed out after {timeout:.1f}s waiting for {what}")
+        time.sleep(interval)
