@@ -1,0 +1,1 @@
+"""Vision example: a ball-tracking pipeline split between a camera device and a server."""
