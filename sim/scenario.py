@@ -1,0 +1,443 @@
+"""Scenario files for the simulator: a validated TOML description of a fleet and its workload.
+
+A scenario names device groups (count, compute speed, workload, payload, deadline, task), server groups
+(count, workers, speed, capabilities, queue size), links (one-way delay, jitter, loss, bandwidth: a
+default and per group pair), timed events (server crash or slowdown, link change), the duration, the
+seed, the heartbeat interval, the policies to compare and the task cost model. Both simulator modes
+read the same :class:`Scenario` and drive the same workload: :func:`iter_arrivals` is a deterministic
+function of the scenario seed and the device index, whatever the policy.
+
+Nodes are named ``<group>-<i>``: the group ``cams`` with ``count = 3`` gives ``cams-0`` .. ``cams-2``.
+
+    scenario = load_scenario("sim/scenarios/heterogeneous.toml")
+    for arrival in iter_arrivals(scenario, device_index=0): ...
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edge_agent.policy import POLICIES, PolicyConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+__all__ = [
+    "Arrival", "BurstWorkload", "CrashEvent", "DeviceGroup", "DeviceNode", "FpsWorkload", "LinkEvent",
+    "LinkSpec", "Links", "PairLink", "PoissonWorkload", "Scenario", "ScenarioError", "ServerGroup",
+    "ServerNode", "SlowdownEvent", "TaskCost", "UniformWorkload", "device_group", "device_rng",
+    "generate_arrivals", "group_arrivals", "iter_arrivals", "load_scenario", "parse_scenario",
+]
+
+GroupName = Annotated[str, Field(min_length=1, max_length=48, pattern=r"^[A-Za-z0-9_.:@]+$")]
+TaskNameField = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+Seconds = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+Positive = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+
+
+class ScenarioError(ValueError):
+    """A scenario that cannot be used; the message names the file and the offending field."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TaskCost(_Model):
+    """Cost model of one task name: service time on a speed-1.0 node, its spread, result size."""
+
+    service_time: Positive
+    variation: Annotated[float, Field(ge=0.0, le=3.0)] = 0.0
+    """Coefficient of variation of the work per task (lognormal); 0 = every task costs the same."""
+    result_bytes: Annotated[int, Field(ge=0)] = 200
+
+
+class PoissonWorkload(_Model):
+    kind: Literal["poisson"]
+    rate: Positive
+    """Mean tasks per second."""
+
+
+class FpsWorkload(_Model):
+    kind: Literal["fps"]
+    fps: Positive
+    """A camera: one task every ``1/fps`` seconds, with a random phase per device."""
+
+
+class BurstWorkload(_Model):
+    kind: Literal["bursts"]
+    burst_size: Annotated[int, Field(ge=1)]
+    interval: Positive
+    """Seconds between burst starts (exponential when ``poisson_bursts``, else fixed)."""
+    spacing: Seconds = 0.0
+    """Seconds between tasks inside a burst."""
+    poisson_bursts: bool = True
+
+
+class UniformWorkload(_Model):
+    kind: Literal["uniform"]
+    min_gap: Seconds
+    max_gap: Seconds
+    """Gaps between consecutive tasks drawn uniformly in ``[min_gap, max_gap]``."""
+    count: Annotated[int, Field(ge=1)] | None = None
+    """Stop after this many tasks (else at the scenario duration)."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> UniformWorkload:
+        if self.max_gap < self.min_gap or self.max_gap <= 0.0:
+            raise ValueError("max_gap must be > 0 and >= min_gap")
+        return self
+
+
+Workload = Annotated[PoissonWorkload | FpsWorkload | BurstWorkload | UniformWorkload,
+                     Field(discriminator="kind")]
+
+
+class DeviceGroup(_Model):
+    name: GroupName
+    count: Annotated[int, Field(ge=1, le=1_000_000)] = 1
+    speed: Positive = 1.0
+    """Compute speed factor: a task costs ``service_time * work / speed`` seconds here."""
+    workers: Annotated[int, Field(ge=1, le=1024)] = 1
+    task: TaskNameField
+    workload: Workload
+    payload_bytes: Annotated[int, Field(ge=0)] = 1_000
+    payload_bytes_max: Annotated[int, Field(ge=0)] | None = None
+    """When set, payload sizes are uniform in ``[payload_bytes, payload_bytes_max]``."""
+    deadline: Positive | None = None
+    """Relative deadline of each task (s); none by default."""
+    capable: bool = True
+    """The task is registered on the devices, so they can run it locally."""
+    known_servers: Annotated[int, Field(ge=1)] | None = None
+    """Each device sees only this many servers (a seeded random subset, its neighbourhood)."""
+    start: Seconds = 0.0
+    """First task no earlier than this (s)."""
+
+    @model_validator(mode="after")
+    def _payload_range(self) -> DeviceGroup:
+        if self.payload_bytes_max is not None and self.payload_bytes_max < self.payload_bytes:
+            raise ValueError("payload_bytes_max must be >= payload_bytes")
+        return self
+
+
+class ServerGroup(_Model):
+    name: GroupName
+    count: Annotated[int, Field(ge=1, le=100_000)] = 1
+    workers: Annotated[int, Field(ge=1, le=4096)] = 1
+    speed: Positive = 1.0
+    capabilities: tuple[TaskNameField, ...] | None = None
+    """Task names it runs; ``None`` = every task of the cost model."""
+    queue_size: Annotated[int, Field(ge=0)] = 64
+    """Tasks waiting beyond the busy workers; more are answered ``rejected-busy``."""
+
+
+class LinkSpec(_Model):
+    """One direction of a link (used both ways): delay and jitter (s), loss probability, bytes/s."""
+
+    delay: Seconds = 0.0005
+    jitter: Seconds = 0.0
+    loss: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    bandwidth: Positive = 12.5e6
+
+
+class PairLink(LinkSpec):
+    """The link between one device group and one server group."""
+
+    devices: GroupName
+    servers: GroupName
+
+
+class Links(_Model):
+    default: LinkSpec = LinkSpec()
+    pairs: tuple[PairLink, ...] = ()
+
+
+class CrashEvent(_Model):
+    kind: Literal["crash"]
+    at: Seconds
+    server: str
+    """Node id (``edge-0``); its queued and running tasks are lost and time out on the devices."""
+
+
+class SlowdownEvent(_Model):
+    kind: Literal["slowdown"]
+    at: Seconds
+    server: str
+    factor: Positive
+    """Service times are multiplied by this from ``at`` on (1.0 restores the normal speed)."""
+
+
+class LinkEvent(LinkSpec):
+    kind: Literal["link"]
+    at: Seconds
+    devices: GroupName
+    servers: GroupName
+
+
+Event = Annotated[CrashEvent | SlowdownEvent | LinkEvent, Field(discriminator="kind")]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceNode:
+    index: int
+    node: str
+    group: DeviceGroup
+
+
+@dataclass(frozen=True, slots=True)
+class ServerNode:
+    index: int
+    node: str
+    group: ServerGroup
+
+
+class Scenario(_Model):
+    """A whole fleet experiment."""
+
+    name: str = "scenario"
+    description: str = ""
+    duration: Positive
+    """Seconds during which tasks are created; the run continues until every task has an outcome."""
+    seed: int = 1
+    heartbeat_interval: Positive = 1.0
+    stale_after: Annotated[int, Field(ge=1)] = 3
+    """A server is stale after this many missed heartbeats."""
+    ping_interval: Positive = 2.0
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
+    timeout_factor: Positive = 4.0
+    """An offloaded attempt times out after ``timeout_factor`` x its estimate (bounded by the deadline)."""
+    timeout_min: Positive = 0.25
+    policies: tuple[str, ...] = ("local", "random", "min_rtt", "ect")
+    policy: dict[str, Any] = Field(default_factory=dict)
+    """Overrides of :class:`edge_agent.policy.PolicyConfig` fields (``spread_k``, ``hysteresis``, ...)."""
+    tasks: dict[TaskNameField, TaskCost]
+    devices: tuple[DeviceGroup, ...] = Field(min_length=1)
+    servers: tuple[ServerGroup, ...] = ()
+    links: Links = Links()
+    events: tuple[Event, ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Scenario:
+        for index, name in enumerate(self.policies):
+            if name not in POLICIES:
+                raise _FieldError(f"policies[{index}]",
+                                  f"unknown policy {name!r}; valid: {', '.join(POLICIES)}")
+        try:
+            PolicyConfig(**self.policy)
+        except (TypeError, ValueError) as exc:
+            raise _FieldError("policy", str(exc)) from exc
+        _unique("devices", [group.name for group in self.devices])
+        _unique("servers", [group.name for group in self.servers])
+        for index, device_group in enumerate(self.devices):
+            if device_group.task not in self.tasks:
+                raise _FieldError(f"devices[{index}].task", f"{device_group.task!r} is not in [tasks]")
+        for index, server_group in enumerate(self.servers):
+            for name in server_group.capabilities or ():
+                if name not in self.tasks:
+                    raise _FieldError(f"servers[{index}].capabilities", f"{name!r} is not in [tasks]")
+        device_names = {group.name for group in self.devices}
+        server_names = {group.name for group in self.servers}
+        links: list[tuple[str, PairLink | LinkEvent]] = [
+            (f"links.pairs[{i}]", pair) for i, pair in enumerate(self.links.pairs)]
+        nodes = {node.node for node in self.server_nodes()}
+        for index, event in enumerate(self.events):
+            if isinstance(event, LinkEvent):
+                links.append((f"events[{index}]", event))
+            elif event.server not in nodes:
+                raise _FieldError(f"events[{index}].server", f"no server named {event.server!r}")
+        for where, link in links:
+            if link.devices not in device_names:
+                raise _FieldError(f"{where}.devices", f"no device group named {link.devices!r}")
+            if link.servers not in server_names:
+                raise _FieldError(f"{where}.servers", f"no server group named {link.servers!r}")
+        return self
+
+    def policy_config(self, **overrides: Any) -> PolicyConfig:
+        """The scenario's :class:`PolicyConfig`, with ``overrides`` on top."""
+        return PolicyConfig(**{**self.policy, **overrides})
+
+    def device_nodes(self) -> list[DeviceNode]:
+        """Every device, numbered across groups in file order."""
+        nodes: list[DeviceNode] = []
+        for group in self.devices:
+            nodes.extend(DeviceNode(len(nodes), f"{group.name}-{i}", group) for i in range(group.count))
+        return nodes
+
+    def server_nodes(self) -> list[ServerNode]:
+        """Every server, numbered across groups in file order."""
+        nodes: list[ServerNode] = []
+        for group in self.servers:
+            nodes.extend(ServerNode(len(nodes), f"{group.name}-{i}", group) for i in range(group.count))
+        return nodes
+
+    def link(self, devices: str, servers: str) -> LinkSpec:
+        """The link between two groups at time 0 (the pair's, else the default)."""
+        for pair in self.links.pairs:
+            if pair.devices == devices and pair.servers == servers:
+                return pair
+        return self.links.default
+
+    def capable(self, group: ServerGroup, task: str) -> bool:
+        return group.capabilities is None or task in group.capabilities
+
+    def known_servers(self, device: DeviceNode) -> list[int]:
+        """Indices of the servers this device sees: all, or its seeded neighbourhood."""
+        count = sum(group.count for group in self.servers)
+        limit = device.group.known_servers
+        if limit is None or limit >= count:
+            return list(range(count))
+        return sorted(random.Random(f"{self.seed}:known:{device.index}").sample(range(count), limit))
+
+
+class _FieldError(ValueError):
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(f"{where}: {message}")
+        self.where = where
+        self.message = message
+
+
+def _unique(where: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for index, name in enumerate(names):
+        if name in seen:
+            raise _FieldError(f"{where}[{index}].name", f"duplicate group name {name!r}")
+        seen.add(name)
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part in ("poisson", "fps", "bursts", "uniform", "crash", "slowdown", "link"):
+            continue  # the union tag pydantic inserts; the TOML has no such level
+        else:
+            text += f".{part}" if text else part
+    return text or "<scenario>"
+
+
+def parse_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scenario:
+    """Validate a parsed scenario; errors raise :class:`ScenarioError` naming ``source`` and the field."""
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        context = first.get("ctx", {}).get("error")
+        if isinstance(context, _FieldError):
+            where, message = context.where, context.message
+        else:
+            where, message = _location(first["loc"]), first["msg"]
+            message = message.removeprefix("Value error, ")
+        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ScenarioError(f"{source}: {where}: {message}{more}") from exc
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate a scenario TOML file."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ScenarioError(f"{path}: no such scenario file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_scenario(data, str(path))
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """One task a device creates: when, what, how big, its relative deadline and its work factor."""
+
+    time: float
+    task: str
+    payload_bytes: int
+    deadline: float | None
+    work: float
+    """Multiplier of the task's base service time (1.0 on average), fixed per task for every policy."""
+
+
+def device_rng(scenario: Scenario, device_index: int) -> random.Random:
+    """The workload random stream of one device: a function of the seed and the index only."""
+    return random.Random(f"{scenario.seed}:workload:{device_index}")
+
+
+def device_group(scenario: Scenario, device_index: int) -> DeviceGroup:
+    """The group of the device numbered ``device_index`` (see :meth:`Scenario.device_nodes`)."""
+    if device_index >= 0:
+        for group in scenario.devices:
+            if device_index < group.count:
+                return group
+            device_index -= group.count
+    raise IndexError(f"no device with index {device_index} in this scenario")
+
+
+def iter_arrivals(scenario: Scenario, device_index: int, rng: random.Random | None = None
+                  ) -> Iterator[Arrival]:
+    """The tasks of device ``device_index`` in time order, up to the scenario duration (lazy).
+
+    Without ``rng`` the stream is :func:`device_rng`, so every mode and policy sees the same tasks.
+    """
+    return group_arrivals(scenario, device_group(scenario, device_index),
+                          rng or device_rng(scenario, device_index))
+
+
+def group_arrivals(scenario: Scenario, group: DeviceGroup, rng: random.Random) -> Iterator[Arrival]:
+    """The arrivals of one device of ``group`` drawn from ``rng``."""
+    cost = scenario.tasks[group.task]
+    sigma = math.sqrt(math.log1p(cost.variation ** 2)) if cost.variation else 0.0
+    mu = -sigma * sigma / 2.0  # mean work factor 1.0
+    low, high = group.payload_bytes, group.payload_bytes_max
+    end = scenario.duration
+    workload = group.workload
+    created = 0
+
+    def make(time: float) -> Arrival:
+        size = low if high is None else rng.randint(low, high)
+        work = math.exp(rng.gauss(mu, sigma)) if sigma else 1.0
+        return Arrival(time, group.task, size, group.deadline, work)
+
+    if isinstance(workload, PoissonWorkload):
+        time = group.start + rng.expovariate(workload.rate)
+        while time < end:
+            yield make(time)
+            time += rng.expovariate(workload.rate)
+    elif isinstance(workload, FpsWorkload):
+        period = 1.0 / workload.fps
+        time = group.start + rng.uniform(0.0, period)
+        while time < end:
+            yield make(time)
+            time += period
+    elif isinstance(workload, BurstWorkload):
+        start = group.start + (rng.expovariate(1.0 / workload.interval) if workload.poisson_bursts
+                               else rng.uniform(0.0, workload.interval))
+        while start < end:
+            for k in range(workload.burst_size):
+                time = start + k * workload.spacing
+                if time >= end:
+                    break
+                yield make(time)
+            gap = rng.expovariate(1.0 / workload.interval) if workload.poisson_bursts else workload.interval
+            start += max(gap, workload.burst_size * workload.spacing)
+    else:
+        time = group.start + rng.uniform(workload.min_gap, workload.max_gap)
+        while time < end and (workload.count is None or created < workload.count):
+            yield make(time)
+            created += 1
+            time += rng.uniform(workload.min_gap, workload.max_gap)
+
+
+def generate_arrivals(scenario: Scenario, device_index: int, rng: random.Random | None = None
+                      ) -> list[Arrival]:
+    """:func:`iter_arrivals` as a list (for emulation drivers and tests)."""
+    return list(iter_arrivals(scenario, device_index, rng))
