@@ -1,0 +1,118 @@
+"""Configuration of one cloud agent: a frozen model, every field also a flag and an environment variable.
+
+``cloud-agent run --workers 8`` == ``CLOUD_AGENT_WORKERS=8`` == ``workers = 8`` in the TOML file
+(flags win over the environment, which wins over the file). Load it with
+:func:`cloud_agent.settings.load_settings`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from topics.codec import DEFAULT_MAX_PAYLOAD, Format
+from topics.names import DEFAULT_PREFIX, TopicTree, validate_node_id
+from topics.transport import ProtocolVersion, TlsConfig, TransportConfig
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+def _default_workers() -> int:
+    return max(2, min(32, (os.cpu_count() or 1) * 2))
+
+
+class CloudConfig(BaseModel):
+    """Everything a cloud agent needs; unknown keys are an error."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(description="node id of this server (one topic level: letters, digits, _.:@-)")
+    broker: str | None = Field(None, description="broker URL mqtt://host:port (mqtts:// for TLS); "
+                               "unset: start the embedded broker")
+    protocol: ProtocolVersion = Field("3.1.1", description="MQTT protocol version: 3.1.1 or 5")
+    username: str | None = Field(None, description="broker user name")
+    password: SecretStr | None = Field(None, description="broker password")
+    tls_ca_file: str | None = Field(None, description="CA bundle to verify the broker (mqtts://)")
+    tls_cert_file: str | None = Field(None, description="client certificate (mutual TLS)")
+    tls_key_file: str | None = Field(None, description="client key (mutual TLS)")
+    tls_insecure: bool = Field(False, description="skip broker certificate verification (testing only)")
+    keepalive: Annotated[int, Field(ge=1, le=65535)] = Field(
+        10, description="MQTT keepalive in seconds: the Will fires ~1.5x this after a crash")
+    prefix: str = Field(DEFAULT_PREFIX, description="topic prefix shared by the fleet")
+    tasks: list[str] = Field(default_factory=lambda: ["examples.tasks"],
+                             description="importable task modules")
+    pools: list[str] = Field(default_factory=list,
+                             description="pool inboxes to share ($share/<pool>/..., needs MQTT 5 or "
+                             "Mosquitto; amqtt never delivers them)")
+    workers: Annotated[int, Field(ge=1, le=1024)] = Field(
+        default_factory=_default_workers, description="tasks running at once (worker threads)")
+    process_workers: Annotated[int, Field(ge=1, le=256)] = Field(
+        default_factory=lambda: os.cpu_count() or 1, description="processes for process-pool tasks")
+    queue_size: Annotated[int, Field(ge=0, le=1_000_000)] = Field(
+        64, description="tasks waiting for a worker; beyond it new tasks get rejected-busy")
+    heartbeat_interval: Annotated[float, Field(gt=0.0, le=3600.0)] = Field(
+        1.0, description="seconds between heartbeats (jittered +-10%)")
+    format: Format = Field("cbor", description="wire format of heartbeats and state (results answer "
+                           "in the request's format)")
+    max_payload: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = Field(
+        DEFAULT_MAX_PAYLOAD, description="largest accepted or sent message in bytes")
+    grace_period: Annotated[float, Field(ge=0.0, le=3600.0)] = Field(
+        10.0, description="seconds a shutdown waits for queued and running tasks")
+    result_cache_size: Annotated[int, Field(ge=0, le=1_000_000)] = Field(
+        4096, description="finished results kept to answer duplicate task ids")
+    result_cache_ttl: Annotated[float, Field(ge=0.0)] = Field(
+        300.0, description="seconds a finished result is kept for duplicates")
+    bad_input_log_interval: Annotated[float, Field(gt=0.0)] = Field(
+        10.0, description="log each kind of bad input at most once per this many seconds")
+    http_base_url: str | None = Field(None, description="enable the built-in 'http' task, forwarding "
+                                      "to this local base URL only")
+    http_timeout: Annotated[float, Field(gt=0.0, le=600.0)] = Field(
+        10.0, description="timeout of one forwarded HTTP request")
+    http_max_response: Annotated[int, Field(ge=1, le=256 * 1024 * 1024)] = Field(
+        512 * 1024, description="largest HTTP response body forwarded, in bytes")
+    log_level: LogLevel = Field("info", description="log level: debug, info, warning, error")
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        return validate_node_id(value)
+
+    @field_validator("pools")
+    @classmethod
+    def _check_pools(cls, value: list[str]) -> list[str]:
+        for pool in value:
+            validate_node_id(pool, what="pool name")
+        return list(dict.fromkeys(value))
+
+    @field_validator("prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        TopicTree(value)
+        return value
+
+    @field_validator("tasks")
+    @classmethod
+    def _check_tasks(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one tasks module is needed")
+        return value
+
+    def transport_config(self, broker: str | None = None) -> TransportConfig:
+        """How to reach the broker (``broker`` overrides the configured URL, e.g. an embedded one)."""
+        url = broker or self.broker
+        if url is None:
+            raise ValueError("no broker URL configured")
+        overrides: dict[str, object] = {"protocol": self.protocol, "client_id": self.id,
+                                        "keepalive": self.keepalive}
+        if self.username is not None:
+            overrides["username"] = self.username
+        if self.password is not None:
+            overrides["password"] = self.password
+        config = TransportConfig.from_url(url, **overrides)
+        if config.tls is not None or self.tls_ca_file or self.tls_cert_file or self.tls_insecure:
+            config = config.model_copy(update={"tls": TlsConfig(
+                ca_file=self.tls_ca_file, cert_file=self.tls_cert_file, key_file=self.tls_key_file,
+                insecure=self.tls_insecure)})
+        return config
