@@ -1,0 +1,345 @@
+"""MqttTransport against real brokers: amqtt 3.1.1, Mosquitto 3.1.1 and Mosquitto 5."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+from brokers_support import BROKER_IDS, BrokerEndpoint, endpoint, wait_for
+
+from topics.brokers import EmbeddedBroker, MosquittoBroker
+from topics.errors import TopicError
+from topics.mqtt import MqttTransport
+from topics.transport import (
+    ConnectError,
+    Message,
+    NotConnectedError,
+    ProtocolVersion,
+    TransportConfig,
+    TransportError,
+)
+
+TransportFactory = Callable[..., MqttTransport]
+
+
+def collector() -> tuple[list[Message], Callable[[Message], None]]:
+    received: list[Message] = []
+    lock = threading.Lock()
+
+    def handle(message: Message) -> None:
+        with lock:
+            received.append(message)
+
+    return received, handle
+
+
+def test_publish_subscribe_with_wildcards(
+    broker: BrokerEndpoint, make_transport: TransportFactory, topic_prefix: str
+) -> None:
+    subscriber = make_transport(broker, "sub")
+    publisher = make_transport(broker, "pub")
+    plus, on_plus = collector()
+    hash_, on_hash = collector()
+    subscriber.subscribe(f"{topic_prefix}/+/temp", on_plus, qos=1)
+    subscriber.subscribe(f"{topic_prefix}/log/#", on_hash, qos=0)
+    publisher.publish(f"{topic_prefix}/a/temp", b"q1", qos=1)
+    publisher.publish(f"{topic_prefix}/b/temp", b"q0", qos=0)
+    publisher.publish(f"{topic_prefix}/log", b"parent", qos=1)
+    publisher.publish(f"{topic_prefix}/log/x/y", b"deep", qos=0)
+    publisher.publish(f"{topic_prefix}/a/other", b"none", qos=1)
+    publisher.publish(f"{topic_prefix}/a/b/temp", b"none", qos=1)
+    wait_for(lambda: len(plus) >= 2 and len(hash_) >= 2, message="wildcard deliveries")
+    # A last marker on a matching topic: once it arrives, every earlier message has been handled.
+    publisher.publish(f"{topic_prefix}/end/temp", b"end", qos=1)
+    wait_for(lambda: subscriber.stats()["delivered"] >= 5, message="end marker handled")
+    assert sorted(m.payload for m in plus) == [b"end", b"q0", b"q1"]
+    assert sorted(m.payload for m in hash_) == [b"deep", b"parent"]
+    assert {m.topic for m in plus} == {f"{topic_prefix}/{level}/temp" for level in ("a", "b", "end")}
+    assert publisher.stats()["published"] == 7
+    assert subscriber.stats()["delivered"] == 5
+    assert subscriber.stats()["handler_errors"] == 0
+
+
+def test_handlers_run_on_the_dispatch_thread_and_a_slow_one_does_not_stall_the_network(
+    broker: BrokerEndpoint, make_transport: TransportFactory, topic_prefix: str
+) -> None:
+    # keepalive=1: the broker drops a client silent for 1.5 s, so surviving a 1.8 s handler
+    # proves the network thread kept sending PINGREQs while the handler blocked.
+    slow = make_transport(broker, "slow", keepalive=1)
+    other = make_transport(broker, "other")
+    publisher = make_transport(broker, "pub")
+    release = threading.Event()
+    threads: list[str] = []
+    seen: list[bytes] = []
+
+    def slow_handler(message: Message) -> None:
+        threads.append(threading.current_thread().name)
+        seen.append(message.payload)
+        if message.payload == b"0":
+            release.wait(5.0)
+
+    others, on_other = collector()
+    slow.subscribe(f"{topic_prefix}/work", slow_handler, qos=1)
+    other.subscribe(f"{topic_prefix}/work", on_other, qos=1)
+    for index in range(5):
+        publisher.publish(f"{topic_prefix}/work", str(index).encode(), qos=1)
+    wait_for(lambda: len(others) == 5, message="the other subscriber's deliveries")
+    assert seen == [b"0"]  # the slow transport is still inside its first handler
+    done = threading.Event()
+    threading.Timer(1.8, release.set).start()
+    threading.Timer(1.8, done.set).start()
+    wait_for(done.is_set, timeout=5.0)
+    wait_for(lambda: len(seen) == 5, message="queued deliveries after the slow handler")
+    assert seen == [str(index).encode() for index in range(5)]
+    assert slow.connected
+    assert slow.stats()["disconnects"] == 0
+    assert all(name.startswith("dispatch-") for name in threads)
+    assert threading.current_thread().name not in threads
+
+
+def test_will_is_sent_on_abort_and_not_on_close(
+    broker: BrokerEndpoint, make_transport: TransportFactory, topic_prefix: str
+) -> None:
+    watcher = make_transport(broker, "watcher")
+    wills, on_will = collector()
+    watcher.subscribe(f"{topic_prefix}/will/+", on_will, qos=1)
+    polite = make_transport(broker, "polite", connect=False)
+    polite.set_will(f"{topic_prefix}/will/polite", b"polite died", qos=1, retain=False)
+    polite.connect()
+    crashing = make_transport(broker, "crashing", connect=False)
+    crashing.set_will(f"{topic_prefix}/will/crashing", b"crashing died", qos=1, retain=False)
+    crashing.connect()
+
+    polite.close()
+    crashing.abort()  # after the clean close: once its Will arrives, a Will of polite would have too
+    wait_for(lambda: len(wills) >= 1, message="the Will of the aborted client")
+    assert [(m.topic, m.payload) for m in wills] == [(f"{topic_prefix}/will/crashing", b"crashing died")]
+    assert not crashing.connected
+    assert crashing.stats()["reconnects"] == 0
+
+
+def test_retained_state_reaches_late_subscribers_and_an_empty_payload_clears_it(
+    broker: BrokerEndpoint, make_transport: TransportFactory, topic_prefix: str
+) -> None:
+    publisher = make_transport(broker, "pub")
+    publisher.publish(f"{topic_prefix}/state/a", b"online", qos=1, retain=True)
+    publisher.publish(f"{topic_prefix}/state/b", b"busy", qos=1, retain=True)
+
+    def snapshot(client_id: str) -> list[Message]:
+        late = make_transport(broker, client_id)
+        received, handle = collector()
+        late.subscribe(f"{topic_prefix}/state/#", handle, qos=1)
+        # Retained messages come right after SUBACK; a live marker published afterwards ends them.
+        publisher.publish(f"{topic_prefix}/state/marker", b"", qos=1)
+        wait_for(lambda: any(m.topic.endswith("/marker") for m in received), message="marker")
+        return [m for m in received if not m.topic.endswith("/marker")]
+
+    first = snapshot("late-1")
+    assert sorted((m.topic, m.payload, m.retain) for m in first) == [
+        (f"{topic_prefix}/state/a", b"online", True),
+        (f"{topic_prefix}/state/b", b"busy", True),
+    ]
+    publisher.publish(f"{topic_prefix}/state/a", b"", qos=1, retain=True)
+    publisher.publish(f"{topic_prefix}/state/b", b"", qos=1, retain=True)
+    assert snapshot("late-2") == []
+
+
+def test_unreachable_broker_fails_fast_with_one_clear_line() -> None:
+    from topics.brokers import free_port
+
+    transport = MqttTransport(TransportConfig(port=free_port(), connect_timeout=2.0))
+    started = time.monotonic()
+    with pytest.raises(ConnectError, match="connection refused") as caught:
+        transport.connect()
+    assert time.monotonic() - started < 2.0
+    assert "\n" not in str(caught.value)
+    assert not transport.connected
+
+
+def test_not_connected_error_after_close(
+    broker: BrokerEndpoint, make_transport: TransportFactory, topic_prefix: str
+) -> None:
+    transport = make_transport(broker, "closing")
+    transport.publish(f"{topic_prefix}/x", b"fine", qos=1)
+    transport.close()
+    transport.close()  # idempotent
+    with pytest.raises(NotConnectedError):
+        transport.publish(f"{topic_prefix}/x", b"late", qos=1)
+    assert transport.stats()["published"] == 1
+    with pytest.raises(ConnectError, match="closed"):
+        transport.connect()
+
+
+def test_tcp_nodelay_is_set_on_the_socket(broker: BrokerEndpoint, make_transport: TransportFactory) -> None:
+    fast = make_transport(broker, "nodelay")
+    nagle = make_transport(broker, "nagle", tcp_nodelay=False)
+    assert fast.socket_nodelay() is True
+    assert nagle.socket_nodelay() is False
+
+
+def test_connect_listener_runs_on_the_dispatch_thread_after_connect(
+    broker: BrokerEndpoint, make_transport: TransportFactory
+) -> None:
+    transport = make_transport(broker, "listening", connect=False)
+    threads: list[str] = []
+    transport.add_connect_listener(lambda: threads.append(threading.current_thread().name))
+    transport.connect()
+    wait_for(lambda: len(threads) == 1, message="connect listener")
+    assert threads[0].startswith("dispatch-")
+    with pytest.raises(TransportError, match="before connect"):
+        transport.set_will("x/will", b"late")
+
+
+def test_handler_errors_are_counted_and_later_messages_still_delivered(
+    broker: BrokerEndpoint, make_transport: TransportFactory, topic_prefix: str
+) -> None:
+    transport = make_transport(broker, "fragile")
+    good: list[bytes] = []
+
+    def handler(message: Message) -> None:
+        if message.payload == b"bad":
+            raise ValueError("handler bug")
+        good.append(message.payload)
+
+    transport.subscribe(f"{topic_prefix}/in", handler, qos=1)
+    transport.publish(f"{topic_prefix}/in", b"bad", qos=1)
+    transport.publish(f"{topic_prefix}/in", b"good", qos=1)
+    wait_for(lambda: good == [b"good"], message="the message after a failing handler")
+    stats = transport.stats()
+    assert stats["handler_errors"] == 1
+    assert stats["delivered"] == 1
+    assert transport.connected
+
+
+def test_invalid_topics_are_rejected_before_anything_is_sent(
+    broker: BrokerEndpoint, make_transport: TransportFactory, topic_prefix: str
+) -> None:
+    transport = make_transport(broker, "strict")
+    with pytest.raises(TopicError):
+        transport.publish(f"{topic_prefix}/+/x", b"wildcard in a publish topic")
+    with pytest.raises(TopicError):
+        transport.subscribe(f"{topic_prefix}/a#", lambda message: None)
+    assert transport.stats()["published"] == 0
+    assert transport.connected
+
+
+@pytest.mark.parametrize("broker_id", BROKER_IDS)
+def test_reconnects_after_a_broker_restart_and_resubscribes(
+    broker_id: str, broker_factory: Callable[..., BrokerEndpoint], make_transport: TransportFactory,
+    topic_prefix: str,
+) -> None:
+    target = broker_factory(broker_id)
+    transport = make_transport(target, "survivor", connect=False,
+                               reconnect_min_delay=0.05, reconnect_max_delay=0.3)
+    connects: list[str] = []
+    transport.add_connect_listener(lambda: connects.append(threading.current_thread().name))
+    transport.connect()
+    received, handle = collector()
+    transport.subscribe(f"{topic_prefix}/cmd", handle, qos=1)
+    wait_for(lambda: len(connects) == 1, message="first connect listener call")
+
+    target.broker.restart(down_for=0.2)
+    wait_for(lambda: len(connects) == 2, timeout=10.0, message="connect listener after the restart")
+    assert transport.connected
+    publisher = make_transport(target, "publisher")
+    publisher.publish(f"{topic_prefix}/cmd", b"after restart", qos=1)
+    wait_for(lambda: [m.payload for m in received] == [b"after restart"],
+             message="delivery on the filter re-subscribed after the restart")
+    stats = transport.stats()
+    assert stats["reconnects"] == 1
+    assert stats["disconnects"] == 1
+    assert all(name.startswith("dispatch-") for name in connects)
+
+
+def test_publish_while_the_broker_is_down_raises_not_connected(
+    broker_factory: Callable[..., BrokerEndpoint], make_transport: TransportFactory, topic_prefix: str
+) -> None:
+    target = broker_factory("mosquitto-3.1.1")
+    transport = make_transport(target, "orphan", reconnect_min_delay=0.05, reconnect_max_delay=0.2)
+    target.broker.stop()
+    wait_for(lambda: not transport.connected, message="the transport noticing the broker is gone")
+    with pytest.raises(NotConnectedError):
+        transport.publish(f"{topic_prefix}/x", b"nowhere", qos=1)
+    target.broker.start()
+    wait_for(lambda: transport.connected, timeout=10.0, message="reconnect")
+    transport.publish(f"{topic_prefix}/x", b"back", qos=1)
+
+
+@pytest.mark.parametrize("broker_id", BROKER_IDS)
+def test_wrong_password_is_refused_naming_authorisation(
+    broker_id: str, broker_factory: Callable[..., BrokerEndpoint], topic_prefix: str
+) -> None:
+    target = broker_factory(broker_id, users={"device": "s3cret"})
+    wrong = MqttTransport(target.config("intruder", username="device", password="guess"))
+    with pytest.raises(ConnectError, match="not authorised") as caught:
+        wrong.connect(timeout=5.0)
+    assert "\n" not in str(caught.value)
+    anonymous = MqttTransport(target.config("anonymous"))
+    with pytest.raises(ConnectError, match="not authorised"):
+        anonymous.connect(timeout=5.0)
+    right = MqttTransport(target.config("device-1", username="device", password="s3cret"))
+    right.connect(timeout=5.0)
+    try:
+        right.publish(f"{topic_prefix}/hello", b"hi", qos=1)
+    finally:
+        right.close()
+
+
+def test_amqtt_with_mqtt5_is_refused_with_a_clear_line(amqtt_broker: EmbeddedBroker) -> None:
+    transport = MqttTransport(TransportConfig.from_url(amqtt_broker.url, protocol="5"))
+    with pytest.raises(ConnectError, match="does not support MQTT 5") as caught:
+        transport.connect(timeout=5.0)
+    assert "\n" not in str(caught.value)
+    assert not transport.connected
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_shared_subscription_round_robin_on_mosquitto(
+    protocol: ProtocolVersion, mosquitto_broker: MosquittoBroker, make_transport: TransportFactory,
+    topic_prefix: str,
+) -> None:
+    target = endpoint(mosquitto_broker, protocol)
+    workers = [make_transport(target, f"worker-{index}") for index in range(2)]
+    inboxes: list[list[Message]] = []
+    for worker in workers:
+        received, handle = collector()
+        inboxes.append(received)
+        worker.subscribe(f"$share/pool/{topic_prefix}/jobs/+", handle, qos=1)
+    publisher = make_transport(target, "dispatcher")
+    for index in range(20):
+        publisher.publish(f"{topic_prefix}/jobs/{index}", str(index).encode(), qos=1)
+    wait_for(lambda: sum(len(inbox) for inbox in inboxes) == 20, message="all shared deliveries")
+    payloads = sorted(int(m.payload) for inbox in inboxes for m in inbox)
+    assert payloads == list(range(20))  # each job exactly once
+    assert all(len(inbox) >= 5 for inbox in inboxes)  # both members served (round robin: 10 each)
+
+
+def test_outgoing_queue_is_bounded(
+    broker_factory: Callable[..., BrokerEndpoint], make_transport: TransportFactory, topic_prefix: str
+) -> None:
+    target = broker_factory("mosquitto-3.1.1")
+    broker = target.broker
+    assert isinstance(broker, MosquittoBroker) and broker.pid is not None
+    transport = make_transport(target, "bounded", max_queued_messages=3, keepalive=30)
+    os.kill(broker.pid, signal.SIGSTOP)  # the broker stops acknowledging; QoS 1 messages pile up
+    try:
+        for index in range(3):
+            transport.publish(f"{topic_prefix}/q", str(index).encode(), qos=1)
+        with pytest.raises(TransportError, match="queue full"):
+            transport.publish(f"{topic_prefix}/q", b"one too many", qos=1)
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)
+    assert transport.stats()["publish_queue_full"] == 1
+    wait_for(lambda: _publish_accepted(transport, f"{topic_prefix}/q"), message="queue drained")
+
+
+def _publish_accepted(transport: MqttTransport, topic: str) -> bool:
+    try:
+        transport.publish(topic, b"after", qos=1)
+    except TransportError:
+        return False
+    return True
