@@ -7,6 +7,8 @@ accepts both whatever it sends. Inside payloads, two values need a representatio
 * numpy arrays: ``{"$ndarray": {"dtype": "<u1", "shape": [480, 640, 3], "data": <bytes>}}``: raw
   bytes with dtype and shape, numeric dtypes only. Never pickle.
 
+A map whose only key is ``$bytes`` or ``$ndarray`` is therefore reserved: encoding one is an error.
+
 Any malformed, oversized or schema-violating payload raises :class:`~topics.errors.DecodeError`
 naming the topic and the reason, and nothing else.
 """
@@ -14,6 +16,7 @@ naming the topic and the reason, and nothing else.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import math
 from collections.abc import Callable
@@ -35,7 +38,12 @@ MAX_DEPTH = 64
 _ARRAY_KINDS = frozenset("biufc")
 _BYTES_KEY = "$bytes"
 _ARRAY_KEY = "$ndarray"
+_RESERVED_KEYS = frozenset((_BYTES_KEY, _ARRAY_KEY))
 _PLAIN = (str, int, float, bool, type(None))
+
+
+class _TooDeep(ValueError):
+    """A value nested deeper than :data:`MAX_DEPTH`."""
 
 
 class EncodeError(WireError, ValueError):
@@ -45,7 +53,7 @@ class EncodeError(WireError, ValueError):
 def _array_to_wire(array: np.ndarray[Any, Any]) -> dict[str, Any]:
     if array.dtype.kind not in _ARRAY_KINDS:
         raise EncodeError(f"numpy dtype {array.dtype} cannot go on the wire (numeric dtypes only)")
-    contiguous = np.ascontiguousarray(array)
+    contiguous = np.ascontiguousarray(array).reshape(array.shape)  # keeps 0-d arrays 0-d
     return {_ARRAY_KEY: {"dtype": contiguous.dtype.str, "shape": list(contiguous.shape),
                          "data": contiguous.tobytes()}}
 
@@ -85,10 +93,15 @@ def to_wire(value: Any, *, binary: bool, depth: int = 0) -> Any:
         return raw if binary else {_BYTES_KEY: base64.b64encode(raw).decode()}
     if isinstance(value, np.ndarray):
         wire = _array_to_wire(value)
-        return wire if binary else to_wire(wire, binary=False, depth=depth + 1)
+        if binary:
+            return wire
+        spec = wire[_ARRAY_KEY]
+        return {_ARRAY_KEY: {**spec, "data": to_wire(spec["data"], binary=False, depth=depth + 1)}}
     if isinstance(value, np.generic):
         return to_wire(value.item(), binary=binary, depth=depth + 1)
     if isinstance(value, dict):
+        if len(value) == 1 and next(iter(value)) in _RESERVED_KEYS:
+            raise EncodeError(f"a map whose only key is {next(iter(value))!r} is reserved for the codec")
         out: dict[str, Any] = {}
         for key, item in value.items():
             if not isinstance(key, str):
@@ -107,7 +120,7 @@ def from_wire(value: Any, *, depth: int = 0) -> Any:
     if isinstance(value, _PLAIN):
         return value
     if depth > MAX_DEPTH:
-        raise ValueError(f"nested deeper than {MAX_DEPTH}")
+        raise _TooDeep(f"nested deeper than {MAX_DEPTH}")
     if isinstance(value, bytes):
         return value
     if isinstance(value, dict):
@@ -131,16 +144,34 @@ def from_wire(value: Any, *, depth: int = 0) -> Any:
 
 
 def _loads_cbor(data: bytes) -> Any:
-    return cbor2.loads(data, max_depth=MAX_DEPTH, allow_duplicate_keys=False,
-                       strict_hashable_types=True)
+    stream = io.BytesIO(data)
+    try:
+        value = cbor2.CBORDecoder(stream, max_depth=MAX_DEPTH, allow_duplicate_keys=False,
+                                  strict_hashable_types=True).decode()
+    except cbor2.CBORDecodeError as exc:
+        if "nesting depth" in str(exc):
+            raise _TooDeep(str(exc)) from exc
+        raise
+    if stream.tell() != len(data):
+        raise ValueError(f"{len(data) - stream.tell()} bytes after the end of the CBOR item")
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"JSON {name} is not allowed (no NaN or infinity on the wire)")
 
 
 def _loads_json(data: bytes) -> Any:
-    return json.loads(data.decode("utf-8"))
+    return json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
 
 
 def _dumps_json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _failure_reason(exc: Exception) -> str:
+    """The :class:`DecodeError` reason for an exception raised while parsing."""
+    return "too-deep" if isinstance(exc, RecursionError | _TooDeep) else "malformed"
 
 
 def sniff_format(data: bytes) -> Format | None:
@@ -191,8 +222,8 @@ class Codec:
         """Parse and validate ``data`` as ``model``; raises only :class:`DecodeError`."""
         fields = self.decode_mapping(data, topic=topic)
         version = fields.get("v", SCHEMA_VERSION)
-        if version != SCHEMA_VERSION:
-            raise DecodeError("version", f"schema version {version!r}, this node speaks "
+        if type(version) is not int or version != SCHEMA_VERSION:
+            raise DecodeError("version", f"schema version {version!r:.40}, this node speaks "
                               f"{SCHEMA_VERSION}", topic=topic, size=len(data))
         try:
             return model.model_validate(fields)
@@ -222,8 +253,7 @@ class Codec:
                 raise ValueError(f"top level is a {type(raw).__name__}, not a map")
             restored = from_wire(raw)
         except Exception as exc:
-            reason = "too-deep" if isinstance(exc, RecursionError) else "malformed"
-            raise DecodeError(reason, f"{fmt}: {exc}"[:300], topic=topic, size=size) from exc
+            raise DecodeError(_failure_reason(exc), f"{fmt}: {exc}"[:300], topic=topic, size=size) from exc
         assert isinstance(restored, dict)
         return restored
 
@@ -269,7 +299,8 @@ class Codec:
             if fmt == "json":
                 return from_wire(_loads_json(data))
         except Exception as exc:
-            raise DecodeError("malformed", f"{fmt}: {exc}"[:300], topic=topic, size=size) from exc
+            raise DecodeError(_failure_reason(exc), f"{fmt}: {exc}"[:300], topic=topic,
+                              size=size) from exc
         raise DecodeError("malformed", f"unknown value format {fmt!r}", topic=topic, size=size)
 
 
