@@ -179,7 +179,11 @@ class Dispatcher:
         """Finish what is queued, then stop the thread."""
         if not self._thread.is_alive():
             return
-        self._queue.put(None)
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:  # a handler is stuck and the queue is full: give up, the thread is a daemon
+            log.warning("dispatch queue still full after %.1fs; not waiting for the handler", timeout)
+            return
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
