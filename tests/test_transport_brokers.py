@@ -343,3 +343,31 @@ def _publish_accepted(transport: MqttTransport, topic: str) -> bool:
     except TransportError:
         return False
     return True
+
+
+def test_a_full_dispatch_queue_drops_counted_and_close_does_not_hang(
+    broker: BrokerEndpoint, make_transport: TransportFactory, topic_prefix: str
+) -> None:
+    stuck = make_transport(broker, "stuck", dispatch_queue=2)
+    publisher = make_transport(broker, "flood")
+    release = threading.Event()
+    entered = threading.Event()
+
+    def blocking(message: Message) -> None:
+        entered.set()
+        release.wait(10.0)
+
+    stuck.subscribe(f"{topic_prefix}/flood", blocking, qos=0)
+    try:
+        publisher.publish(f"{topic_prefix}/flood", b"first", qos=1)
+        wait_for(entered.is_set, message="the handler to block")
+        for index in range(10):
+            publisher.publish(f"{topic_prefix}/flood", str(index).encode(), qos=1)
+        wait_for(lambda: stuck.stats()["dropped_dispatch_full"] == 8, message="counted drops")
+        assert stuck.connected
+        started = time.monotonic()
+        stuck.close(timeout=0.5)
+        assert time.monotonic() - started < 3.0
+    finally:
+        release.set()
+    assert stuck.stats()["dropped_dispatch_full"] == 8

@@ -4,6 +4,10 @@ This is the only module that imports paho. One network thread per transport runs
 and our reconnect loop (capped exponential backoff with jitter, every filter re-subscribed after
 each reconnect); handlers run on a :class:`~topics.transport.Dispatcher` thread, never on the
 network thread, so a slow handler cannot stall keepalives or acknowledgements.
+
+Each received message goes to every handler whose filter matches it. Avoid overlapping filters on
+one transport: brokers may send one copy per matching subscription (amqtt does), and each copy
+reaches every matching handler.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ log = logging.getLogger(__name__)
 
 _LOOP_TIMEOUT = 0.5  # seconds paho's select() may block; publish() wakes it earlier
 _RECONNECT_LOG_INTERVAL = 30.0  # at most one "still reconnecting" warning per interval
+_STABLE_AFTER = 1.0  # a connection that lasted less than this keeps escalating the backoff
+_LINK_LOG_BURST = 10  # connect/disconnect lines logged freely before rate limiting kicks in
+_LINK_LOG_REFILL = 10.0  # seconds per extra connect/disconnect line once the burst is spent
 
 # CONNACK reason codes (MQTT 5 numbering; paho maps 3.1.1 return codes onto them).
 _UNSUPPORTED_PROTOCOL = 132
@@ -108,6 +115,10 @@ class MqttTransport:
         self._counters: Counter[str] = Counter()
         self._counter_lock = threading.Lock()
         self._dispatch_totals: Counter[str] = Counter()
+        self._link_tokens = float(_LINK_LOG_BURST)
+        self._link_tokens_at = time.monotonic()
+        self._link_suppressed = 0
+        self._connected_since = 0.0
         self._dispatcher: Dispatcher | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -259,7 +270,8 @@ class MqttTransport:
         if self._connected:
             self._client.disconnect()
         self._shutdown_threads(timeout=timeout)
-        log.info("%s: closed connection to %s", self._name, self.config.url)
+        if self._established:
+            self._log_link("%s: closed connection to %s", self._name, self.config.url)
 
     def abort(self) -> None:
         """Drop the TCP connection without DISCONNECT, like a crash: the broker publishes the Will."""
@@ -273,7 +285,7 @@ class MqttTransport:
                 sock.shutdown(socket.SHUT_RDWR)
         self._connected = False
         self._shutdown_threads(timeout=5.0)
-        log.info("%s: aborted connection to %s (no DISCONNECT)", self._name, self.config.url)
+        self._log_link("%s: aborted connection to %s (no DISCONNECT)", self._name, self.config.url)
 
     def _shutdown_threads(self, *, timeout: float) -> None:
         self._stopping.set()
@@ -292,6 +304,21 @@ class MqttTransport:
             self._dispatcher.stop(timeout)
             self._dispatch_totals.update(self._dispatcher.counters)
             self._dispatcher = None
+
+    def _log_link(self, message: str, *args: object) -> None:
+        """INFO for connection events, rate limited (token bucket) so a flapping link cannot storm."""
+        now = time.monotonic()
+        self._link_tokens = min(float(_LINK_LOG_BURST),
+                                self._link_tokens + (now - self._link_tokens_at) / _LINK_LOG_REFILL)
+        self._link_tokens_at = now
+        if self._link_tokens < 1.0:
+            self._link_suppressed += 1
+            return
+        self._link_tokens -= 1.0
+        if self._link_suppressed:
+            message += f" ({self._link_suppressed} earlier connection events not logged)"
+            self._link_suppressed = 0
+        log.info(message, *args)
 
     def _count(self, key: str) -> None:
         with self._counter_lock:
@@ -316,8 +343,9 @@ class MqttTransport:
         while True:
             rc = self._client.loop(_LOOP_TIMEOUT)
             if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
-                if self._connected and next_delay is not None:
-                    next_delay, failures = None, 0  # a fresh backoff after each good connection
+                if (next_delay is not None and self._connected
+                        and time.monotonic() - self._connected_since > _STABLE_AFTER):
+                    next_delay, failures = None, 0  # a fresh backoff once a connection proved stable
                 continue
             if self._stopping.is_set():
                 return
@@ -361,11 +389,13 @@ class MqttTransport:
         first = not self._established
         self._established = True
         self._connected = True
+        self._connected_since = time.monotonic()
         if first:
-            log.info("%s: connected to %s (MQTT %s)", self._name, self.config.url, self.config.protocol)
+            self._log_link("%s: connected to %s (MQTT %s)", self._name, self.config.url,
+                           self.config.protocol)
         else:
             self._count("reconnects")
-            log.info("%s: reconnected to %s", self._name, self.config.url)
+            self._log_link("%s: reconnected to %s", self._name, self.config.url)
         with self._lock:
             filters = [(topic_filter, qos) for topic_filter, (_h, qos) in self._filters.items()]
             listeners = list(self._listeners)
@@ -382,8 +412,15 @@ class MqttTransport:
         else:
             waiter = resubscribed
             resubscribed.set()
-        if self._dispatcher is not None:
-            self._dispatcher.call(lambda: self._after_connect(waiter, listeners))
+        dispatcher = self._dispatcher
+        if dispatcher is not None:
+            # Dispatcher.call blocks while the dispatch queue is full (a slow handler): hand it over
+            # from a short-lived thread so the network thread keeps serving keepalives and acks.
+            threading.Thread(
+                target=dispatcher.call,
+                args=(lambda: self._after_connect(waiter, listeners),),
+                name=f"connected-{self._name}", daemon=True,
+            ).start()
         self._connack.set()
 
     def _after_connect(self, subscribed: threading.Event, listeners: list[ConnectListener]) -> None:
@@ -407,7 +444,7 @@ class MqttTransport:
             return
         self._connected = False
         self._count("disconnects")
-        log.info("%s: disconnected from %s: %s", self._name, self.config.url, why)
+        self._log_link("%s: disconnected from %s: %s", self._name, self.config.url, why)
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
                        properties: Any) -> None:
