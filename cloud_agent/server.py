@@ -418,7 +418,7 @@ class CloudAgent:
                     self._counters["duplicates"] += 1
                     return
                 spec = self._registry.get(task.task) if task.task in self._registry else None
-                if spec is not None and not self._draining and len(self._queue) < self.config.queue_size:
+                if spec is not None and not self._draining and self._has_room():
                     job = self._new_job(task, spec, codec, key, now)
                     self._queue.append(job)
                     self._in_progress[key] = job
@@ -434,8 +434,12 @@ class CloudAgent:
                             f"{', '.join(self._registry.names())}")
         else:
             reason = "server is shutting down" if self._draining else (
-                f"queue full ({self.config.queue_size} waiting)")
+                f"queue full ({self.config.queue_size} waiting, {self.config.workers} running)")
             self._reply_now(task, codec, Status.REJECTED_BUSY, reason)
+
+    def _has_room(self) -> bool:
+        """Room for one more task: ``queue_size`` waiting beyond the workers (caller holds the lock)."""
+        return len(self._queue) + self._running < self.config.queue_size + self.config.workers
 
     def _new_job(self, task: Task, spec: TaskSpec, codec: Codec, key: tuple[str, str],
                  now: float) -> _Job:
