@@ -1,0 +1,210 @@
+"""Configuration of the edge agent: one frozen model, read from TOML, ``EDGE_AGENT_*`` and flags.
+
+    id = "cam1"
+    broker = "mqtt://127.0.0.1:1883"
+    tasks = ["examples.tasks"]
+    policy = "ect"
+
+    [policy_config]
+    spread_k = 2
+
+    [[routes]]
+    filter = "sensors/+/frame"
+    task = "detect"
+    output = "results/{1}/ball"
+    input_format = "json"
+    output_format = "json"
+
+Load it with :func:`load_edge_config` (file, then environment, then overrides).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from cloud_agent.settings import load_settings
+from edge_agent.policy import PolicyConfig, check_policy
+from topics.codec import DEFAULT_MAX_PAYLOAD
+from topics.errors import TopicError
+from topics.names import DEFAULT_PREFIX, TopicTree, validate_filter, validate_node_id
+from topics.transport import ProtocolVersion, TlsConfig, TransportConfig
+
+ENV_PREFIX = "EDGE_AGENT_"
+PEER_SUFFIX = "-peer"
+"""Node id of the in-process server of a device with ``serve = true``: ``<id>-peer``."""
+
+_PLACEHOLDER = re.compile(r"\{(\d+)\}")
+
+PositiveSeconds = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PolicySettings(_Frozen):
+    """The tunables of :class:`edge_agent.policy.PolicyConfig`, as settings (same names)."""
+
+    default_rtt: float = Field(default=0.005, ge=0.0)
+    default_bandwidth: float = Field(default=12.5e6, gt=0.0)
+    default_service_time: float = Field(default=0.010, ge=0.0)
+    spread_k: int = Field(default=2, ge=1)
+    near_equal: float = Field(default=0.15, ge=0.0)
+    near_equal_abs: float = Field(default=0.0005, ge=0.0)
+    hysteresis: float = Field(default=0.2, ge=0.0)
+    failure_penalty: float = Field(default=0.5, ge=0.0)
+    threshold_rate: float = Field(default=25.0, ge=0.0)
+    in_flight_residual: float = Field(default=0.5, ge=0.0, le=1.0)
+    rtt_dev_weight: float = Field(default=0.0, ge=0.0)
+
+    def to_policy_config(self) -> PolicyConfig:
+        return PolicyConfig(**self.model_dump())
+
+
+def render_output(template: str, captures: list[str]) -> str:
+    """Fill ``{1}``, ``{2}``... of an output template with the filter's wildcard captures."""
+
+    def fill(match: re.Match[str]) -> str:
+        index = int(match.group(1))
+        if not 1 <= index <= len(captures):
+            raise TopicError(f"output template uses {{{index}}} but the topic has {len(captures)} "
+                             "capture(s)", topic=template)
+        return captures[index - 1]
+
+    return _PLACEHOLDER.sub(fill, template)
+
+
+class BridgeRoute(_Frozen):
+    """Route messages of an existing MQTT topic through a task and publish the result.
+
+    ``output`` is a topic template: ``{1}``, ``{2}``... are the levels matched by the filter's
+    ``+`` wildcards (and the rest of the topic for a final ``#``), in order.
+    """
+
+    filter: str
+    task: str = Field(min_length=1, max_length=128)
+    output: str
+    input_format: Literal["json", "cbor", "raw"] = "json"
+    output_format: Literal["json", "cbor", "raw"] = "json"
+    qos: int = Field(default=0, ge=0, le=2)
+    deadline: PositiveSeconds | None = None
+    """Seconds each bridged message may take; ``None`` = no deadline."""
+    retain: bool = False
+
+    @field_validator("filter")
+    @classmethod
+    def _valid_filter(cls, value: str) -> str:
+        return validate_filter(value)
+
+    @model_validator(mode="after")
+    def _valid_template(self) -> BridgeRoute:
+        wildcards = sum(1 for level in self.filter.split("/") if level in ("+", "#"))
+        indices = [int(n) for n in _PLACEHOLDER.findall(self.output)]
+        if any(not 1 <= n <= wildcards for n in indices):
+            raise ValueError(f"output {self.output!r} uses a capture the filter {self.filter!r} does not "
+                             f"have (it has {wildcards})")
+        sample = _PLACEHOLDER.sub("x", self.output)
+        if not sample or "+" in sample or "#" in sample or sample.startswith("$"):
+            raise ValueError(f"output {self.output!r} is not a publishable topic template")
+        return self
+
+
+class EdgeConfig(_Frozen):
+    """Everything an edge agent needs; every field is also ``EDGE_AGENT_<FIELD>`` and most a flag."""
+
+    id: str
+    broker: str | None = None
+    """``mqtt://host:port`` (``mqtts://`` for TLS); ``None`` = no broker, everything runs locally."""
+    protocol: ProtocolVersion = "3.1.1"
+    username: str | None = None
+    password: SecretStr | None = None
+    tls: TlsConfig | None = None
+    prefix: str = DEFAULT_PREFIX
+    tasks: list[str] = Field(default_factory=list)
+    """Importable modules registering the tasks this device can run itself."""
+    policy: str = "ect"
+    policy_config: PolicySettings = PolicySettings()
+    local_workers: int = Field(default=1, ge=1, le=1024)
+    local_queue_size: int = Field(default=32, ge=0, le=1_000_000)
+    """Tasks that may wait for a local worker; beyond it the local option is full."""
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    stale_after: int = Field(default=3, ge=1, le=1000)
+    """A server is stale after this many missed heartbeats (each of its own interval)."""
+    probe_interval: PositiveSeconds = 2.0
+    """Mean seconds between round-trip probes to each server (jittered +-25%)."""
+    default_timeout: PositiveSeconds = 5.0
+    """Floor of an offloaded attempt's timeout (also capped by the task's deadline)."""
+    timeout_factor: float = Field(default=4.0, ge=1.0)
+    """An attempt times out after max(default_timeout, timeout_factor x estimate)."""
+    failure_half_life: PositiveSeconds = 10.0
+    """Seconds for a server's recent-failure count to halve."""
+    heartbeat_interval: PositiveSeconds = 1.0
+    format: Literal["cbor", "json"] = "cbor"
+    max_payload: int = Field(default=DEFAULT_MAX_PAYLOAD, ge=1024)
+    routes: list[BridgeRoute] = Field(default_factory=list)
+    serve: bool = False
+    """Also run a server (node id ``<id>-peer``) in this process for the peers' tasks."""
+    serve_workers: int = Field(default=1, ge=1, le=1024)
+    connect_timeout: PositiveSeconds = 5.0
+
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, value: str) -> str:
+        validate_node_id(value)
+        if len(value) + len(PEER_SUFFIX) > 64:
+            raise ValueError("id must leave room for the '-peer' suffix (at most 59 characters)")
+        return value
+
+    @field_validator("policy")
+    @classmethod
+    def _valid_policy(cls, value: str) -> str:
+        return check_policy(value)
+
+    @field_validator("prefix")
+    @classmethod
+    def _valid_prefix(cls, value: str) -> str:
+        TopicTree(value)
+        return value
+
+    @field_validator("broker")
+    @classmethod
+    def _valid_broker(cls, value: str | None) -> str | None:
+        if value:
+            TransportConfig.from_url(value)
+        return value or None
+
+    @property
+    def peer_id(self) -> str:
+        return self.id + PEER_SUFFIX
+
+    def transport_config(self, *, client_id: str | None = None) -> TransportConfig:
+        """How to reach the broker (raises ``ValueError`` when no broker is configured)."""
+        if not self.broker:
+            raise ValueError("no broker configured")
+        overrides: dict[str, Any] = {"protocol": self.protocol, "client_id": client_id or self.id,
+                                     "connect_timeout": self.connect_timeout}
+        if self.username is not None:
+            overrides["username"] = self.username
+        if self.password is not None:
+            overrides["password"] = self.password.get_secret_value()
+        if self.tls is not None:
+            overrides["tls"] = self.tls
+        return TransportConfig.from_url(self.broker, **overrides)
+
+
+def load_edge_config(config_file: Path | str | None = None, *, overrides: dict[str, Any] | None = None,
+                     environ: dict[str, str] | None = None) -> EdgeConfig:
+    """Read the TOML file (optional), then ``EDGE_AGENT_*`` variables, then ``overrides``.
+
+    Raises :class:`cloud_agent.settings.SettingsError` with one clear line on any problem.
+    """
+    return load_settings(EdgeConfig, config_file=config_file, env_prefix=ENV_PREFIX, overrides=overrides,
+                         environ=environ)
+
+
+__all__ = ["ENV_PREFIX", "PEER_SUFFIX", "BridgeRoute", "EdgeConfig", "PolicySettings", "load_edge_config",
+           "render_output"]

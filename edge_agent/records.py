@@ -1,0 +1,81 @@
+"""What the edge agent reports about every finished task: one :class:`TaskRecord` per task.
+
+Times are seconds on the agent's clock (``clock``, Unix time by default); a field is ``None`` when
+that step never happened (``sent`` for a task run locally, ``started`` for a task run remotely).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+Outcome = Literal["ok", "error", "expired", "rejected-busy", "unknown-task", "timeout", "failed"]
+OUTCOMES: tuple[str, ...] = ("ok", "error", "expired", "rejected-busy", "unknown-task", "timeout", "failed")
+
+
+class TaskFailed(Exception):
+    """The outcome of a task that produced no result: set on the caller's future.
+
+    ``status`` is one of :data:`OUTCOMES` other than ``ok``; ``error`` says what happened;
+    ``attempts`` counts the options tried (local runs and servers).
+    """
+
+    def __init__(self, status: str, error: str, attempts: int, *, task_id: str = "", name: str = "") -> None:
+        where = f" (task {name!r} id {task_id})" if task_id else ""
+        super().__init__(f"{status}: {error} after {attempts} attempt(s){where}")
+        self.status = status
+        self.error = error
+        self.attempts = attempts
+        self.task_id = task_id
+        self.name = name
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """Everything the agent knows about one finished task, for logs, the simulator and tests."""
+
+    task_id: str
+    name: str
+    device: str
+    policy: str
+    target: str
+    """``"local"`` or the node id of the server of the last attempt."""
+    reason: str
+    """The reason of the last decision (``lowest-ect``, ``spread``, ``keep-previous``...)."""
+    outcome: Outcome
+    attempts: int
+    created: float
+    decided: float | None = None
+    sent: float | None = None
+    started: float | None = None
+    finished: float | None = None
+    received: float | None = None
+    estimates: tuple[tuple[str, float], ...] = ()
+    error: str | None = None
+    queue_wait: float | None = None
+    """Queue wait the server reported (remote ok/error results only)."""
+    service_time: float | None = None
+    """Service time measured locally or reported by the server."""
+    payload_bytes: int = 0
+    targets: tuple[str, ...] = ()
+    """Every option tried, in order."""
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+    @property
+    def latency(self) -> float | None:
+        """Seconds from submission to the outcome reaching the agent."""
+        end = self.received if self.received is not None else self.finished
+        return None if end is None else end - self.created
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values (lists for tuples), ready for JSON lines."""
+        values = asdict(self)
+        values["estimates"] = [list(item) for item in self.estimates]
+        values["targets"] = list(self.targets)
+        return values
+
+
+__all__ = ["OUTCOMES", "Outcome", "TaskFailed", "TaskRecord"]
