@@ -15,6 +15,7 @@ chain early by returning :class:`Done`. Running from stage ``k`` runs stages ``k
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -22,6 +23,7 @@ from typing import Any, Literal
 from topics.models import Executor, TaskCapability
 
 ExecutorKind = Literal["thread", "process"]
+_TASK_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # the TaskName of topics.models
 TaskFunction = Callable[[Any], Any]
 
 
@@ -102,8 +104,9 @@ class TaskRegistry:
     _tasks: dict[str, TaskSpec] = field(default_factory=dict)
 
     def add(self, spec: TaskSpec) -> TaskSpec:
-        if not spec.name or any(c in spec.name for c in "/+#$ ") or len(spec.name) > 128:
-            raise RegistryError(f"invalid task name {spec.name!r}")
+        if not isinstance(spec.name, str) or not _TASK_NAME.fullmatch(spec.name):
+            raise RegistryError(f"invalid task name {spec.name!r}: use 1-128 letters, digits and _.:- "
+                                "(the names a Task message can carry)")
         if spec.executor not in ("thread", "process"):
             raise RegistryError(f"task {spec.name!r}: executor must be 'thread' or 'process'")
         if not spec.stages or not all(callable(s) for s in spec.stages):
@@ -174,6 +177,9 @@ def load_tasks(*modules: str) -> TaskRegistry:
             module = importlib.import_module(module_name)
         except ImportError as exc:
             raise RegistryError(f"cannot import tasks module {module_name!r}: {exc}") from exc
+        except Exception as exc:  # a broken tasks module: name it, with what went wrong
+            raise RegistryError(f"tasks module {module_name!r} failed while importing: "
+                                f"{type(exc).__name__}: {exc}") from exc
         own = getattr(module, "registry", None)
         combined.merge(own if isinstance(own, TaskRegistry) else default_registry)
     if not combined:
