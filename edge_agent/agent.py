@@ -37,6 +37,7 @@ import numpy as np
 
 from cloud_agent.badinput import BadInputLog
 from cloud_agent.registry import TaskRegistry, TaskSpec, UnknownTaskError, run_spec
+from edge_agent.bridge import Bridge
 from edge_agent.config import EdgeConfig
 from edge_agent.policy import LOCAL, Decision, LocalInfo, PolicyConfig, TaskInfo, check_policy, decide
 from edge_agent.records import TaskFailed, TaskRecord
@@ -156,6 +157,8 @@ class EdgeAgent:
         self._connect_backoff = backoff_delays(0.2, 10.0, self._rng)
         self._result_topic = self._tree.result_inbox(self.id)
         self._pong_topic = self._tree.pong(self.id)
+        self.bridge: Bridge | None = None
+        """The topic bridge, when the config has routes (created by :meth:`start`)."""
 
     # ------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -171,6 +174,9 @@ class EdgeAgent:
             transport.subscribe(self._tree.all_of(Kind.STATE), self._on_state, qos=1)
             transport.subscribe(self._pong_topic, self._on_pong, qos=0)
             transport.subscribe(self._tree.ping(self.id), self._on_ping, qos=0)
+            if self.config.routes:
+                self.bridge = Bridge(self, self.config.routes)
+                self.bridge.start()
             self._try_connect()
         self._thread = threading.Thread(target=self._run_timers, name=f"{self.id}-edge", daemon=True)
         self._thread.start()
@@ -714,6 +720,8 @@ class EdgeAgent:
             "known": len(self._table.views(self._mono())),
             "usable": len(self._table.probe_targets(self._mono()))}
         values["connected"] = self.connected
+        if self.bridge is not None:
+            values["bridge"] = self.bridge.stats()
         values["transport"] = self._transport.stats() if self._transport is not None else {}
         return values
 
