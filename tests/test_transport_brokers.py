@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 from brokers_support import BROKER_IDS, BrokerEndpoint, endpoint, wait_for
 
-from topics.brokers import EmbeddedBroker, MosquittoBroker
+from topics.brokers import EmbeddedBroker, MosquittoBroker, free_port
 from topics.errors import TopicError
 from topics.mqtt import MqttTransport
 from topics.transport import (
@@ -149,9 +149,8 @@ def test_retained_state_reaches_late_subscribers_and_an_empty_payload_clears_it(
 
 
 def test_unreachable_broker_fails_fast_with_one_clear_line() -> None:
-    from topics.brokers import free_port
-
-    transport = MqttTransport(TransportConfig(port=free_port(), connect_timeout=2.0))
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    transport = MqttTransport(TransportConfig.from_url(url, connect_timeout=2.0))
     started = time.monotonic()
     with pytest.raises(ConnectError, match="connection refused") as caught:
         transport.connect()

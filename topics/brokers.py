@@ -363,11 +363,14 @@ class MosquittoBroker:
         stderr = b""
         if self._process is not None and self._process.poll() is not None and self._process.stderr:
             stderr = self._process.stderr.read()
-        text = stderr.decode(errors="replace").strip()
-        if not text and self.log_file.exists():
-            text = self.log_file.read_text(errors="replace").strip()
-        last = text.splitlines()[-1] if text else "no answer to MQTT CONNECT"
-        return last
+        text = stderr.decode(errors="replace")
+        if self.log_file.exists():
+            text += "\n" + self.log_file.read_text(errors="replace")
+        lines = [line for line in text.splitlines() if line.strip()]
+        errors = [line for line in lines if "Error" in line]
+        if errors:
+            return errors[-1]
+        return lines[-1] if lines else "no answer to MQTT CONNECT"
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM, then wait (SIGKILL if it does not exit); idempotent."""
