@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
         if config.protocol == "5":
             raise UsageError("the embedded broker (amqtt) speaks MQTT 3.1.1 only: use --protocol 3.1.1 "
                              "or --broker with an MQTT 5 broker")
-        broker = EmbeddedBroker(port=1883 if _port_free("127.0.0.1", 1883) else 0).start()
+        port = config.embedded_port
+        broker = EmbeddedBroker(port=port if port and _port_free("127.0.0.1", port) else 0).start()
         url = broker.url
         log.info("no broker configured: started the embedded broker on %s", url)
     try:
@@ -135,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         agent.start()
         log.info("serving on %s as %s (prefix %s)", transport_config.url, config.id, config.prefix)
-        while not stop_requested.wait(0.5):
+        while not stop_requested.wait(0.1):
             pass
         agent.stop(config.grace_period)
         log.info("stopped cleanly: %s", _summary(agent.stats()))

@@ -31,6 +31,9 @@ class CloudConfig(BaseModel):
     id: str = Field(description="node id of this server (one topic level: letters, digits, _.:@-)")
     broker: str | None = Field(None, description="broker URL mqtt://host:port (mqtts:// for TLS); "
                                "unset: start the embedded broker")
+    embedded_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        1883, description="port of the embedded broker started when no broker URL is set "
+        "(taken: any free port; 0: any free port)")
     protocol: ProtocolVersion = Field("3.1.1", description="MQTT protocol version: 3.1.1 or 5")
     username: str | None = Field(None, description="broker user name")
     password: SecretStr | None = Field(None, description="broker password")
