@@ -316,6 +316,7 @@ class SplitController:
         self._failures = 0
         self._down_until = -math.inf
         self._last_eval: float | None = None
+        self._last_remote_probe = -math.inf
         self.last_decision: SplitDecision | None = None
         self.history: list[SplitChange] = []
 
@@ -394,14 +395,34 @@ class SplitController:
         return [t for t in times if t is not None]
 
     def speed_ratio(self, now: float, local: Sequence[float]) -> float:
-        """Remote / local time for the same stages: median of recent remote results."""
-        ratios = []
+        """Remote / local time for the same stages, pooled over recent remote results.
+
+        Pooled (total remote over total local) so that results for long suffixes dominate the
+        noisy ones of a tiny tail.
+        """
         recent = [r for r in self._remote if now - r[0] <= self.horizon_s] or list(self._remote)[-5:]
-        for _, start, seconds in recent:
-            local_suffix = math.fsum(local[start:])
-            if local_suffix > 0:
-                ratios.append(seconds / local_suffix)
-        return statistics.median(ratios) if ratios else self.remote_speed_prior
+        remote_total = math.fsum(seconds for _, _, seconds in recent)
+        local_total = math.fsum(math.fsum(local[start:]) for _, start, _ in recent)
+        if not recent or local_total <= 0:
+            return self.remote_speed_prior
+        return remote_total / local_total
+
+    def remote_probe_split(self, now: float) -> int | None:
+        """A split to try remotely for one frame while all runs locally and the server's speed
+        is unknown or stale: the remote split the model currently rates fastest."""
+        if self._split < self.n or not self.remote_available(now):
+            return None
+        newest = max(self._remote[-1][0] if self._remote else -math.inf, self._last_remote_probe)
+        if now - newest <= self.probe_interval_s:
+            return None
+        decision = self.evaluate(now, current=None)
+        if decision is None:
+            return None
+        remote = [c for c in decision.candidates if c.k < self.n and c.fps > 0]
+        if not remote:
+            return None
+        self._last_remote_probe = now
+        return max(remote, key=lambda c: (c.fps, c.k)).k
 
     def wants_local_probe(self, now: float) -> bool:
         """True when a stage that runs remotely has no fresh local time: run one frame locally."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -244,8 +245,12 @@ def test_controller_moves_both_ways_as_the_server_and_device_change() -> None:
             controller.observe_remote(2, sum(FAST_SERVER[2:]), now)
             controller.update(now)
         assert controller.split == expected, f"device x{scale}"
-    # Phase 2 passes through split 4 while the window still mixes fast and slow server times.
-    assert [change.k for change in controller.history] == [2, 4, 7, 2, 7]
+    # Both directions, with a few intermediate steps while the window mixes old and new times.
+    ks = [change.k for change in controller.history]
+    assert ks[0] == 2 and ks[-1] == 7
+    steps = list(itertools.pairwise(ks))
+    assert any(b > a for a, b in steps) and any(b < a for a, b in steps)
+    assert len(ks) <= 8
 
 
 def test_controller_falls_back_when_the_server_disappears() -> None:
@@ -287,3 +292,23 @@ def test_controller_rejects_bad_measurements() -> None:
         controller.observe_remote(0, 0.01, 0.0)
     with pytest.raises(SplitError, match="target_fps"):
         SplitController(7, -1.0)
+
+
+def test_controller_probes_the_server_while_everything_runs_locally() -> None:
+    controller = SplitController(7, 60.0, window_s=1.0, probe_interval_s=3.0,
+                                 remote_speed_prior=10.0)  # believes the server is very slow
+    feed_local(controller, 0.0)
+    feed_sizes(controller, 0.0)
+    assert controller.remote_probe_split(0.0) is None  # no server known
+    controller.observe_link(RTT, GIGABIT, 0.0)
+    controller.update(0.0)
+    assert controller.split == 7
+    probe = controller.remote_probe_split(0.1)
+    assert probe is not None and 1 <= probe < 7
+    assert controller.remote_probe_split(0.2) is None  # one probe per interval
+    # The probe comes back fast (a quarter of the device's time): the next window offloads.
+    controller.observe_remote(probe, sum(FAST_SERVER[probe:]), 0.3)
+    feed_local(controller, 1.1)
+    controller.update(1.1)
+    assert controller.split == 2
+    assert controller.remote_probe_split(1.2) is None  # offloading measures the server anyway
