@@ -194,6 +194,11 @@ class EdgeAgent:
         self._transport.publish(topic, payload, qos=qos, retain=retain)
 
     @property
+    def registry(self) -> TaskRegistry:
+        """The tasks this device can run itself."""
+        return self._registry
+
+    @property
     def connected(self) -> bool:
         return self._transport is not None and self._transport.connected
 

@@ -1,0 +1,306 @@
+"""``edge-agent``: run a device, or submit one task from the shell.
+
+    edge-agent run --config /etc/offload/device.toml
+    edge-agent run --broker mqtt://127.0.0.1:1883 --id cam1 --tasks examples.tasks --policy ect
+    edge-agent submit --broker mqtt://127.0.0.1:1883 square '{"x": 7}'
+
+Settings come from the TOML file, then ``EDGE_AGENT_<FIELD>`` variables, then flags. Logs go to
+stderr as ``key=value`` lines. Exit codes: 0 ok, 1 the submitted task failed or the agent hit a
+runtime error, 2 bad arguments or configuration (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any, NoReturn
+
+from cloud_agent.registry import RegistryError, TaskRegistry, UnknownTaskError, load_tasks
+from cloud_agent.settings import SettingsError
+from edge_agent.config import ENV_PREFIX, EdgeConfig, load_edge_config
+from edge_agent.policy import POLICIES, UnknownPolicyError
+from edge_agent.records import TaskFailed
+from topics.codec import to_wire
+from topics.errors import WireError
+
+log = logging.getLogger("edge_agent.cli")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class UsageError(Exception):
+    """Bad arguments or configuration: one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+class KeyValueFormatter(logging.Formatter):
+    """``ts=... level=info logger=... node=cam1 msg="..."``: greppable, one event per line."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__()
+        self._node = node
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        message = record.getMessage()
+        line = (f"ts={stamp}.{int(record.msecs):03d}Z level={record.levelname.lower()} "
+                f"logger={record.name} node={self._node} msg={json.dumps(message)}")
+        if record.exc_info:
+            line += f" exc={json.dumps(self.formatException(record.exc_info))}"
+        return line
+
+
+def setup_logging(level: str, node: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(KeyValueFormatter(node))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
+
+
+# flag name -> (config field, type, help)
+_FLAGS: dict[str, tuple[str, Any, str]] = {
+    "--broker": ("broker", str, "broker URL mqtt://host:port (mqtts:// for TLS); unset: local only"),
+    "--id": ("id", str, "node id of this device (letters, digits, _.:@-)"),
+    "--protocol": ("protocol", str, "MQTT protocol version: 3.1.1 or 5"),
+    "--username": ("username", str, "broker user name (password: EDGE_AGENT_PASSWORD)"),
+    "--prefix": ("prefix", str, "topic prefix shared by the fleet"),
+    "--policy": ("policy", str, f"decision policy: {', '.join(POLICIES)}"),
+    "--format": ("format", str, "wire format: cbor or json"),
+    "--local-workers": ("local_workers", int, "threads running local tasks"),
+    "--local-queue-size": ("local_queue_size", int, "local tasks that may wait for a worker"),
+    "--max-attempts": ("max_attempts", int, "options tried per task before giving up"),
+    "--stale-after": ("stale_after", int, "missed heartbeats before a server is stale"),
+    "--probe-interval": ("probe_interval", float, "mean seconds between round-trip probes"),
+    "--default-timeout": ("default_timeout", float, "floor of an offloaded attempt's timeout (s)"),
+    "--heartbeat-interval": ("heartbeat_interval", float, "seconds between this device's heartbeats"),
+    "--serve-workers": ("serve_workers", int, "workers of the peer server (--serve)"),
+}
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", metavar="FILE", help="TOML config file (see examples/device.toml)")
+    for flag, (field, kind, help_text) in _FLAGS.items():
+        parser.add_argument(flag, dest=field, type=kind, metavar=field.upper(), help=help_text)
+    parser.add_argument("--tasks", dest="tasks", action="append", metavar="MODULE",
+                        help="importable module registering local tasks (repeat or comma-separate)")
+    parser.add_argument("--serve", dest="serve", action=argparse.BooleanOptionalAction, default=None,
+                        help="also serve peers' tasks from this process (node id <id>-peer)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=None,
+                        help="log level (default info for run, warning for submit)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="edge-agent", description="Decide per task whether to run it here or offload it "
+                     "over MQTT to the server that finishes it soonest.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    run = commands.add_parser("run", help="run the device agent until SIGTERM/SIGINT",
+                              description=f"Run the device agent. Every setting is also {ENV_PREFIX}<FIELD> "
+                              "in the environment and <field> in the TOML file; flags win.")
+    _add_common(run)
+    submit = commands.add_parser("submit", help="submit one task and print its result as JSON")
+    _add_common(submit)
+    submit.add_argument("task", metavar="TASK", help="task name")
+    submit.add_argument("payload", metavar="JSON_PAYLOAD", help="task payload as JSON")
+    submit.add_argument("--deadline", type=float, default=None, help="seconds the task may take")
+    submit.add_argument("--discover", type=float, default=3.0,
+                        help="seconds to wait for a server announcing the task (default 3)")
+    submit.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the outcome")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {field: getattr(args, field, None) for field, _, _ in _FLAGS.values()}
+    if args.tasks:
+        values["tasks"] = [item.strip() for chunk in args.tasks for item in chunk.split(",") if item.strip()]
+    values["serve"] = args.serve
+    return values
+
+
+def load_config(args: argparse.Namespace, *, default_id: str | None = None) -> EdgeConfig:
+    overrides = _overrides(args)
+    if overrides["id"] is None and default_id is not None and not args.config \
+            and f"{ENV_PREFIX}ID" not in os.environ:
+        overrides["id"] = default_id
+    try:
+        return load_edge_config(args.config, overrides=overrides)
+    except (SettingsError, ValueError) as exc:
+        raise UsageError(str(exc).splitlines()[0]) from exc
+
+
+def load_registry(config: EdgeConfig) -> TaskRegistry:
+    if not config.tasks:
+        return TaskRegistry()
+    try:
+        return load_tasks(*config.tasks)
+    except RegistryError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+class Device:
+    """An edge agent on a real broker, plus the optional peer server: what ``run`` starts."""
+
+    def __init__(self, config: EdgeConfig, registry: TaskRegistry) -> None:
+        from edge_agent.agent import EdgeAgent
+
+        self.config = config
+        transport = None
+        if config.broker:
+            from topics.mqtt import MqttTransport
+
+            transport = MqttTransport(config.transport_config(), name=config.id)
+        self.agent = EdgeAgent(config, transport, registry)
+        self.peer: Any = None
+        if config.serve:
+            self.peer = build_peer(config, registry)
+
+    def start(self) -> None:
+        self.agent.start()
+        if self.peer is not None:
+            self.peer.start()
+
+    def stop(self) -> None:
+        if self.peer is not None:
+            self.peer.stop(grace=2.0)
+        self.agent.stop()
+
+
+def build_peer(config: EdgeConfig, registry: TaskRegistry) -> Any:
+    """A :class:`cloud_agent.server.CloudAgent` named ``<id>-peer`` with its own connection."""
+    if not config.broker:
+        raise UsageError("--serve needs a broker (--broker)")
+    if not len(registry):
+        raise UsageError("--serve needs local tasks (--tasks)")
+    from cloud_agent.config import CloudConfig
+    from cloud_agent.server import CloudAgent
+    from topics.mqtt import MqttTransport
+
+    try:
+        peer_config = CloudConfig.model_validate({
+            "id": config.peer_id, "broker": config.broker, "protocol": config.protocol,
+            "username": config.username, "password": config.password, "prefix": config.prefix,
+            "tasks": config.tasks, "workers": config.serve_workers, "queue_size": config.local_queue_size,
+            "format": config.format, "max_payload": config.max_payload,
+            "heartbeat_interval": config.heartbeat_interval,
+            "tls_ca_file": config.tls.ca_file if config.tls else None,
+            "tls_cert_file": config.tls.cert_file if config.tls else None,
+            "tls_key_file": config.tls.key_file if config.tls else None,
+            "tls_insecure": config.tls.insecure if config.tls else False})
+    except ValueError as exc:
+        raise UsageError(f"peer server: {str(exc).splitlines()[0]}") from exc
+    return CloudAgent(peer_config, MqttTransport(peer_config.transport_config(), name=config.peer_id),
+                      registry)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    setup_logging(args.log_level or "info", config.id)
+    device = Device(config, load_registry(config))
+    stop_requested = threading.Event()
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        stop_requested.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        device.start()
+        log.info("edge agent %s running: broker=%s policy=%s local_tasks=%s routes=%d serve=%s", config.id,
+                 config.broker or "none", config.policy, ",".join(device.agent.registry.names()) or "none",
+                 len(config.routes), config.serve)
+        next_report = time.monotonic() + 60.0
+        while not stop_requested.wait(0.2):
+            if time.monotonic() >= next_report:
+                next_report += 60.0
+                log.info("stats %s", summary(device.agent.stats()))
+        device.stop()
+        log.info("stopped cleanly: %s", summary(device.agent.stats()))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return EXIT_OK
+
+
+def summary(stats: dict[str, Any]) -> str:
+    outcomes = " ".join(f"{key}={value}" for key, value in sorted(stats.items())
+                        if key.startswith("outcome_"))
+    return (f"submitted={stats.get('submitted', 0)} local_runs={stats.get('local_runs', 0)} "
+            f"offloaded={stats.get('offloaded', 0)} retries={stats.get('retries', 0)} {outcomes} "
+            f"bad_input={sum(stats.get('bad_input', {}).values())} connected={stats.get('connected')}")
+
+
+def submit(args: argparse.Namespace) -> int:
+    config = load_config(args, default_id=f"cli-{uuid.uuid4().hex[:8]}")
+    setup_logging(args.log_level or "warning", config.id)
+    try:
+        payload = json.loads(args.payload)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"JSON_PAYLOAD is not valid JSON: {exc}") from exc
+    device = Device(config.model_copy(update={"serve": False}), load_registry(config))
+    agent = device.agent
+    try:
+        device.start()
+        if config.broker:
+            end = time.monotonic() + max(0.0, args.discover)
+            while time.monotonic() < end and not any(
+                    args.task in view.tasks and not view.stale for view in agent.servers()):
+                time.sleep(0.02)
+        records: list[Any] = []
+        agent.add_record_listener(records.append)
+        try:
+            future = agent.submit(args.task, payload, deadline=args.deadline)
+        except (UnknownTaskError, UnknownPolicyError, ValueError) as exc:
+            raise UsageError(str(exc)) from exc
+        try:
+            result = future.result(timeout=args.timeout)
+        except TaskFailed as exc:
+            print(f"edge-agent: task failed: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        except TimeoutError:
+            print(f"edge-agent: no outcome within {args.timeout:.0f}s", file=sys.stderr)
+            return EXIT_FAILED
+        print(json.dumps(to_wire(result, binary=False)))
+        if records:
+            log.info("ran on %s (%s) attempts=%d", records[0].target, records[0].reason, records[0].attempts)
+        return EXIT_OK
+    finally:
+        device.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``edge-agent``; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command == "run":
+            return run(args)
+        if args.command == "submit":
+            return submit(args)
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"edge-agent: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (WireError, OSError, RuntimeError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"edge-agent: error: {message}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+
+
+__all__ = ["KeyValueFormatter", "build_parser", "main"]
