@@ -175,6 +175,8 @@ class Decision:
     """``(LOCAL or node id, expected completion s)`` for every option considered, best first."""
     feasible: bool = True
     """False when no option could meet the deadline, or none could run the task at all."""
+    expected: float | None = None
+    """The expected completion time (s) of the chosen option (``None`` with no option)."""
 
     @property
     def local(self) -> bool:
@@ -222,21 +224,42 @@ def _sort_key(option: tuple[str, float]) -> float:
 def _options(task: TaskInfo, local: LocalInfo, servers: Sequence[ServerInfo], exclude: frozenset[str],
              allow_local: bool, config: PolicyConfig) -> tuple[list[tuple[str, float]], float | None]:
     """Every usable option with its ECT (unsorted): usable servers first, local last if allowed."""
+    # server_ect inlined: this loop is the hot path of every decision (and of the simulator).
     options: list[tuple[str, float]] = []
+    append = options.append
+    payload = task.payload_bytes
+    default_rtt, default_bandwidth = config.default_rtt, config.default_bandwidth
+    default_service, residual = config.default_service_time, config.in_flight_residual
+    penalty, dev_weight = config.failure_penalty, config.rtt_dev_weight
     for server in servers:
-        if server.stale or not server.capable or server.node in exclude:
+        if server.stale or not server.capable or (exclude and server.node in exclude):
             continue
-        options.append((server.node, server_ect(task, server, config)))
+        rtt = server.rtt
+        if rtt is None:
+            rtt = default_rtt
+        if dev_weight:
+            rtt += dev_weight * server.rtt_dev
+        service = server.service_time
+        if service is None:
+            service = default_service
+        workers = server.workers if server.workers > 0 else 1
+        ahead = server.queue_length + server.in_flight + server.sent_since_report
+        estimate = rtt + payload / (server.bandwidth or default_bandwidth) + service
+        if ahead >= workers:
+            estimate += (ahead - workers + residual) * service / workers
+        if server.recent_failures:
+            estimate += server.recent_failures * penalty
+        append((server.node, estimate))
     local_estimate = local_ect(local, config) if (allow_local and local.capable) else None
     return options, local_estimate
 
 
 def _pick(policy: str, options: list[tuple[str, float]], time_left: float | None, *, rng: random.Random,
           previous: str | None, spread: bool, config: PolicyConfig
-          ) -> tuple[str, str, tuple[tuple[str, float], ...], bool]:
+          ) -> tuple[tuple[str, float], str, tuple[tuple[str, float], ...], bool]:
     """Lowest-ECT choice among ``options`` (non-empty): deadline filter, hysteresis, then spreading.
 
-    Returns (option label, reason, estimates best first, feasible).
+    Returns ((option label, its ECT), reason, estimates best first, feasible).
     """
     options.sort(key=_sort_key)
     estimates = tuple(options)
@@ -245,14 +268,14 @@ def _pick(policy: str, options: list[tuple[str, float]], time_left: float | None
     if time_left is not None:
         candidates = [option for option in options if option[1] <= time_left]
         if not candidates:
-            return best_overall[0], "deadline", estimates, False
+            return best_overall, "deadline", estimates, False
     best = candidates[0]
     reason = "lowest-ect" if len(candidates) == len(options) else "deadline"
     if previous is not None and previous != best[0]:
         for option in candidates:
             if option[0] == previous:
                 if option[1] <= best[1] * (1.0 + config.hysteresis):
-                    return previous, "keep-previous", estimates, True
+                    return option, "keep-previous", estimates, True
                 break
     if spread and config.spread_k > 1 and len(candidates) > 1:
         limit = max(best[1] * (1.0 + config.near_equal), best[1] + config.near_equal_abs)
@@ -264,9 +287,9 @@ def _pick(policy: str, options: list[tuple[str, float]], time_left: float | None
             if previous is not None:
                 for option in candidates[:near]:
                     if option[0] == previous:
-                        return previous, "keep-previous", estimates, True
-            return candidates[rng.randrange(near)][0], "spread", estimates, True
-    return best[0], reason, estimates, True
+                        return option, "keep-previous", estimates, True
+            return candidates[rng.randrange(near)], "spread", estimates, True
+    return best, reason, estimates, True
 
 
 def _labelled(options: list[tuple[str, float]], local_estimate: float | None) -> list[tuple[str, float]]:
@@ -275,9 +298,10 @@ def _labelled(options: list[tuple[str, float]], local_estimate: float | None) ->
     return [*options, (LOCAL, local_estimate)]
 
 
-def _decision(policy: str, label: str, reason: str, estimates: tuple[tuple[str, float], ...],
+def _decision(policy: str, chosen: tuple[str, float], reason: str, estimates: tuple[tuple[str, float], ...],
               feasible: bool) -> Decision:
-    return Decision(policy, None if label == LOCAL else label, reason, estimates, feasible)
+    label, expected = chosen
+    return Decision(policy, None if label == LOCAL else label, reason, estimates, feasible, expected)
 
 
 def _fits(estimate: float, time_left: float | None) -> bool:
@@ -301,56 +325,62 @@ def decide(policy: str, task: TaskInfo, local: LocalInfo, servers: Sequence[Serv
     time_left = task.time_left
     if policy == "local" and allow_local and local.capable:
         estimate = local_ect(local, config)
-        return Decision(policy, None, "always-local", ((LOCAL, estimate),), _fits(estimate, time_left))
+        return Decision(policy, None, "always-local", ((LOCAL, estimate),), _fits(estimate, time_left),
+                        estimate)
     options, local_estimate = _options(task, local, servers, exclude, allow_local, config)
 
     if not options and local_estimate is None:
         return Decision(policy, None, "no-option", (), False)
 
     if policy == "ect":
-        label, reason, estimates, feasible = _pick(policy, _labelled(options, local_estimate), time_left,
-                                                   rng=rng, previous=previous, spread=True, config=config)
-        return _decision(policy, label, reason, estimates, feasible)
+        chosen, reason, estimates, feasible = _pick(policy, _labelled(options, local_estimate), time_left,
+                                                    rng=rng, previous=previous, spread=True, config=config)
+        return _decision(policy, chosen, reason, estimates, feasible)
 
     if policy == "local":  # the local option is unavailable here: the best server instead
-        label, _, estimates, feasible = _pick(policy, options, time_left, rng=rng, previous=previous,
-                                              spread=False, config=config)
-        return _decision(policy, label, "local-incapable", estimates, feasible)
+        chosen, _, estimates, feasible = _pick(policy, options, time_left, rng=rng, previous=previous,
+                                               spread=False, config=config)
+        return _decision(policy, chosen, "local-incapable", estimates, feasible)
 
     if not options:
         # Every offloading policy falls back to local when no server is usable.
         assert local_estimate is not None
         stale = any(server.stale and server.capable for server in servers)
         return Decision(policy, None, "stale" if stale else "no-server", ((LOCAL, local_estimate),),
-                        _fits(local_estimate, time_left))
+                        _fits(local_estimate, time_left), local_estimate)
 
     if policy == "remote":
-        label, reason, estimates, feasible = _pick(policy, options, time_left, rng=rng, previous=previous,
-                                                   spread=True, config=config)
-        return _decision(policy, label, reason, estimates, feasible)
+        chosen, reason, estimates, feasible = _pick(policy, options, time_left, rng=rng, previous=previous,
+                                                    spread=True, config=config)
+        return _decision(policy, chosen, reason, estimates, feasible)
 
     if policy == "threshold":
         if local_estimate is not None and local.rate <= config.threshold_rate:
             return Decision(policy, None, "under-threshold",
                             tuple(sorted(_labelled(options, local_estimate), key=_sort_key)),
-                            _fits(local_estimate, time_left))
-        label, _, estimates, feasible = _pick(policy, options, None, rng=rng, previous=None,
-                                              spread=False, config=config)
+                            _fits(local_estimate, time_left), local_estimate)
+        chosen, _, estimates, _ = _pick(policy, options, None, rng=rng, previous=None, spread=False,
+                                        config=config)
         reason = "over-threshold" if local_estimate is not None else "local-incapable"
-        return _decision(policy, label, reason, estimates, _fits(estimates[0][1], time_left))
+        return _decision(policy, chosen, reason, estimates, _fits(chosen[1], time_left))
 
     estimates = tuple(sorted(options, key=_sort_key))
     if policy == "random":
         chosen = options[rng.randrange(len(options))]
-        return Decision(policy, chosen[0], "random", estimates, _fits(chosen[1], time_left))
-
-    # min_rtt: the lowest measured round trip, ignoring load; first in table order on ties.
-    by_node = {server.node: server for server in servers}
-    best_label, best_rtt = options[0][0], float("inf")
-    for label, _ in options:
-        server = by_node[label]
-        rtt = config.default_rtt if server.rtt is None else server.rtt
-        if rtt < best_rtt:
-            best_label, best_rtt = label, rtt
-    chosen_ect = next(value for label, value in estimates if label == best_label)
-    return Decision(policy, best_label, "min-rtt", estimates, _fits(chosen_ect, time_left))
+    else:
+        # min_rtt: the lowest round trip among usable servers, blind to load; table order on ties.
+        # ``options`` holds the usable servers in table order, so walk both in step.
+        best_rtt = float("inf")
+        chosen = options[0]
+        position = 0
+        for server in servers:
+            if position == len(options):
+                break
+            if server.node != options[position][0] or server.stale or not server.capable:
+                continue
+            rtt = config.default_rtt if server.rtt is None else server.rtt
+            if rtt < best_rtt:
+                best_rtt, chosen = rtt, options[position]
+            position += 1
+    reason = "random" if policy == "random" else "min-rtt"
+    return Decision(policy, chosen[0], reason, estimates, _fits(chosen[1], time_left), chosen[1])

@@ -231,7 +231,21 @@ def test_never_picks_unusable_and_is_deterministic(
         assert usable and decision.target not in exclude
     else:
         assert (allow_local and local_capable) or decision.reason == "no-option"
+    if decision.reason != "no-option":
+        assert (decision.target or LOCAL, decision.expected) in decision.estimates
     labels = [label for label, _ in decision.estimates]
     values = [value for _, value in decision.estimates]
     assert values == sorted(values)
     assert all(label == LOCAL or label not in exclude for label in labels)
+
+
+@settings(max_examples=200, deadline=None)
+@given(servers=st.lists(server_rows, max_size=8, unique_by=lambda server: server.node),
+       payload=st.integers(0, 10_000_000))
+def test_decision_estimates_are_server_ect(servers: list[ServerInfo], payload: int) -> None:
+    task = TaskInfo("t", payload)
+    decision = decide("ect", task, NO_LOCAL, servers, now=0.0, rng=random.Random(0), allow_local=False)
+    estimates = dict(decision.estimates)
+    for server in servers:
+        if server.capable and not server.stale:
+            assert estimates[server.node] == pytest.approx(server_ect(task, server), rel=1e-12)
