@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -81,3 +84,35 @@ def wait_for(predicate: Callable[[], object], timeout: float = 5.0, interval: fl
             what = message or getattr(predicate, "__name__", "condition")
             pytest.fail(f"timed out after {timeout:.1f}s waiting for {what}")
         time.sleep(interval)
+
+
+@dataclass(frozen=True)
+class TestCertificates:
+    """A throw-away CA and a server certificate for 127.0.0.1 (EC P-256, valid one day)."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+def make_test_certificates(directory: Path) -> TestCertificates:
+    """Create a CA and a server certificate with ``openssl``; skip the test if openssl is missing."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl not installed: needed to create test certificates")
+    ca_key, ca_cert = directory / "ca.key", directory / "ca.crt"
+    key, csr, cert = directory / "server.key", directory / "server.csr", directory / "server.crt"
+    extensions = directory / "server.ext"
+    extensions.write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    commands = [
+        [openssl, "req", "-x509", *ec, "-keyout", ca_key, "-out", ca_cert, "-days", "1",
+         "-subj", "/CN=mqtt-offload test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        [openssl, "req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        [openssl, "x509", "-req", "-in", csr, "-CA", ca_cert, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", cert, "-days", "1", "-extfile", extensions],
+    ]
+    for command in commands:
+        subprocess.run([str(part) for part in command], check=True, capture_output=True, timeout=30)
+    return TestCertificates(ca_cert, cert, key)

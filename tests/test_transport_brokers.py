@@ -7,9 +7,17 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
-from brokers_support import BROKER_IDS, BrokerEndpoint, endpoint, wait_for
+from brokers_support import (
+    BROKER_IDS,
+    BrokerEndpoint,
+    endpoint,
+    make_test_certificates,
+    require_mosquitto,
+    wait_for,
+)
 
 from topics.brokers import EmbeddedBroker, MosquittoBroker, free_port
 from topics.errors import TopicError
@@ -19,6 +27,7 @@ from topics.transport import (
     Message,
     NotConnectedError,
     ProtocolVersion,
+    TlsConfig,
     TransportConfig,
     TransportError,
 )
@@ -370,3 +379,34 @@ def test_a_full_dispatch_queue_drops_counted_and_close_does_not_hang(
     finally:
         release.set()
     assert stuck.stats()["dropped_dispatch_full"] == 8
+
+
+def test_tls_verifies_the_broker_certificate(tmp_path: Path, topic_prefix: str) -> None:
+    require_mosquitto()
+    certificates = make_test_certificates(tmp_path)
+    with MosquittoBroker(tls_files=(certificates.cert_file, certificates.key_file)) as broker:
+        assert broker.url.startswith("mqtts://")
+        trusted = MqttTransport(TransportConfig.from_url(
+            broker.url, tls=TlsConfig(ca_file=str(certificates.ca_file))))
+        trusted.connect(timeout=5.0)
+        try:
+            assert trusted.socket_nodelay() is True
+            received, handle = collector()
+            trusted.subscribe(f"{topic_prefix}/secure", handle, qos=1)
+            trusted.publish(f"{topic_prefix}/secure", b"encrypted", qos=1)
+            wait_for(lambda: [m.payload for m in received] == [b"encrypted"], message="TLS delivery")
+        finally:
+            trusted.close()
+
+        unknown_ca = MqttTransport(TransportConfig.from_url(broker.url))  # system CAs only
+        with pytest.raises(ConnectError, match="TLS") as caught:
+            unknown_ca.connect(timeout=5.0)
+        assert "\n" not in str(caught.value)
+
+        plain = MqttTransport(TransportConfig.from_url(broker.url.replace("mqtts", "mqtt")))
+        with pytest.raises(ConnectError):
+            plain.connect(timeout=2.0)
+
+        insecure = MqttTransport(TransportConfig.from_url(broker.url, tls=TlsConfig(insecure=True)))
+        with pytest.raises(ConnectError, match="TLS"):
+            insecure.connect(timeout=5.0)  # insecure skips the host name check, not the chain

@@ -181,10 +181,11 @@ class MqttTransport:
                                      clean_start=True)
             else:
                 self._client.connect(self.config.host, self.config.port, self.config.keepalive)
+        except ssl.SSLCertVerificationError as exc:
+            raise ConnectError(f"cannot connect to {url}: TLS certificate rejected: "
+                               f"{exc.verify_message or exc.reason}") from exc
         except ssl.SSLError as exc:
             raise ConnectError(f"cannot connect to {url}: TLS failed: {exc.reason or exc}") from exc
-        except ssl.CertificateError as exc:
-            raise ConnectError(f"cannot connect to {url}: TLS certificate rejected: {exc}") from exc
         except ConnectionRefusedError as exc:
             raise ConnectError(f"cannot connect to {url}: connection refused "
                                "(is the broker running on that port?)") from exc
@@ -351,7 +352,8 @@ class MqttTransport:
                 return
             if not self._established:
                 if self._connack_problem is None:
-                    hint = " (does the broker speak MQTT 5?)" if self.config.protocol == "5" else ""
+                    hint = (" (does the broker speak MQTT 5?)" if self.config.protocol == "5"
+                            else " (not an MQTT port, or one that expects TLS?)")
                     self._connack_problem = f"connection closed before CONNACK{hint}"
                 self._connack.set()
                 return
