@@ -29,21 +29,22 @@ class CloudConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: str = Field(description="node id of this server (one topic level: letters, digits, _.:@-)")
-    broker: str | None = Field(None, description="broker URL mqtt://host:port (mqtts:// for TLS); "
+    broker: str | None = Field(default=None, description="broker URL mqtt://host:port (mqtts:// for TLS); "
                                "unset: start the embedded broker")
     embedded_port: Annotated[int, Field(ge=0, le=65535)] = Field(
-        1883, description="port of the embedded broker started when no broker URL is set "
+        default=1883, description="port of the embedded broker started when no broker URL is set "
         "(taken: any free port; 0: any free port)")
-    protocol: ProtocolVersion = Field("3.1.1", description="MQTT protocol version: 3.1.1 or 5")
-    username: str | None = Field(None, description="broker user name")
-    password: SecretStr | None = Field(None, description="broker password")
-    tls_ca_file: str | None = Field(None, description="CA bundle to verify the broker (mqtts://)")
-    tls_cert_file: str | None = Field(None, description="client certificate (mutual TLS)")
-    tls_key_file: str | None = Field(None, description="client key (mutual TLS)")
-    tls_insecure: bool = Field(False, description="skip broker certificate verification (testing only)")
+    protocol: ProtocolVersion = Field(default="3.1.1", description="MQTT protocol version: 3.1.1 or 5")
+    username: str | None = Field(default=None, description="broker user name")
+    password: SecretStr | None = Field(default=None, description="broker password")
+    tls_ca_file: str | None = Field(default=None, description="CA bundle to verify the broker (mqtts://)")
+    tls_cert_file: str | None = Field(default=None, description="client certificate (mutual TLS)")
+    tls_key_file: str | None = Field(default=None, description="client key (mutual TLS)")
+    tls_insecure: bool = Field(default=False,
+                               description="skip broker certificate verification (testing only)")
     keepalive: Annotated[int, Field(ge=1, le=65535)] = Field(
-        10, description="MQTT keepalive in seconds: the Will fires ~1.5x this after a crash")
-    prefix: str = Field(DEFAULT_PREFIX, description="topic prefix shared by the fleet")
+        default=10, description="MQTT keepalive in seconds: the Will fires ~1.5x this after a crash")
+    prefix: str = Field(default=DEFAULT_PREFIX, description="topic prefix shared by the fleet")
     tasks: list[str] = Field(default_factory=lambda: ["examples.tasks"],
                              description="importable task modules")
     pools: list[str] = Field(default_factory=list,
@@ -54,28 +55,28 @@ class CloudConfig(BaseModel):
     process_workers: Annotated[int, Field(ge=1, le=256)] = Field(
         default_factory=lambda: os.cpu_count() or 1, description="processes for process-pool tasks")
     queue_size: Annotated[int, Field(ge=0, le=1_000_000)] = Field(
-        64, description="tasks waiting for a worker; beyond it new tasks get rejected-busy")
+        default=64, description="tasks waiting for a worker; beyond it new tasks get rejected-busy")
     heartbeat_interval: Annotated[float, Field(gt=0.0, le=3600.0)] = Field(
-        1.0, description="seconds between heartbeats (jittered +-10%)")
-    format: Format = Field("cbor", description="wire format of heartbeats and state (results answer "
+        default=1.0, description="seconds between heartbeats (jittered +-10%)")
+    format: Format = Field(default="cbor", description="wire format of heartbeats and state (results answer "
                            "in the request's format)")
     max_payload: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = Field(
-        DEFAULT_MAX_PAYLOAD, description="largest accepted or sent message in bytes")
+        default=DEFAULT_MAX_PAYLOAD, description="largest accepted or sent message in bytes")
     grace_period: Annotated[float, Field(ge=0.0, le=3600.0)] = Field(
-        10.0, description="seconds a shutdown waits for queued and running tasks")
+        default=10.0, description="seconds a shutdown waits for queued and running tasks")
     result_cache_size: Annotated[int, Field(ge=0, le=1_000_000)] = Field(
-        4096, description="finished results kept to answer duplicate task ids")
+        default=4096, description="finished results kept to answer duplicate task ids")
     result_cache_ttl: Annotated[float, Field(ge=0.0)] = Field(
-        300.0, description="seconds a finished result is kept for duplicates")
+        default=300.0, description="seconds a finished result is kept for duplicates")
     bad_input_log_interval: Annotated[float, Field(gt=0.0)] = Field(
-        10.0, description="log each kind of bad input at most once per this many seconds")
-    http_base_url: str | None = Field(None, description="enable the built-in 'http' task, forwarding "
+        default=10.0, description="log each kind of bad input at most once per this many seconds")
+    http_base_url: str | None = Field(default=None, description="enable the built-in 'http' task, forwarding "
                                       "to this local base URL only")
     http_timeout: Annotated[float, Field(gt=0.0, le=600.0)] = Field(
-        10.0, description="timeout of one forwarded HTTP request")
+        default=10.0, description="timeout of one forwarded HTTP request")
     http_max_response: Annotated[int, Field(ge=1, le=256 * 1024 * 1024)] = Field(
-        512 * 1024, description="largest HTTP response body forwarded, in bytes")
-    log_level: LogLevel = Field("info", description="log level: debug, info, warning, error")
+        default=512 * 1024, description="largest HTTP response body forwarded, in bytes")
+    log_level: LogLevel = Field(default="info", description="log level: debug, info, warning, error")
 
     @field_validator("id")
     @classmethod

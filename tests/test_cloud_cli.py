@@ -125,7 +125,8 @@ def test_embedded_broker_serves_a_task(topic_prefix: str) -> None:
     codec = Codec("json")
     got: list[Message] = []
     lock = threading.Lock()
-    device = MqttTransport(TransportConfig(port=port, client_id=f"dev-{topic_prefix[-8:]}"))
+    device = MqttTransport(TransportConfig.from_url(f"mqtt://127.0.0.1:{port}",
+                                                   client_id=f"dev-{topic_prefix[-8:]}"))
     try:
         wait_for(lambda: process.poll() is not None or mqtt_answers("127.0.0.1", port), 20.0,
                  interval=0.1, message="the embedded broker")
