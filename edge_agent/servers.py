@@ -2,7 +2,9 @@
 
 * **Liveness.** A server is stale after ``stale_after`` missed heartbeats (each heartbeat carries its
   own ``interval``), or at once on a death message for its *current* session; a late Will naming an
-  older session is ignored, and a higher session number replaces the old state.
+  older session is ignored, and a higher session number replaces the old state. A birth, or a
+  heartbeat newer than any seen before the death, of the same session revives it: the server
+  reconnected (Mosquitto fires Wills when it restarts).
 * **Round trip.** Pings carry the device's monotonic clock, echoed back in the pong: no clock sync.
   The estimate is an EWMA with a mean deviation, as TCP does (gains 1/8 and 1/4).
 * **Bandwidth.** Estimated from offloaded tasks whose payload is large enough for transfer time to
@@ -80,7 +82,7 @@ class ServerTable:
         self._servers: dict[str, _Server] = {}
         self._lock = threading.Lock()
         self.counters: dict[str, int] = {"late_heartbeats": 0, "old_session_deaths": 0, "unknown_pongs": 0,
-                                         "sessions_replaced": 0}
+                                         "sessions_replaced": 0, "revived": 0}
 
     # --- feeding ----------------------------------------------------------------------------
 
@@ -90,10 +92,15 @@ class ServerTable:
             return False
         with self._lock:
             server = self._servers.setdefault(heartbeat.node, _Server(heartbeat.node))
-            if heartbeat.session < server.session or (heartbeat.session == server.session and (
-                    server.dead or heartbeat.seq <= server.seq)):
+            if heartbeat.session < server.session or (
+                    heartbeat.session == server.session and heartbeat.seq <= server.seq):
                 self.counters["late_heartbeats"] += 1
                 return False
+            if heartbeat.session == server.session and server.dead:
+                # A newer heartbeat of the session its Will killed: the server reconnected (a broker
+                # restart fires Wills too). Anything sent before the death arrived before the Will.
+                server.dead = False
+                self.counters["revived"] += 1
             if heartbeat.session > server.session:
                 if server.session >= 0:
                     self.counters["sessions_replaced"] += 1
@@ -120,10 +127,12 @@ class ServerTable:
             if state.status == "online":
                 if state.session > server.session:
                     server.session = state.session
-                    server.dead = False
                     server.heartbeat = None
                     server.last_heartbeat = None
                     server.seq = -1
+                elif server.dead:
+                    self.counters["revived"] += 1  # the same session reconnected
+                server.dead = False
                 return False
             # offline for the current (or a newer) session
             was_alive = not server.dead

@@ -1,0 +1,171 @@
+"""Edge agent integration: real brokers, real cloud agents (in-process and as killed subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from brokers_support import BrokerEndpoint, wait_for
+
+from cloud_agent.config import CloudConfig
+from cloud_agent.registry import TaskRegistry, load_tasks
+from cloud_agent.server import CloudAgent
+from edge_agent.agent import EdgeAgent
+from edge_agent.config import EdgeConfig
+from edge_agent.records import TaskRecord
+from topics.brokers import MosquittoBroker
+from topics.mqtt import MqttTransport
+
+REPO = Path(__file__).resolve().parent.parent
+Stack = list[Callable[[], None]]
+
+
+@pytest.fixture
+def stack() -> Iterator[Stack]:
+    actions: Stack = []
+    yield actions
+    for action in reversed(actions):
+        action()
+
+
+def start_edge(endpoint: BrokerEndpoint, stack: Stack, prefix: str, *, registry: TaskRegistry | None = None,
+               **fields: Any) -> EdgeAgent:
+    values: dict[str, Any] = {"id": f"edge-{uuid.uuid4().hex[:6]}", "broker": endpoint.url,
+                              "protocol": endpoint.protocol, "prefix": prefix, "probe_interval": 0.1,
+                              "heartbeat_interval": 0.5}
+    values.update(fields)
+    config = EdgeConfig.model_validate(values)
+    transport = MqttTransport(endpoint.config(config.id, reconnect_max_delay=0.5), name=config.id)
+    agent = EdgeAgent(config, transport, load_tasks("examples.tasks") if registry is None else registry)
+    agent.start()
+    stack.append(agent.stop)
+    return agent
+
+
+def start_cloud(endpoint: BrokerEndpoint, stack: Stack, prefix: str, node: str, **fields: Any) -> CloudAgent:
+    values: dict[str, Any] = {"id": node, "broker": endpoint.url, "protocol": endpoint.protocol,
+                              "prefix": prefix, "heartbeat_interval": 0.2, "workers": 2, "grace_period": 0.0}
+    values.update(fields)
+    config = CloudConfig.model_validate(values)
+    transport = MqttTransport(endpoint.config(node, reconnect_max_delay=0.5), name=node)
+    agent = CloudAgent(config, transport, load_tasks("examples.tasks"))
+    agent.start()
+    stack.append(lambda: agent.stop(grace=0.0))
+    return agent
+
+
+def serving(edge: EdgeAgent, node: str, task: str = "square") -> Callable[[], bool]:
+    def check() -> bool:
+        return any(v.node == node and not v.stale and task in v.tasks for v in edge.servers())
+
+    return check
+
+
+def recorded(edge: EdgeAgent) -> list[TaskRecord]:
+    records: list[TaskRecord] = []
+    edge.add_record_listener(records.append)
+    return records
+
+
+def test_offload_round_trip_on_every_broker(broker: BrokerEndpoint, topic_prefix: str, stack: Stack) -> None:
+    start_cloud(broker, stack, topic_prefix, "srv-a")
+    edge = start_edge(broker, stack, topic_prefix, registry=TaskRegistry(), policy="remote")
+    records = recorded(edge)
+    wait_for(serving(edge, "srv-a"), timeout=10.0)
+    results = [edge.submit("square", {"x": x}).result(10) for x in range(5)]
+    assert results == [{"y": x * x} for x in range(5)]
+    wait_for(lambda: len(records) == 5)
+    assert {r.target for r in records} == {"srv-a"}
+    wait_for(lambda: any(v.rtt is not None for v in edge.servers()), message="an rtt sample")
+
+
+@pytest.mark.mosquitto
+def test_sigkilled_server_process_every_task_gets_one_outcome(mosquitto_broker: MosquittoBroker,
+                                                              topic_prefix: str, stack: Stack) -> None:
+    endpoint = BrokerEndpoint("mosquitto", mosquitto_broker.url, "3.1.1", mosquitto_broker)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cloud_agent", "run", "--broker", mosquitto_broker.url, "--id", "victim",
+         "--tasks", "examples.tasks", "--prefix", topic_prefix, "--heartbeat-interval", "0.2",
+         "--keepalive", "1", "--workers", "2", "--log-level", "warning"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE)
+
+    def reap() -> None:
+        if server.poll() is None:
+            server.kill()
+        server.wait(5)
+        assert server.stderr is not None
+        server.stderr.close()
+
+    stack.append(reap)
+    edge = start_edge(endpoint, stack, topic_prefix, policy="remote", default_timeout=30.0)
+    records = recorded(edge)
+    wait_for(serving(edge, "victim", "sleep"), timeout=15.0, message="the server subprocess")
+    futures = [edge.submit("sleep", {"seconds": 0.5}) for _ in range(6)]
+    wait_for(lambda: edge.stats().get("offloaded", 0) == 6)
+    time.sleep(0.1)  # let the server take them in
+    os.kill(server.pid, signal.SIGKILL)
+    server.wait(5)
+    outcomes = [future.result(15) for future in futures]  # Will after 1.5 x keepalive, then local
+    assert outcomes == [{"slept": 0.5}] * 6
+    wait_for(lambda: len(records) == 6)
+    assert len({r.task_id for r in records}) == 6
+    assert all(r.targets[0] == "victim" for r in records)
+    assert sum(r.targets[-1] == "local" for r in records) >= 4  # 2 may have finished before the kill
+    assert next(v for v in edge.servers() if v.node == "victim").stale
+
+
+@pytest.mark.mosquitto
+def test_broker_restart_offloading_resumes(broker_factory: Callable[..., BrokerEndpoint], topic_prefix: str,
+                                           stack: Stack) -> None:
+    endpoint = broker_factory("mosquitto-3.1.1")
+    start_cloud(endpoint, stack, topic_prefix, "phoenix")
+    edge = start_edge(endpoint, stack, topic_prefix, policy="remote")
+    records = recorded(edge)
+    wait_for(serving(edge, "phoenix"), timeout=10.0)
+    assert edge.submit("square", {"x": 2}).result(10) == {"y": 4}
+    assert isinstance(endpoint.broker, MosquittoBroker)
+    endpoint.broker.restart(down_for=0.3)
+    wait_for(lambda: edge.connected, timeout=15.0, message="edge reconnected")
+    wait_for(serving(edge, "phoenix"), timeout=15.0, message="heartbeats back")
+    wait_for(lambda: edge.stats().get("outcome_ok", 0) >= 1)
+    assert edge.submit("square", {"x": 3}).result(10) == {"y": 9}
+    wait_for(lambda: len(records) == 2)
+    assert [r.target for r in records] == ["phoenix", "phoenix"]
+
+
+@pytest.mark.mosquitto
+def test_bridge_fed_by_mosquitto_pub(mosquitto_broker: MosquittoBroker, topic_prefix: str,
+                                     stack: Stack) -> None:
+    endpoint = BrokerEndpoint("mosquitto", mosquitto_broker.url, "3.1.1", mosquitto_broker)
+    start_cloud(endpoint, stack, topic_prefix, "bridge-srv")
+    route = {"filter": f"{topic_prefix}/sensors/+/reading", "task": "square",
+             "output": f"{topic_prefix}/results/{{1}}/square", "qos": 1}
+    edge = start_edge(endpoint, stack, topic_prefix, routes=[route])
+    wait_for(serving(edge, "bridge-srv"), timeout=10.0)
+    port = str(mosquitto_broker.port)
+    reader = subprocess.Popen(
+        ["mosquitto_sub", "-h", "127.0.0.1", "-p", port, "-t", f"{topic_prefix}/results/#", "-v",
+         "-C", "2", "-W", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stack.append(lambda: reader.kill() if reader.poll() is None else None)
+    time.sleep(0.3)  # mosquitto_sub subscribes after start-up; no hook to wait on
+    for room, x in (("kitchen", 3), ("bad", None), ("garage", 4)):
+        payload = "{broken" if x is None else json.dumps({"x": x})
+        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-q", "1",
+                        "-t", f"{topic_prefix}/sensors/{room}/reading", "-m", payload],
+                       check=True, timeout=10)
+    out, _ = reader.communicate(timeout=25)
+    lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
+    assert {topic: json.loads(body) for topic, body in lines.items()} == {
+        f"{topic_prefix}/results/kitchen/square": {"y": 9},
+        f"{topic_prefix}/results/garage/square": {"y": 16}}
+    assert edge.stats()["bridge"]["bad_input"] == {"bridge-malformed": 1}
