@@ -68,6 +68,8 @@ class CloudConfig(BaseModel):
         default=4096, description="finished results kept to answer duplicate task ids")
     result_cache_ttl: Annotated[float, Field(ge=0.0)] = Field(
         default=300.0, description="seconds a finished result is kept for duplicates")
+    result_cache_bytes: Annotated[int, Field(ge=0)] = Field(
+        default=64 * 1024 * 1024, description="bytes of encoded results kept for duplicates")
     bad_input_log_interval: Annotated[float, Field(gt=0.0)] = Field(
         default=10.0, description="log each kind of bad input at most once per this many seconds")
     http_base_url: str | None = Field(default=None, description="enable the built-in 'http' task, forwarding "

@@ -85,30 +85,42 @@ class _Job:
 
 
 class _ResultCache:
-    """Finished results by (sender, task id): bounded LRU with a time to live (monotonic)."""
+    """Finished results by (sender, task id): bounded LRU (count and encoded bytes) with a TTL."""
 
-    def __init__(self, capacity: int, ttl: float) -> None:
+    def __init__(self, capacity: int, ttl: float, max_bytes: int) -> None:
         self._capacity = capacity
         self._ttl = ttl
-        self._items: OrderedDict[tuple[str, str], tuple[float, Result]] = OrderedDict()
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._items: OrderedDict[tuple[str, str], tuple[float, Result, int]] = OrderedDict()
 
     def get(self, key: tuple[str, str], now: float) -> Result | None:
         item = self._items.get(key)
         if item is None:
             return None
         if now - item[0] > self._ttl:
-            del self._items[key]
+            self._pop(key)
             return None
         self._items.move_to_end(key)
         return item[1]
 
-    def put(self, key: tuple[str, str], result: Result, now: float) -> None:
+    def _pop(self, key: tuple[str, str]) -> None:
+        _, _, size = self._items.pop(key)
+        self._bytes -= size
+
+    def put(self, key: tuple[str, str], result: Result, now: float, size: int = 0) -> None:
         if self._capacity <= 0:
             return
-        self._items[key] = (now, result)
-        self._items.move_to_end(key)
-        while len(self._items) > self._capacity:
-            self._items.popitem(last=False)
+        if size > self._max_bytes:  # too large to keep: keep the answer without its payload
+            result = result.model_copy(update={"status": Status.ERROR.value, "payload": None,
+                                               "error": "result already sent; too large to resend"})
+            size = 0
+        if key in self._items:
+            self._pop(key)
+        self._items[key] = (now, result, size)
+        self._bytes += size
+        while len(self._items) > self._capacity or self._bytes > self._max_bytes:
+            self._pop(next(iter(self._items)))
 
     def __len__(self) -> int:
         return len(self._items)
@@ -146,7 +158,8 @@ class CloudAgent:
         self._queue: deque[_Job] = deque()
         self._in_progress: dict[tuple[str, str], _Job] = {}
         self._running = 0
-        self._cache = _ResultCache(config.result_cache_size, config.result_cache_ttl)
+        self._cache = _ResultCache(config.result_cache_size, config.result_cache_ttl,
+                                   config.result_cache_bytes)
         self._ewma: dict[str, float] = {}
         self._counters: Counter[str] = Counter()
         self._deadlines: list[tuple[float, int, _Job]] = []
@@ -566,21 +579,24 @@ class CloudAgent:
                         service_time=max(0.0, service_time), attempt=task.attempt,
                         content_type=_content_type(job.codec))
         try:
-            job.codec.encode(result)
+            data = job.codec.encode(result)
         except EncodeError as exc:
             result = result.model_copy(update={"status": Status.ERROR.value, "payload": None,
                                                "error": f"result cannot be sent: {exc}"[:4096]})
+            data = job.codec.encode(result)
         with self._lock:
             self._counters[f"completed:{Status(result.status).value}"] += 1
             if result.status != Status.REJECTED_BUSY.value:
-                self._cache.put(job.key, result, now)
-        self._publish_result(result, task.reply_to, job.codec)
+                self._cache.put(job.key, result, now, len(data))
+        self._publish_result(result, task.reply_to, job.codec, data)
         for reply_to, codec, attempt in waiters:
             self._publish_result(result.model_copy(update={"attempt": attempt}), reply_to, codec)
 
-    def _publish_result(self, result: Result, reply_to: str, codec: Codec) -> None:
+    def _publish_result(self, result: Result, reply_to: str, codec: Codec,
+                        data: bytes | None = None) -> None:
         try:
-            data = codec.encode(result.model_copy(update={"content_type": _content_type(codec)}))
+            if data is None:
+                data = codec.encode(result.model_copy(update={"content_type": _content_type(codec)}))
             self._transport.publish(reply_to, data, qos=1)
         except (NotConnectedError, TransportError, EncodeError) as exc:
             self._count("results_not_sent")

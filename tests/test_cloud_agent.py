@@ -522,3 +522,18 @@ def test_config_validation() -> None:
     transport = cfg.transport_config()
     assert (transport.port, transport.protocol, transport.client_id, transport.keepalive,
             transport.username) == (1999, "5", "srv1", 3, "u")
+
+
+def test_result_cache_bounds() -> None:
+    from cloud_agent.server import _ResultCache
+
+    result = Result(task_id="a", status="ok", server="s", payload="x")
+    cache = _ResultCache(capacity=2, ttl=10.0, max_bytes=100)
+    cache.put(("d", "1"), result, 0.0, 40)
+    cache.put(("d", "2"), result, 0.0, 40)
+    cache.put(("d", "3"), result, 0.0, 40)  # over count and bytes: the oldest goes
+    assert cache.get(("d", "1"), 1.0) is None and cache.get(("d", "3"), 1.0) == result
+    assert cache.get(("d", "2"), 11.0) is None  # expired
+    cache.put(("d", "big"), result, 0.0, 1000)  # too large: kept without the payload
+    kept = cache.get(("d", "big"), 1.0)
+    assert kept is not None and kept.payload is None and kept.status == "error"
