@@ -167,6 +167,9 @@ class CrashEvent(_Model):
     at: Seconds
     server: str
     """Node id (``edge-0``); its queued and running tasks are lost and time out on the devices."""
+    will: bool = True
+    """The broker publishes its death message at once (process killed); False = the machine vanished
+    and devices only notice after ``stale_after`` missed heartbeats."""
 
 
 class SlowdownEvent(_Model):

@@ -1,0 +1,648 @@
+"""Discrete-event mode: the fleet on a simulated clock, no broker, for fleets of 10,000+ devices.
+
+The decision is :func:`edge_agent.policy.decide`, imported, so the simulator judges the code the agents
+run. Everything else is modelled, cheaply (plain slotted objects and tuples on a heap, no pydantic in the
+loop):
+
+* **Devices** create tasks from the scenario workload (:func:`sim.scenario.iter_arrivals`: the same
+  tasks for every policy), decide, run locally on a bounded pool of workers or send to a server.
+* **Links** add one-way delay, uniform jitter, loss and bandwidth (a device's uplink sends one payload
+  at a time), as :mod:`sim.linkemu` does in emulation.
+* **Servers** run tasks on ``workers`` with a bounded queue (``rejected-busy`` beyond it), expire tasks
+  whose deadline passed before they start, and publish a heartbeat every interval with their load *as it
+  was then*: devices decide on old numbers, which is what makes herding appear.
+* **Round trips** come from simulated pings: one prober per device group and server (devices of a group
+  share their links), EWMA and mean deviation as on a device.
+* **Failures**: an attempt times out after ``timeout_factor`` x its estimate (bounded by the deadline);
+  timeouts and ``rejected-busy`` are retried on the next best option (tried servers excluded) up to
+  ``max_attempts``; a crashed server loses its queue and running tasks. Late and duplicate results are
+  counted and dropped. Every task ends with exactly one outcome.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+import time as wallclock
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_agent.policy import (
+    LOCAL,
+    Decision,
+    LocalInfo,
+    PolicyConfig,
+    ServerInfo,
+    TaskInfo,
+    check_policy,
+    decide,
+)
+from sim.report import (
+    EXPIRED,
+    NO_OPTION,
+    OK,
+    REJECTED,
+    TIMEOUT,
+    UNFINISHED,
+    RunResult,
+    TaskRecord,
+)
+from sim.scenario import (
+    Arrival,
+    CrashEvent,
+    DeviceGroup,
+    LinkEvent,
+    LinkSpec,
+    Scenario,
+    SlowdownEvent,
+    device_rng,
+    group_arrivals,
+)
+
+__all__ = ["DesResult", "run_des"]
+
+# Event kinds, in the order they are handled when two fall on the same instant and sequence.
+_ARRIVE, _SRV_RECV, _SRV_DONE, _RES_RECV, _TIMEOUT, _LOCAL_DONE, _HEARTBEAT, _PING, _EVENT = range(9)
+# Result statuses carried in a _RES_RECV event.
+_ST_OK, _ST_REJECTED, _ST_EXPIRED = 0, 1, 2
+_STATUS_OUTCOME = {_ST_REJECTED: REJECTED, _ST_EXPIRED: EXPIRED}
+_INF = math.inf
+_EWMA = 0.2
+_FAILURE_HALF_LIFE = 5.0
+_SNAPSHOTS_KEPT = 6
+
+
+@dataclass(slots=True)
+class DesResult(RunResult):
+    """A :class:`~sim.report.RunResult` plus what the discrete-event run cost."""
+
+    events: int = 0
+    wall_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    """CPU time of the run (one core; unlike wall time, not inflated by other processes)."""
+    sim_seconds: float = 0.0
+
+    @property
+    def tasks_per_second(self) -> float:
+        """Simulated tasks per CPU second."""
+        return len(self.records) / self.cpu_seconds if self.cpu_seconds > 0 else 0.0
+
+
+@dataclass(slots=True, eq=False)
+class _Server:
+    index: int
+    node: str
+    group: int
+    workers: int
+    queue_size: int
+    speed: float
+    capabilities: frozenset[str] | None
+    factor: float = 1.0
+    alive: bool = True
+    died: float = _INF
+    """When devices hear its death message (Will); infinity when none."""
+    epoch: int = 0
+    busy: int = 0
+    queue: deque[tuple[_Job, int]] = field(default_factory=deque)
+    service: dict[str, float] = field(default_factory=dict)
+    snapshots: list[tuple[float, int, int, int, dict[str, float]]] = field(default_factory=list)
+    """``(time, seq, queue length, in flight, service EWMA by task)`` of recent heartbeats."""
+    next_heartbeat: float = 0.0
+
+
+@dataclass(slots=True, eq=False)
+class _Device:
+    index: int
+    node: str
+    group: int
+    spec: DeviceGroup
+    known: list[int]
+    arrivals: Iterator[Arrival]
+    entries: list[list[Any]] = field(default_factory=list)
+    """The group's view entries of the known servers (shared, refreshed in place)."""
+    busy: int = 0
+    queue: deque[_Job] = field(default_factory=deque)
+    service: float | None = None
+    previous: str | None = None
+    uplink_free: float = 0.0
+    sent: dict[int, list[int]] = field(default_factory=dict)
+    """Server -> [heartbeat seq the count refers to, tasks sent since]."""
+    failures: dict[int, list[float]] = field(default_factory=dict)
+    """Server -> [decayed failure count, time of that value]."""
+    window: deque[float] = field(default_factory=deque)
+    created: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    record: TaskRecord
+    device: _Device
+    payload_bytes: int
+    work: float
+    deadline: float | None
+    attempt: int = 0
+    server: int = -1
+    tried: frozenset[str] = frozenset()
+    done: bool = False
+    last_failure: str = TIMEOUT
+
+
+class _Simulation:
+    """One policy over one scenario; :meth:`run` returns the result."""
+
+    def __init__(self, scenario: Scenario, policy: str, config: PolicyConfig, seed: int) -> None:
+        self.scenario = scenario
+        self.policy = check_policy(policy)
+        self.config = config
+        self.seed = seed
+        self.net_rng = random.Random(f"{seed}:network")
+        self.decide_rng = random.Random(f"{seed}:decide:{policy}")
+        self.heap: list[tuple[float, int, int, object, int]] = []
+        self.order = itertools.count()
+        self.now = 0.0
+        self.records: list[TaskRecord] = []
+        self.queue_series: list[tuple[float, str, int, int]] = []
+        self.counters: dict[str, int] = {}
+        self.open = 0
+        self.pending_arrivals = 0
+        self.interval = scenario.heartbeat_interval
+        self.stale_after = scenario.stale_after * scenario.heartbeat_interval
+        self.costs = {name: cost.service_time for name, cost in scenario.tasks.items()}
+        self.result_bytes = {name: cost.result_bytes for name, cost in scenario.tasks.items()}
+
+        self.device_groups = list(scenario.devices)
+        self.server_groups = list(scenario.servers)
+        group_index = {group.name: i for i, group in enumerate(self.server_groups)}
+        self.servers = [
+            _Server(node.index, node.node, group_index[node.group.name], node.group.workers,
+                    node.group.queue_size, node.group.speed,
+                    None if node.group.capabilities is None else frozenset(node.group.capabilities))
+            for node in scenario.server_nodes()]
+        self.server_index = {server.node: server.index for server in self.servers}
+        self.pending_arrival_of: dict[int, Arrival] = {}
+        device_index = {group.name: i for i, group in enumerate(self.device_groups)}
+        self.devices = [
+            _Device(node.index, node.node, device_index[node.group.name], node.group,
+                    scenario.known_servers(node),
+                    group_arrivals(scenario, node.group, device_rng(scenario, node.index)))
+            for node in scenario.device_nodes()]
+        # links[device group][server group] = (delay, jitter, loss, bandwidth)
+        self.links = [[self._link_tuple(scenario.link(dg.name, sg.name)) for sg in self.server_groups]
+                      for dg in self.device_groups]
+        # Round-trip estimate per (device group, server): [rtt or None, deviation].
+        self.rtt: list[list[list[float | None]]] = [
+            [[None, 0.0] for _ in self.servers] for _ in self.device_groups]
+        # What a device group sees of each server: [valid until, ServerInfo or None, heartbeat seq,
+        # server index, device group]; refreshed in place by view().
+        self.views: list[list[list[Any]]] = [
+            [[-_INF, None, -1, index, group] for index in range(len(self.servers))]
+            for group in range(len(self.device_groups))]
+        for device in self.devices:
+            views = self.views[device.group]
+            device.entries = [views[index] for index in device.known]
+
+    @staticmethod
+    def _link_tuple(link: LinkSpec) -> tuple[float, float, float, float]:
+        return (link.delay, link.jitter, link.loss, link.bandwidth)
+
+    def push(self, when: float, kind: int, subject: object, value: int = 0) -> None:
+        heapq.heappush(self.heap, (when, next(self.order), kind, subject, value))
+
+    def count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+    # --- what devices see -------------------------------------------------------------------------
+
+    def view(self, entry: list[Any], now: float) -> None:
+        """Refresh a device group's view ``entry`` of one server at ``now``."""
+        index, group = entry[3], entry[4]
+        server = self.servers[index]
+        delay = self.links[group][server.group][0]
+        snapshots = server.snapshots
+        visible = None
+        next_visible = _INF
+        for position in range(len(snapshots) - 1, -1, -1):
+            if snapshots[position][0] + delay <= now:
+                visible = snapshots[position]
+                break
+            next_visible = snapshots[position][0] + delay
+        if visible is None:
+            entry[0], entry[1], entry[2] = next_visible, None, -1
+            return
+        if next_visible == _INF and server.alive:
+            next_visible = server.next_heartbeat + delay
+        stale_at = visible[0] + delay + self.stale_after
+        death_heard = server.died + delay
+        stale = now >= stale_at or now >= death_heard
+        valid_until = next_visible
+        if not stale:
+            valid_until = min(valid_until, stale_at, death_heard)
+        task = self.device_groups[group].task
+        rtt, deviation = self.rtt[group][index]
+        entry[0] = valid_until
+        entry[1] = ServerInfo(
+            server.node, capable=server.capabilities is None or task in server.capabilities, stale=stale,
+            rtt=rtt, rtt_dev=deviation or 0.0, bandwidth=self.links[group][server.group][3],
+            queue_length=visible[2], in_flight=visible[3], workers=server.workers,
+            service_time=visible[4].get(task))
+        entry[2] = visible[1]
+
+    def server_table(self, device: _Device, now: float) -> list[ServerInfo]:
+        table: list[ServerInfo] = []
+        append = table.append
+        sent = device.sent
+        failures = device.failures
+        for entry in device.entries:
+            if entry[0] <= now:
+                self.view(entry, now)
+            base: ServerInfo | None = entry[1]
+            if base is None:
+                continue
+            if not sent and not failures:
+                append(base)
+                continue
+            index = entry[3]
+            since = 0
+            mine = sent.get(index)
+            if mine is not None:
+                if mine[0] == entry[2]:
+                    since = mine[1]
+                else:
+                    del sent[index]
+            failed = 0.0
+            if failures:
+                record = failures.get(index)
+                if record is not None:
+                    failed = record[0] * 0.5 ** ((now - record[1]) / _FAILURE_HALF_LIFE)
+                    if failed < 0.05:
+                        del failures[index]
+                        failed = 0.0
+            if since or failed:
+                base = ServerInfo(base.node, base.capable, base.stale, base.rtt, base.rtt_dev, base.bandwidth,
+                                  base.queue_length, base.in_flight, base.workers, base.service_time,
+                                  since, failed)
+            append(base)
+        return table
+
+    def add_failure(self, device: _Device, server: int, now: float) -> None:
+        record = device.failures.get(server)
+        if record is None:
+            device.failures[server] = [1.0, now]
+        else:
+            record[0] = record[0] * 0.5 ** ((now - record[1]) / _FAILURE_HALF_LIFE) + 1.0
+            record[1] = now
+
+    # --- task life cycle ---------------------------------------------------------------------------
+
+    def arrive(self, device: _Device, arrival: Arrival, now: float) -> None:
+        following = next(device.arrivals, None)
+        if following is None:
+            self.pending_arrivals -= 1
+        else:
+            self.push(following.time, _ARRIVE, device, 0)
+            self.pending_arrival_of[device.index] = following
+        device.created += 1
+        deadline = None if arrival.deadline is None else now + arrival.deadline
+        record = TaskRecord(f"{device.node}:{device.created}", device.node, arrival.task, now, self.policy,
+                            deadline)
+        self.records.append(record)
+        self.open += 1
+        job = _Job(record, device, arrival.payload_bytes, arrival.work, deadline)
+        if self.policy == "threshold":
+            window = device.window
+            window.append(now)
+            while window[0] <= now - 1.0:
+                window.popleft()
+        self.attempt(job, now)
+
+    def attempt(self, job: _Job, now: float) -> None:
+        """Decide and launch the next attempt of ``job`` (or give it its final outcome)."""
+        device = job.device
+        spec = device.spec
+        record = job.record
+        first = job.attempt == 0
+        time_left = None if job.deadline is None else job.deadline - now
+        if time_left is not None and time_left <= 0.0 and not first:
+            self.finish(job, job.last_failure, now)
+            return
+        decision: Decision = decide(
+            self.policy, TaskInfo(record.task, job.payload_bytes, time_left),
+            LocalInfo(spec.capable, len(device.queue), device.busy, spec.workers, device.service,
+                      len(device.window)),
+            self.server_table(device, now), now=now, rng=self.decide_rng,
+            previous=device.previous if first else None, exclude=job.tried, config=self.config)
+        target = decision.target
+        if target is None and (decision.reason == "no-option"):
+            self.finish(job, NO_OPTION if first else job.last_failure, now)
+            return
+        job.attempt += 1
+        record.attempts = job.attempt
+        record.decided = now
+        record.reason = decision.reason
+        record.target = target
+        record.started = record.finished = None
+        record.estimate = decision.expected
+        if first:
+            device.previous = target or LOCAL
+        if target is None:
+            job.server = -1
+            record.sent = None
+            if device.busy < spec.workers:
+                self.start_local(job, now)
+            else:
+                device.queue.append(job)
+            return
+        index = self.server_index[target]
+        job.server = index
+        job.tried = job.tried | {target}
+        server = self.servers[index]
+        delay, jitter, loss, bandwidth = self.links[device.group][server.group]
+        start = device.uplink_free if device.uplink_free > now else now
+        transfer = job.payload_bytes / bandwidth
+        device.uplink_free = start + transfer
+        record.sent = now
+        mine = device.sent.get(index)
+        seq = self.views[device.group][index][2]
+        if mine is None or mine[0] != seq:
+            device.sent[index] = [seq, 1]
+        else:
+            mine[1] += 1
+        estimate = record.estimate if record.estimate is not None else self.scenario.timeout_min
+        timeout = max(self.scenario.timeout_min, self.scenario.timeout_factor * estimate)
+        if time_left is not None:
+            timeout = min(timeout, max(time_left - (start - now), 0.0))
+        self.push(start + timeout, _TIMEOUT, job, job.attempt)
+        if loss and self.net_rng.random() < loss:
+            self.count("lost_task_messages")
+            return
+        if jitter:
+            delay = max(0.0, delay + self.net_rng.uniform(-jitter, jitter))
+        self.push(start + transfer + delay, _SRV_RECV, (job, server), job.attempt)
+
+    def start_local(self, job: _Job, now: float) -> None:
+        device = job.device
+        if job.deadline is not None and now > job.deadline:
+            self.finish(job, EXPIRED, now)
+            return
+        device.busy += 1
+        job.record.started = now
+        cost = self.costs[job.record.task] * job.work / device.spec.speed
+        self.push(now + cost, _LOCAL_DONE, job, 0)
+
+    def next_local(self, device: _Device, now: float) -> None:
+        while device.queue and device.busy < device.spec.workers:
+            self.start_local(device.queue.popleft(), now)
+
+    def local_done(self, job: _Job, now: float) -> None:
+        device = job.device
+        device.busy -= 1
+        record = job.record
+        measured = now - (record.started or now)
+        device.service = measured if device.service is None else (
+            device.service + _EWMA * (measured - device.service))
+        record.finished = now
+        record.received = now
+        self.finish(job, OK, now)
+        self.next_local(device, now)
+
+    def finish(self, job: _Job, outcome: str, now: float) -> None:
+        job.done = True
+        job.record.outcome = outcome
+        self.open -= 1
+
+    def server_receive(self, packed: tuple[_Job, _Server], attempt: int, now: float) -> None:
+        job, server = packed
+        if not server.alive:
+            self.count("sent_to_dead_server")
+            return
+        if job.deadline is not None and now > job.deadline:
+            self.reply(server, job, attempt, _ST_EXPIRED, now)
+        elif server.busy < server.workers:
+            self.server_start(server, job, attempt, now)
+        elif len(server.queue) < server.queue_size:
+            server.queue.append((job, attempt))
+        else:
+            self.reply(server, job, attempt, _ST_REJECTED, now)
+
+    def server_start(self, server: _Server, job: _Job, attempt: int, now: float) -> None:
+        server.busy += 1
+        if attempt == job.attempt and not job.done:
+            job.record.started = now
+        cost = self.costs[job.record.task] * job.work / server.speed * server.factor
+        self.push(now + cost, _SRV_DONE, (server, job, attempt, now), server.epoch)
+
+    def server_done(self, packed: tuple[_Server, _Job, int, float], epoch: int, now: float) -> None:
+        server, job, attempt, started = packed
+        if epoch != server.epoch:
+            return  # the server crashed while this ran
+        server.busy -= 1
+        task = job.record.task
+        measured = now - started
+        previous = server.service.get(task)
+        server.service[task] = measured if previous is None else previous + _EWMA * (measured - previous)
+        if attempt == job.attempt and not job.done:
+            job.record.finished = now
+        self.reply(server, job, attempt, _ST_OK, now)
+        while server.queue and server.busy < server.workers:
+            waiting, waiting_attempt = server.queue.popleft()
+            if waiting.deadline is not None and now > waiting.deadline:
+                self.reply(server, waiting, waiting_attempt, _ST_EXPIRED, now)
+            else:
+                self.server_start(server, waiting, waiting_attempt, now)
+
+    def reply(self, server: _Server, job: _Job, attempt: int, status: int, now: float) -> None:
+        delay, jitter, loss, bandwidth = self.links[job.device.group][server.group]
+        if loss and self.net_rng.random() < loss:
+            self.count("lost_result_messages")
+            return
+        if jitter:
+            delay = max(0.0, delay + self.net_rng.uniform(-jitter, jitter))
+        size = self.result_bytes[job.record.task] if status == _ST_OK else 100
+        self.push(now + size / bandwidth + delay, _RES_RECV, job, attempt * 8 + status)
+
+    def result(self, job: _Job, code: int, now: float) -> None:
+        attempt, status = code >> 3, code & 7
+        if job.done or attempt != job.attempt:
+            self.count("late_or_duplicate_results")
+            return
+        if status == _ST_OK:
+            job.record.received = now
+            self.finish(job, OK, now)
+            return
+        outcome = _STATUS_OUTCOME[status]
+        if status == _ST_EXPIRED:
+            self.finish(job, outcome, now)
+            return
+        job.last_failure = outcome
+        self.add_failure(job.device, job.server, now)
+        self.retry(job, now)
+
+    def timeout(self, job: _Job, attempt: int, now: float) -> None:
+        if job.done or attempt != job.attempt or job.server < 0:
+            return
+        self.count("timeouts")
+        job.last_failure = TIMEOUT
+        self.add_failure(job.device, job.server, now)
+        self.retry(job, now)
+
+    def retry(self, job: _Job, now: float) -> None:
+        if job.attempt >= self.scenario.max_attempts:
+            self.finish(job, job.last_failure, now)
+            return
+        self.count("retries")
+        self.attempt(job, now)
+
+    # --- servers, probes, scenario events ------------------------------------------------------------
+
+    def heartbeat(self, server: _Server, epoch: int, now: float) -> None:
+        if not server.alive or epoch != server.epoch:
+            return
+        seq = len(server.snapshots) and server.snapshots[-1][1] + 1
+        server.snapshots.append((now, seq, len(server.queue), server.busy, dict(server.service)))
+        if len(server.snapshots) > _SNAPSHOTS_KEPT:
+            del server.snapshots[0]
+        self.queue_series.append((now, server.node, len(server.queue), server.busy))
+        server.next_heartbeat = now + self.interval
+        self.push(server.next_heartbeat, _HEARTBEAT, server, epoch)
+        self.invalidate(server.index)
+
+    def invalidate(self, index: int) -> None:
+        for views in self.views:
+            entry = views[index]
+            if entry[0] == _INF:
+                entry[0] = -_INF
+
+    def ping(self, pair: tuple[int, int], now: float) -> None:
+        group, index = pair
+        server = self.servers[index]
+        self.push(now + self.scenario.ping_interval, _PING, pair, 0)
+        if not server.alive:
+            return
+        delay, jitter, loss, _ = self.links[group][server.group]
+        if loss and (self.net_rng.random() < loss or self.net_rng.random() < loss):
+            return
+        sample = 0.0
+        for _ in range(2):
+            sample += max(0.0, delay + (self.net_rng.uniform(-jitter, jitter) if jitter else 0.0))
+        estimate = self.rtt[group][index]
+        if estimate[0] is None:
+            estimate[0], estimate[1] = sample, sample / 2
+        else:
+            rtt = estimate[0]
+            estimate[1] = 0.75 * (estimate[1] or 0.0) + 0.25 * abs(sample - rtt)
+            estimate[0] = rtt + 0.125 * (sample - rtt)
+        self.views[group][index][0] = -_INF
+
+    def scenario_event(self, event: CrashEvent | SlowdownEvent | LinkEvent, now: float) -> None:
+        if isinstance(event, LinkEvent):
+            devices = [i for i, g in enumerate(self.device_groups) if g.name == event.devices]
+            servers = [i for i, g in enumerate(self.server_groups) if g.name == event.servers]
+            for group in devices:
+                for server_group in servers:
+                    self.links[group][server_group] = self._link_tuple(event)
+            for views in self.views:
+                for entry in views:
+                    entry[0] = -_INF
+            return
+        server = self.servers[self.server_index[event.server]]
+        if isinstance(event, SlowdownEvent):
+            server.factor = event.factor
+            return
+        if not server.alive:
+            return
+        server.alive = False
+        server.epoch += 1
+        if event.will:
+            server.died = now
+        self.count("crashed_servers")
+        lost = server.busy + len(server.queue)
+        self.counters["lost_in_crash"] = self.counters.get("lost_in_crash", 0) + lost
+        server.busy = 0
+        server.queue.clear()
+        self.invalidate(server.index)
+        for views in self.views:
+            views[server.index][0] = -_INF
+
+    # --- main loop -----------------------------------------------------------------------------------
+
+    def run(self) -> DesResult:
+        started = wallclock.perf_counter()
+        cpu_started = wallclock.process_time()
+        scenario = self.scenario
+        for device in self.devices:
+            first = next(device.arrivals, None)
+            if first is not None:
+                self.pending_arrivals += 1
+                self.pending_arrival_of[device.index] = first
+                self.push(first.time, _ARRIVE, device, 0)
+        phase_rng = random.Random(f"{self.seed}:phase")
+        for server in self.servers:
+            self.push(0.0, _HEARTBEAT, server, 0)  # birth: the first heartbeat on connect
+            server.next_heartbeat = 0.0
+            for group in range(len(self.device_groups)):
+                first_ping = phase_rng.uniform(0.0, min(0.05, scenario.ping_interval))
+                self.push(first_ping, _PING, (group, server.index))
+        for index, event in enumerate(scenario.events):
+            self.push(event.at, _EVENT, event, index)
+        horizon = scenario.duration + max(60.0, 10.0 * scenario.duration)
+        events = 0
+        heap = self.heap
+        pop = heapq.heappop
+        pending = self.pending_arrival_of
+        while heap:
+            when, _, kind, subject, value = pop(heap)
+            if when > horizon:
+                break
+            self.now = when
+            events += 1
+            if kind == _ARRIVE:
+                assert isinstance(subject, _Device)
+                self.arrive(subject, pending.pop(subject.index), when)
+            elif kind == _SRV_RECV:
+                self.server_receive(subject, value, when)  # type: ignore[arg-type]
+            elif kind == _SRV_DONE:
+                self.server_done(subject, value, when)  # type: ignore[arg-type]
+            elif kind == _RES_RECV:
+                assert isinstance(subject, _Job)
+                self.result(subject, value, when)
+            elif kind == _TIMEOUT:
+                assert isinstance(subject, _Job)
+                self.timeout(subject, value, when)
+            elif kind == _LOCAL_DONE:
+                assert isinstance(subject, _Job)
+                self.local_done(subject, when)
+            elif kind == _HEARTBEAT:
+                assert isinstance(subject, _Server)
+                self.heartbeat(subject, value, when)
+            elif kind == _PING:
+                self.ping(subject, when)  # type: ignore[arg-type]
+            else:
+                self.scenario_event(subject, when)  # type: ignore[arg-type]
+            if self.open == 0 and self.pending_arrivals == 0 and when >= scenario.duration:
+                break
+        unfinished = sum(record.outcome == UNFINISHED for record in self.records)
+        if unfinished:
+            self.counters["unfinished"] = unfinished
+        wall = wallclock.perf_counter() - started
+        cpu = wallclock.process_time() - cpu_started
+        return DesResult(self.policy, self.records, scenario.duration, self.queue_series, dict(self.counters),
+                         events=events, wall_seconds=wall, cpu_seconds=cpu, sim_seconds=self.now)
+
+
+def run_des(scenario: Scenario, policy: str, *, config: PolicyConfig | None = None, seed: int | None = None,
+            label: str = "") -> DesResult:
+    """Simulate ``scenario`` under ``policy``; every created task has exactly one outcome in the records.
+
+    ``config`` defaults to the scenario's policy settings; ``seed`` replaces the scenario seed (workload,
+    network and decisions all derive from it). Policies run on one scenario see the same tasks.
+    """
+    if seed is not None and seed != scenario.seed:
+        scenario = scenario.model_copy(update={"seed": seed})
+    simulation = _Simulation(scenario, policy, config or scenario.policy_config(), scenario.seed)
+    result = simulation.run()
+    result.label = label
+    return result
