@@ -176,6 +176,7 @@ class Camera:
                 hysteresis=options.hysteresis, in_flight=options.in_flight,
                 probe_interval_s=options.probe_interval_s)
         self._submissions: dict[str, tuple[float, float, int, int]] = {}
+        """key -> (wall time before submit, after submit (inf while in the call), frame, split)."""
         self._next_link_poll = -math.inf
         self._next_compress_probe = -math.inf
         self.outcomes: list[FrameOutcome] = []
@@ -301,7 +302,10 @@ class Camera:
         else:
             shipped = value
         key = uuid.uuid4().hex
-        t0 = time.time()
+        with self._lock:  # registered first: the result may come back before submit() returns
+            self._submissions[key] = (time.time(), math.inf, frame, split)
+            if len(self._submissions) > 4 * self.options.in_flight + 16:
+                self._submissions.pop(next(iter(self._submissions)))
         sent = self._clock()
         try:
             item.future = self.agent.submit(self.options.task, shipped, stage=split,
@@ -309,15 +313,16 @@ class Camera:
         except (LookupError, ValueError, RuntimeError) as exc:  # no server knows the task, stopped
             self.counters["submit_errors"] += 1
             log.debug("frame %d: cannot submit (%s); finishing locally", frame, exc)
-            if self.controller is not None:
-                with self._lock:
+            with self._lock:
+                self._submissions.pop(key, None)
+                if self.controller is not None:
                     self.controller.observe_failure(self._clock())
             return item
-        overhead = self._emulate(sent)
+        overhead = self._clock() - sent  # sending runs at this machine's speed (see --slowdown)
         with self._lock:
-            self._submissions[key] = (t0, time.time(), frame, split)
-            if len(self._submissions) > 4 * self.options.in_flight + 16:
-                self._submissions.pop(next(iter(self._submissions)))
+            if key in self._submissions:
+                self._submissions[key] = (*self._submissions[key][:1], time.time(),
+                                          frame, split)
             if self.controller is not None:
                 self.controller.observe_overhead(overhead, self._clock())
         return item

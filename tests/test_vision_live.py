@@ -1,0 +1,210 @@
+"""The camera against a real broker and a real cloud agent: same outputs, automatic split, recovery.
+
+Each run is a few seconds at most. The device is emulated slower than this machine (``slowdown``)
+so that offloading pays; the server runs at full speed, or slower when a test says so.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+pytest.importorskip("cv2")
+
+from brokers_support import BrokerEndpoint, wait_for  # noqa: E402
+
+from cloud_agent.config import CloudConfig  # noqa: E402
+from cloud_agent.registry import TaskRegistry  # noqa: E402
+from cloud_agent.server import CloudAgent  # noqa: E402
+from edge_agent.agent import EdgeAgent  # noqa: E402
+from edge_agent.config import EdgeConfig  # noqa: E402
+from examples.vision.ball import STAGES, BallVideo, track  # noqa: E402
+from examples.vision.camera import Camera, CameraOptions, FrameOutcome  # noqa: E402
+from topics.brokers import MosquittoBroker  # noqa: E402
+from topics.mqtt import MqttTransport  # noqa: E402
+
+N = len(STAGES)
+SLOWDOWN = 25.0
+"""The emulated device runs the vision stages this many times slower than this machine."""
+
+
+@dataclass
+class ServerDelay:
+    """Extra seconds the server spends on every task (a server that slows down)."""
+
+    seconds: float = 0.0
+
+
+def server_registry(delay: ServerDelay) -> TaskRegistry:
+    """The ball pipeline, whose last stage waits ``delay.seconds`` first."""
+    last = STAGES[-1]
+
+    @functools.wraps(last)
+    def slowed(value: Any) -> Any:
+        if delay.seconds:
+            time.sleep(delay.seconds)
+        return last(value)
+
+    registry = TaskRegistry()
+    registry.pipeline("ball", [*STAGES[:-1], slowed])
+    return registry
+
+
+@dataclass
+class Fleet:
+    server: CloudAgent
+    agent: EdgeAgent
+    delay: ServerDelay
+
+
+FleetFactory = Callable[[BrokerEndpoint], Fleet]
+
+
+@pytest.fixture
+def make_fleet(topic_prefix: str) -> Iterator[FleetFactory]:
+    """One cloud agent serving ``ball`` and one edge agent, both on the given broker."""
+    made: list[Fleet] = []
+
+    def make(target: BrokerEndpoint) -> Fleet:
+        suffix = uuid.uuid4().hex[:6]
+        delay = ServerDelay()
+        cloud = CloudConfig(id=f"srv-{suffix}", broker=target.url, protocol=target.protocol,
+                            prefix=topic_prefix, tasks=["examples.vision.ball"], workers=2,
+                            heartbeat_interval=0.3, grace_period=0.5)
+        server = CloudAgent(cloud, MqttTransport(target.config(cloud.id)), server_registry(delay))
+        edge = EdgeConfig(id=f"cam-{suffix}", broker=target.url, protocol=target.protocol,
+                          prefix=topic_prefix, policy="remote", max_attempts=1,
+                          probe_interval=0.3)
+        agent = EdgeAgent(edge, MqttTransport(target.config(edge.id)), TaskRegistry())
+        fleet = Fleet(server, agent, delay)
+        made.append(fleet)
+        server.start()
+        agent.start()
+        wait_for(lambda: any(view.rtt is not None and "ball" in view.tasks and not view.stale
+                             for view in agent.servers()), 5.0)
+        return fleet
+
+    yield make
+    for fleet in made:
+        fleet.agent.stop()
+        fleet.server.stop(grace=0.2)
+
+
+@pytest.fixture
+def mosquitto(mosquitto_broker: MosquittoBroker) -> BrokerEndpoint:
+    from brokers_support import endpoint
+
+    return endpoint(mosquitto_broker, "3.1.1")
+
+
+@pytest.mark.parametrize("split", [1, 3, 5])
+def test_manual_split_gives_the_local_outputs(broker: BrokerEndpoint, make_fleet: FleetFactory,
+                                              split: int) -> None:
+    fleet = make_fleet(broker)
+    video = BallVideo(seed=4, hidden=((10, 13),))
+    delivered: list[FrameOutcome] = []
+    camera = Camera(fleet.agent, CameraOptions(frames=20, split=split, frame_timeout=5.0),
+                    source=video)
+    report = camera.run(delivered.append)
+    assert [o.frame for o in delivered] == list(range(20))  # in frame order
+    for outcome in delivered:
+        assert outcome.result == track(outcome.frame, video), f"frame {outcome.frame}"
+    # Frames 10..12 have no ball: contours ends them locally only when the split is past it.
+    assert report.where.get("remote", 0) == (20 if split <= 4 else 17)
+    assert report.where.get("fallback", 0) == 0
+    assert report.found == 17 and report.mean_error_px is not None and report.mean_error_px < 3
+
+
+def measure_fps(agent: EdgeAgent, split: int, slowdown: float, frames: int = 60) -> float:
+    camera = Camera(agent, CameraOptions(frames=frames, split=split, slowdown=slowdown,
+                                         in_flight=4))
+    return camera.run().fps
+
+
+def test_automatic_mode_meets_a_reachable_target_with_the_most_local_stages(
+        mosquitto: BrokerEndpoint, make_fleet: FleetFactory) -> None:
+    fleet = make_fleet(mosquitto)
+    slowdown = SLOWDOWN
+    local_fps = measure_fps(fleet.agent, N, slowdown)
+    target = round(local_fps * 1.5)  # out of reach for the device alone
+    options = CameraOptions(frames=int(target * 3), target_fps=target, slowdown=slowdown,
+                            window_s=0.5, probe_interval_s=2.0)
+    camera = Camera(fleet.agent, options)
+    report = camera.run()
+    assert camera.controller is not None
+    settled = [o for o in camera.outcomes if o.delivered_s > 1.5]
+    tail_fps = len(settled) / (camera.outcomes[-1].delivered_s - settled[0].delivered_s)
+    assert tail_fps > 0.85 * target, (report.summary(), report.splits)
+    final = camera.controller.split
+    assert final < N, report.splits  # the device alone cannot do it
+    # The most local split that meets it: one more stage on the device would miss the target.
+    more_local = measure_fps(fleet.agent, final + 1, slowdown)
+    assert more_local < target * (1 + options.hysteresis), (final, more_local, report.splits)
+    assert report.mean_error_px is not None and report.mean_error_px < 3.0
+    assert report.found >= 0.95 * report.visible
+
+
+def test_automatic_mode_recovers_when_the_server_slows_down(mosquitto: BrokerEndpoint,
+                                                            make_fleet: FleetFactory) -> None:
+    fleet = make_fleet(mosquitto)
+    slowdown = SLOWDOWN
+    local_fps = measure_fps(fleet.agent, N, slowdown)
+    target = round(local_fps * 1.5)
+    frames = int(target * 5)
+    options = CameraOptions(frames=frames, target_fps=target, slowdown=slowdown, window_s=0.5,
+                            probe_interval_s=2.0, frame_timeout=1.0)
+    camera = Camera(fleet.agent, options)
+    assert camera.controller is not None
+    before: list[int] = []
+
+    def on_frame(outcome: FrameOutcome) -> None:
+        if outcome.frame == frames // 2:
+            before.append(camera.controller.split if camera.controller else N)
+            fleet.delay.seconds = 0.05  # the server now needs 50 ms more per frame: 20 fps max
+
+    report = camera.run(on_frame)
+    assert before and before[0] < N, report.splits
+    assert camera.controller.split == N, report.splits  # everything came back to the device
+    assert report.frames == frames
+    late = [o for o in camera.outcomes if o.frame > frames * 0.8]
+    assert all(o.where == "local" for o in late[len(late) // 2:])
+    rate = len(late) / (late[-1].delivered_s - late[0].delivered_s)
+    assert rate > 0.7 * local_fps, (rate, local_fps)
+
+
+def test_automatic_mode_falls_back_when_the_server_disappears(mosquitto: BrokerEndpoint,
+                                                              make_fleet: FleetFactory) -> None:
+    fleet = make_fleet(mosquitto)
+    slowdown = SLOWDOWN
+    local_fps = measure_fps(fleet.agent, N, slowdown)
+    target = round(local_fps * 1.5)
+    frames = int(target * 4)
+    options = CameraOptions(frames=frames, target_fps=target, slowdown=slowdown, window_s=0.5,
+                            probe_interval_s=2.0, frame_timeout=1.0)
+    camera = Camera(fleet.agent, options)
+    crashed = threading.Event()
+
+    def on_frame(outcome: FrameOutcome) -> None:
+        if outcome.frame == frames // 3 and not crashed.is_set():
+            crashed.set()
+            fleet.server._transport.abort()  # a crash: the broker publishes its Will
+
+    started = time.monotonic()
+    report = camera.run(on_frame)
+    elapsed = time.monotonic() - started
+    assert crashed.is_set()
+    assert report.frames == frames and [o.frame for o in camera.outcomes] == list(range(frames))
+    assert elapsed < frames / target + 4 * options.frame_timeout  # no hang
+    assert camera.controller is not None and camera.controller.split == N, report.splits
+    late = [o for o in camera.outcomes if o.frame > frames * 0.75]
+    assert all(o.where == "local" for o in late)
+    rate = len(late) / (late[-1].delivered_s - late[0].delivered_s)
+    assert rate > 0.7 * local_fps, (rate, local_fps)
+    assert report.found >= 0.95 * report.visible
