@@ -18,17 +18,17 @@ import pytest
 
 pytest.importorskip("cv2")
 
-from brokers_support import BrokerEndpoint, wait_for  # noqa: E402
+from brokers_support import BrokerEndpoint, wait_for
 
-from cloud_agent.config import CloudConfig  # noqa: E402
-from cloud_agent.registry import TaskRegistry  # noqa: E402
-from cloud_agent.server import CloudAgent  # noqa: E402
-from edge_agent.agent import EdgeAgent  # noqa: E402
-from edge_agent.config import EdgeConfig  # noqa: E402
-from examples.vision.ball import STAGES, BallVideo, track  # noqa: E402
-from examples.vision.camera import Camera, CameraOptions, FrameOutcome  # noqa: E402
-from topics.brokers import MosquittoBroker  # noqa: E402
-from topics.mqtt import MqttTransport  # noqa: E402
+from cloud_agent.config import CloudConfig
+from cloud_agent.registry import TaskRegistry
+from cloud_agent.server import CloudAgent
+from edge_agent.agent import EdgeAgent
+from edge_agent.config import EdgeConfig
+from examples.vision.ball import STAGES, BallVideo, track
+from examples.vision.camera import Camera, CameraOptions, FrameOutcome
+from topics.brokers import MosquittoBroker
+from topics.mqtt import MqttTransport
 
 N = len(STAGES)
 SLOWDOWN = 25.0
