@@ -109,7 +109,8 @@ class ServerInfo:
     service_time: float | None = None
     """Reported EWMA service time for this task name (s); ``None`` = ``default_service_time``."""
     sent_since_report: int = 0
-    """Tasks this device sent it since the heartbeat these numbers come from."""
+    """Tasks this device sent it since the heartbeat these numbers come from (best: those still
+    unanswered, since answered ones have left its queue)."""
     recent_failures: float = 0.0
     """Decayed count of recent failures (timeout, busy, death)."""
 

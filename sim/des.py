@@ -21,15 +21,18 @@ loop):
 
 from __future__ import annotations
 
+import csv
 import heapq
 import itertools
 import math
 import random
+import sys
 import time as wallclock
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 from edge_agent.policy import (
     LOCAL,
@@ -38,6 +41,7 @@ from edge_agent.policy import (
     PolicyConfig,
     ServerInfo,
     TaskInfo,
+    UnknownPolicyError,
     check_policy,
     decide,
 )
@@ -50,6 +54,10 @@ from sim.report import (
     UNFINISHED,
     RunResult,
     TaskRecord,
+    format_table,
+    summaries_of,
+    write_plots,
+    write_trace_csv,
 )
 from sim.scenario import (
     Arrival,
@@ -58,12 +66,14 @@ from sim.scenario import (
     LinkEvent,
     LinkSpec,
     Scenario,
+    ScenarioError,
     SlowdownEvent,
     device_rng,
     group_arrivals,
+    load_scenario,
 )
 
-__all__ = ["DesResult", "run_des"]
+__all__ = ["DesResult", "run_des", "run_des_cli", "write_queue_csv"]
 
 # Event kinds, in the order they are handled when two fall on the same instant and sequence.
 _ARRIVE, _SRV_RECV, _SRV_DONE, _RES_RECV, _TIMEOUT, _LOCAL_DONE, _HEARTBEAT, _PING, _EVENT = range(9)
@@ -147,6 +157,8 @@ class _Job:
     attempt: int = 0
     server: int = -1
     tried: frozenset[str] = frozenset()
+    sent_seq: int = -1
+    """Heartbeat seq the device had seen from the server when this attempt was sent."""
     done: bool = False
     last_failure: str = TIMEOUT
 
@@ -367,11 +379,18 @@ class _Simulation:
         record.sent = now
         mine = device.sent.get(index)
         seq = self.views[device.group][index][2]
+        job.sent_seq = seq
         if mine is None or mine[0] != seq:
             device.sent[index] = [seq, 1]
         else:
             mine[1] += 1
+        # The timeout follows the plain estimate: the failure penalty steers choices, it does not make
+        # the server slower.
         estimate = record.estimate if record.estimate is not None else self.scenario.timeout_min
+        failed = device.failures.get(index)
+        if failed is not None:
+            decayed = failed[0] * 0.5 ** ((now - failed[1]) / _FAILURE_HALF_LIFE)
+            estimate = max(estimate - decayed * self.config.failure_penalty, 0.0)
         timeout = max(self.scenario.timeout_min, self.scenario.timeout_factor * estimate)
         if time_left is not None:
             timeout = min(timeout, max(time_left - (start - now), 0.0))
@@ -469,6 +488,10 @@ class _Simulation:
         if job.done or attempt != job.attempt:
             self.count("late_or_duplicate_results")
             return
+        # Answered: no longer in that server's queue, so no longer counted "sent since the report".
+        mine = job.device.sent.get(job.server)
+        if mine is not None and mine[0] == job.sent_seq and mine[1] > 0:
+            mine[1] -= 1
         if status == _ST_OK:
             job.record.received = now
             self.finish(job, OK, now)
@@ -490,7 +513,7 @@ class _Simulation:
         self.retry(job, now)
 
     def retry(self, job: _Job, now: float) -> None:
-        if job.attempt >= self.scenario.max_attempts:
+        if job.attempt >= self.scenario.max_attempts or (job.deadline is not None and now >= job.deadline):
             self.finish(job, job.last_failure, now)
             return
         self.count("retries")
@@ -569,7 +592,7 @@ class _Simulation:
 
     # --- main loop -----------------------------------------------------------------------------------
 
-    def run(self) -> DesResult:
+    def run(self, progress: Callable[[float], None] | None = None) -> DesResult:
         started = wallclock.perf_counter()
         cpu_started = wallclock.process_time()
         scenario = self.scenario
@@ -624,6 +647,8 @@ class _Simulation:
                 self.scenario_event(subject, when)  # type: ignore[arg-type]
             if self.open == 0 and self.pending_arrivals == 0 and when >= scenario.duration:
                 break
+            if progress is not None and not events & 0x3FFF:
+                progress(min(when, scenario.duration))
         unfinished = sum(record.outcome == UNFINISHED for record in self.records)
         if unfinished:
             self.counters["unfinished"] = unfinished
@@ -634,15 +659,92 @@ class _Simulation:
 
 
 def run_des(scenario: Scenario, policy: str, *, config: PolicyConfig | None = None, seed: int | None = None,
-            label: str = "") -> DesResult:
+            label: str = "", progress: Callable[[float], None] | None = None) -> DesResult:
     """Simulate ``scenario`` under ``policy``; every created task has exactly one outcome in the records.
 
     ``config`` defaults to the scenario's policy settings; ``seed`` replaces the scenario seed (workload,
     network and decisions all derive from it). Policies run on one scenario see the same tasks.
+    ``progress`` is called now and then with the simulated time reached (up to the duration).
     """
     if seed is not None and seed != scenario.seed:
         scenario = scenario.model_copy(update={"seed": seed})
     simulation = _Simulation(scenario, policy, config or scenario.policy_config(), scenario.seed)
-    result = simulation.run()
+    result = simulation.run(progress)
     result.label = label
+    return result
+
+
+def run_des_cli(scenario_path: str | Path, policies: Sequence[str] | None = None,
+                out_dir: str | Path | None = None, seed: int | None = None, *, progress: bool = True,
+                stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    """``offload-sim run --mode des``: run every policy, print the table, write trace, summary and plots.
+
+    Returns the exit status: 0, or 2 after one clear line on ``stderr`` for a bad scenario file or an
+    unknown policy name. Ctrl-C stops the run and still writes the policies that finished.
+    """
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    try:
+        scenario = load_scenario(scenario_path)
+        names = list(policies) if policies else list(scenario.policies)
+        for name in names:
+            check_policy(name)
+    except (ScenarioError, UnknownPolicyError) as exc:
+        print(f"offload-sim: {exc}", file=err)
+        return 2
+    if seed is not None:
+        scenario = scenario.model_copy(update={"seed": seed})
+    results: list[DesResult] = []
+    interrupted = False
+    try:
+        for name in names:
+            results.append(_run_with_bar(scenario, name, progress, err))
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"offload-sim: interrupted; writing the {len(results)} finished policies", file=err)
+    table = format_table(summaries_of(results))
+    print(f"scenario {scenario.name} (seed {scenario.seed}, {scenario.duration:g} s, discrete-event)",
+          file=out)
+    print(table, file=out)
+    for result in results:
+        counters = " ".join(f"{key}={value}" for key, value in sorted(result.counters.items()))
+        print(f"{result.name}: {result.events} events in {result.cpu_seconds:.2f} s CPU "
+              f"({result.tasks_per_second:,.0f} tasks/s){'; ' + counters if counters else ''}", file=out)
+    if out_dir is not None and results:
+        folder = Path(out_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_trace_csv((record for result in results for record in result.records), folder / "trace.csv")
+        (folder / "summary.txt").write_text(table + "\n")
+        write_queue_csv(results, folder / "server_queues.csv")
+        paths = write_plots(results, folder)
+        print(f"wrote {folder / 'trace.csv'}, summary.txt, server_queues.csv and {len(paths)} plots",
+              file=out)
+    return 130 if interrupted else 0
+
+
+def write_queue_csv(results: Sequence[RunResult], path: Path) -> None:
+    """The server queue-length samples of every run as CSV."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("policy", "time", "server", "queue_length", "in_flight"))
+        for result in results:
+            for time, server, queued, running in result.queue_series:
+                writer.writerow((result.name, f"{time:.6f}", server, queued, running))
+
+
+def _run_with_bar(scenario: Scenario, policy: str, progress: bool, err: TextIO) -> DesResult:
+    if not progress:
+        return run_des(scenario, policy)
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the [sim] extra is missing: no bar, same result
+        return run_des(scenario, policy)
+    with tqdm(total=round(scenario.duration, 3), desc=policy, unit="sim s", file=err, leave=False,
+              bar_format="{desc:>10} {bar} {n:.1f}/{total:.1f} sim s [{elapsed}]") as bar:
+
+        def advance(reached: float) -> None:
+            bar.update(reached - bar.n)
+
+        result = run_des(scenario, policy, progress=advance)
+        advance(scenario.duration)
     return result
