@@ -27,7 +27,6 @@ import logging
 import random
 import threading
 import time
-import uuid
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -145,11 +144,14 @@ class EdgeAgent:
                                                            thread_name_prefix=f"{config.id}-local")
         self._process_pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._nonces = itertools.count(1)
+        self._task_numbers = itertools.count(1)
+        self._inboxes: dict[str, str] = {}
         self._next_probe: dict[str, float] = {}
         self._session = max(0, int(clock() * 1000))
         self._seq = 0
         self._next_heartbeat = 0.0
         self._wake = threading.Event()
+        self._next_wake = 0.0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._connected_once = False
@@ -276,7 +278,8 @@ class EdgeAgent:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         future.set_running_or_notify_cancel()
         pending = _Pending(
-            task_id=uuid.uuid4().hex, name=name, payload=payload, payload_bytes=payload_size(payload),
+            task_id=f"{self._session:x}-{next(self._task_numbers)}", name=name, payload=payload,
+            payload_bytes=payload_size(payload),
             stage=stage, policy=chosen, future=future, created=now,
             deadline=None if deadline is None else now + deadline,
             deadline_mono=None if deadline is None else mono + deadline)
@@ -438,13 +441,20 @@ class EdgeAgent:
             heapq.heappush(self._timeouts, (deadline_at, next(self._timeout_seq), pending.task_id, attempt))
             self.counters["offloaded"] += 1
         self._table.task_sent(target)
-        self._wake.set()
+        if deadline_at < self._next_wake:
+            self._wake.set()  # the timer thread sleeps past this timeout: wake it (rare: short deadlines)
         try:
-            self._transport.publish(self._tree.task_inbox(target), data, qos=1)
+            self._transport.publish(self._inbox(target), data, qos=1)
         except TransportError as exc:
             self.counters["publish_failures"] += 1
             self._attempt_failed(pending, attempt, "failed", f"cannot publish to {target}: {exc}",
                                  penalise=False)
+
+    def _inbox(self, node: str) -> str:
+        topic = self._inboxes.get(node)
+        if topic is None:
+            topic = self._inboxes[node] = self._tree.task_inbox(node)
+        return topic
 
     def _attempt_failed(self, pending: _Pending, attempt: int, status: str, error: str, *,
                         penalise: bool = True) -> None:
@@ -622,7 +632,9 @@ class EdgeAgent:
                 self.counters["timer_errors"] += 1
                 log.exception("node=%s timer tick failed", self.id)
                 wait = MAX_WAIT
-            self._wake.wait(max(0.0, min(wait, MAX_WAIT)))
+            wait = max(0.0, min(wait, MAX_WAIT))
+            self._next_wake = self._mono() + wait
+            self._wake.wait(wait)
             self._wake.clear()
 
     def _tick(self) -> float:
