@@ -97,6 +97,18 @@ def _wait_until_answering(
     return False
 
 
+class _SnapshotIterDict(dict[str, Any]):
+    """A dict whose iteration walks a snapshot of its keys.
+
+    amqtt 0.12.1 iterates its subscription table with ``await`` inside the loop when a client
+    connects (``Broker._handle_client_session``); a subscription made by another client meanwhile
+    raised "dictionary changed size during iteration" and killed the connecting client's session.
+    """
+
+    def __iter__(self) -> Any:
+        return iter(list(super().keys()))
+
+
 class EmbeddedBroker:
     """amqtt 0.12 in its own thread and asyncio loop: MQTT 3.1.1 only, no ``$share`` delivery."""
 
@@ -182,6 +194,7 @@ class EmbeddedBroker:
         asyncio.set_event_loop(loop)
         try:
             self._broker = Broker(config, loop=loop)
+            self._broker._subscriptions = _SnapshotIterDict(self._broker._subscriptions)
             loop.run_until_complete(self._broker.start())
         except Exception as exc:  # noqa: BLE001 - reported to start(), which raises BrokerError
             self._start_error = exc
