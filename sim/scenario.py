@@ -317,15 +317,23 @@ def _unique(where: str, names: list[str]) -> None:
         seen.add(name)
 
 
+_TAGGED = {"workload": ("poisson", "fps", "bursts", "uniform"), "events": ("crash", "slowdown", "link")}
+
+
 def _location(loc: tuple[int | str, ...]) -> str:
+    """``('servers', 1, 'workers')`` -> ``servers[1].workers``, without pydantic's union tags."""
     text = ""
-    for part in loc:
+    for position, part in enumerate(loc):
         if isinstance(part, int):
             text += f"[{part}]"
-        elif part in ("poisson", "fps", "bursts", "uniform", "crash", "slowdown", "link"):
+            continue
+        owner = loc[position - 1] if position else None
+        if isinstance(owner, int) and position >= 2:
+            owner = loc[position - 2]
+        if isinstance(owner, str) and part in _TAGGED.get(owner, ()) and (
+                owner == "workload" or isinstance(loc[position - 1], int)):
             continue  # the union tag pydantic inserts; the TOML has no such level
-        else:
-            text += f".{part}" if text else part
+        text += f".{part}" if text else part
     return text or "<scenario>"
 
 
@@ -341,7 +349,10 @@ def parse_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scenario
         else:
             where, message = _location(first["loc"]), first["msg"]
             message = message.removeprefix("Value error, ")
-        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        # A bad item also fails its container's length check: count only independent errors.
+        others = [error for error in exc.errors(include_url=False)[1:]
+                  if tuple(first["loc"][:len(error["loc"])]) != tuple(error["loc"])]
+        more = f" (+{len(others)} more)" if others else ""
         raise ScenarioError(f"{source}: {where}: {message}{more}") from exc
 
 

@@ -1,0 +1,165 @@
+"""Scenario files: validation errors that name the field and the file, and the seeded workload."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sim.scenario import (
+    BurstWorkload,
+    Scenario,
+    ScenarioError,
+    device_group,
+    generate_arrivals,
+    iter_arrivals,
+    load_scenario,
+    parse_scenario,
+)
+
+SCENARIOS = Path(__file__).resolve().parent.parent / "sim" / "scenarios"
+
+BASE: dict[str, Any] = {
+    "duration": 10.0,
+    "seed": 1,
+    "tasks": {"detect": {"service_time": 0.02}},
+    "devices": [{"name": "cams", "count": 3, "task": "detect", "workload": {"kind": "poisson", "rate": 5.0}}],
+    "servers": [{"name": "edge", "count": 2, "workers": 2}, {"name": "big", "workers": 4}],
+}
+
+
+def scenario_with(**changes: Any) -> dict[str, Any]:
+    data = copy.deepcopy(BASE)
+    data.update(changes)
+    return data
+
+
+@pytest.mark.parametrize("path", sorted(SCENARIOS.glob("*.toml")), ids=lambda path: path.stem)
+def test_shipped_scenarios_load(path: Path) -> None:
+    scenario = load_scenario(path)
+    assert scenario.name == path.stem
+    assert scenario.duration <= 30.0, "small enough for the emulation mode on one machine"
+    assert sum(group.count for group in scenario.devices) <= 50
+
+
+def test_the_five_scenarios_of_the_issue_are_shipped() -> None:
+    assert {path.stem for path in SCENARIOS.glob("*.toml")} >= {
+        "old_proxy", "heterogeneous", "near_overloaded", "server_crash", "herding"}
+    old = load_scenario(SCENARIOS / "old_proxy.toml")
+    assert "threshold" in old.policies and old.policy_config().threshold_rate == 25.0
+    arrivals = generate_arrivals(old, 0)
+    gaps = [b.time - a.time for a, b in itertools.pairwise(arrivals)]
+    assert len(arrivals) == 1000 and min(gaps) >= 0.001 and max(gaps) <= 0.005
+
+
+def bad(data: dict[str, Any]) -> str:
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario(data, "fleet.toml")
+    message = str(info.value)
+    assert message.startswith("fleet.toml: ")
+    return message
+
+
+def test_errors_name_the_field_and_the_file() -> None:
+    servers = copy.deepcopy(BASE["servers"])
+    servers[1]["workers"] = 0
+    assert "servers[1].workers: " in bad(scenario_with(servers=servers))
+    assert "greater than or equal to 1" in bad(scenario_with(servers=servers))
+
+    devices = copy.deepcopy(BASE["devices"])
+    devices[0]["workload"] = {"kind": "poisson", "rate": -1}
+    assert "devices[0].workload.rate: " in bad(scenario_with(devices=devices))
+    devices[0]["workload"] = {"kind": "sometimes"}
+    assert "devices[0].workload" in bad(scenario_with(devices=devices))
+    devices[0]["workload"] = {"kind": "uniform", "min_gap": 0.005, "max_gap": 0.001}
+    assert "devices[0].workload: max_gap must be > 0 and >= min_gap" in bad(scenario_with(devices=devices))
+    devices[0] = {**BASE["devices"][0], "task": "segment"}
+    assert "devices[0].task: 'segment' is not in [tasks]" in bad(scenario_with(devices=devices))
+
+    assert "policies[1]: unknown policy 'fastest'" in bad(scenario_with(policies=["ect", "fastest"]))
+    assert "policy: PolicyConfig.spread_k" in bad(scenario_with(policy={"spread_k": 0}))
+    assert "policy: " in bad(scenario_with(policy={"spread": 2}))
+    assert "events[0].server: no server named 'edge-7'" in bad(
+        scenario_with(events=[{"kind": "crash", "at": 1.0, "server": "edge-7"}]))
+    assert "links.pairs[0].servers: no server group named 'cloud'" in bad(
+        scenario_with(links={"pairs": [{"devices": "cams", "servers": "cloud", "delay": 0.01}]}))
+    assert "events[0].devices: no device group" in bad(
+        scenario_with(events=[{"kind": "link", "at": 1.0, "devices": "phones", "servers": "edge"}]))
+    assert "colour: Extra inputs are not permitted" in bad(scenario_with(colour="blue"))
+    assert "duration: " in bad(scenario_with(duration=0))
+    assert "servers[1].name: duplicate group name 'edge'" in bad(
+        scenario_with(servers=[{"name": "edge"}, {"name": "edge"}]))
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ScenarioError, match="no such scenario file"):
+        load_scenario(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("duration = [1,\n")
+    with pytest.raises(ScenarioError, match=r"broken\.toml: not valid TOML"):
+        load_scenario(broken)
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text('duration = 5\n[tasks.t]\nservice_time = 0.01\n[[devices]]\nname = "d"\ntask = "t"\n'
+                     'workload = { kind = "fps", fps = 0 }\n')
+    with pytest.raises(ScenarioError, match=r"wrong\.toml: devices\[0\]\.workload\.fps: "):
+        load_scenario(wrong)
+
+
+def test_nodes_and_neighbourhoods() -> None:
+    devices = [{**BASE["devices"][0], "count": 4, "known_servers": 2}]
+    scenario = parse_scenario(scenario_with(devices=devices))
+    assert [node.node for node in scenario.device_nodes()] == ["cams-0", "cams-1", "cams-2", "cams-3"]
+    assert [node.node for node in scenario.server_nodes()] == ["edge-0", "edge-1", "big-0"]
+    known = [scenario.known_servers(node) for node in scenario.device_nodes()]
+    assert all(len(indices) == 2 and len(set(indices)) == 2 for indices in known)
+    assert known == [scenario.known_servers(node) for node in scenario.device_nodes()]
+    everyone = parse_scenario(BASE)
+    assert everyone.known_servers(everyone.device_nodes()[0]) == [0, 1, 2]
+
+
+def test_workload_is_a_function_of_seed_and_device() -> None:
+    scenario = parse_scenario(BASE)
+    first = generate_arrivals(scenario, 0)
+    assert first == generate_arrivals(scenario, 0)
+    assert first != generate_arrivals(scenario, 1)
+    assert first != generate_arrivals(parse_scenario(scenario_with(seed=2)), 0)
+    assert [a.time for a in first] == sorted(a.time for a in first)
+    assert all(0.0 < a.time < scenario.duration and a.task == "detect" for a in first)
+    # Poisson at 5/s over 10 s on 3 devices: about 150 tasks.
+    total = sum(len(generate_arrivals(scenario, i)) for i in range(3))
+    assert 100 <= total <= 200
+    with pytest.raises(IndexError):
+        device_group(scenario, 3)
+
+
+def test_workload_kinds() -> None:
+    cost = {"detect": {"service_time": 0.02, "variation": 0.5}}
+    fps = parse_scenario(scenario_with(tasks=cost, devices=[{
+        "name": "cam", "task": "detect", "payload_bytes": 100, "payload_bytes_max": 200, "deadline": 0.5,
+        "workload": {"kind": "fps", "fps": 20}}]))
+    frames = generate_arrivals(fps, 0)
+    assert len(frames) in (199, 200)
+    assert all(abs((b.time - a.time) - 0.05) < 1e-9 for a, b in itertools.pairwise(frames))
+    assert all(100 <= a.payload_bytes <= 200 and a.deadline == 0.5 for a in frames)
+    works = [a.work for a in frames]
+    assert 0.8 < statistics.mean(works) < 1.2 and statistics.pstdev(works) > 0.2
+
+    bursts = parse_scenario(scenario_with(devices=[{
+        "name": "b", "task": "detect", "start": 1.0,
+        "workload": {"kind": "bursts", "burst_size": 5, "interval": 2.0, "spacing": 0.01,
+                     "poisson_bursts": False}}]))
+    assert isinstance(bursts.devices[0].workload, BurstWorkload)
+    times = [a.time for a in iter_arrivals(bursts, 0)]
+    assert times[0] >= 1.0 and len(times) % 5 == 0 and 15 <= len(times) <= 25
+    assert times[1] - times[0] == pytest.approx(0.01)
+
+
+def test_scenario_is_frozen() -> None:
+    scenario = parse_scenario(BASE)
+    with pytest.raises(Exception, match="frozen"):
+        scenario.duration = 5.0
+    assert isinstance(scenario, Scenario)
