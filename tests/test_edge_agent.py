@@ -435,3 +435,50 @@ def test_payload_size_estimates() -> None:
     assert payload_size(b"abc") == 3
     assert payload_size(np.zeros((4, 4), dtype=np.uint8)) >= 16
     assert payload_size({"x": [1, 2, 3]}) > payload_size({"x": 1})
+
+
+def test_server_table_sessions_probes_bandwidth_and_failures() -> None:
+    from edge_agent.servers import MIN_BANDWIDTH_BYTES, ServerTable
+
+    table = ServerTable(stale_after=3, half_life=10.0, ignore=frozenset({"me-peer"}))
+
+    def beat(node: str, session: int, seq: int, role: Role = Role.SERVER) -> bool:
+        return table.on_heartbeat(Heartbeat(node=node, role=role, session=session, seq=seq, interval=1.0,
+                                            time=0.0, capabilities={"square": TaskCapability()}), 0.0)
+
+    def state(status: str, session: int) -> bool:
+        return table.on_state(NodeState(node="s", role=Role.SERVER, status=status,  # type: ignore[arg-type]
+                                        session=session, time=0.0), 0.0)
+
+    assert not beat("me-peer", 1, 1) and not beat("phone", 1, 1, Role.DEVICE)  # never servers
+    assert beat("s", 5, 1) and not beat("s", 5, 1) and not beat("s", 4, 9)  # duplicate, old session
+    assert not state("offline", 4)  # a late Will of an older session
+    assert not table.stale("s", 0.0)
+    assert state("offline", 5) and table.stale("s", 0.0)
+    assert not beat("s", 5, 1)  # sent before the death
+    assert beat("s", 5, 2) and not table.stale("s", 0.0)  # newer: the same session reconnected
+    assert beat("s", 6, 1) and table.counters["sessions_replaced"] == 1
+    assert table.stale("s", 3.01) and not table.stale("s", 2.99)
+
+    table.ping_sent("s", 1, 10.0)
+    assert table.on_pong("s", 1, 10.0, 10.004) == pytest.approx(0.004)
+    assert table.on_pong("s", 1, 10.0, 10.004) is None  # answered twice
+    table.ping_sent("s", 2, 11.0)
+    table.on_pong("s", 2, 11.0, 11.012)
+    view = table.views(11.0)[0]
+    assert view.rtt == pytest.approx(0.004 + (0.012 - 0.004) / 8)
+    assert view.rtt_dev > 0
+
+    table.transfer_observed("s", 100, 0.5, 0.0)  # too small to say anything about bandwidth
+    assert table.views(11.0)[0].bandwidth is None
+    table.transfer_observed("s", MIN_BANDWIDTH_BYTES * 10, 0.105, 0.0)
+    assert table.views(11.0)[0].bandwidth == pytest.approx(MIN_BANDWIDTH_BYTES * 10 / (0.105 - view.rtt))
+
+    table.failure("s", 20.0)
+    table.failure("s", 20.0)
+    assert table.snapshot("square", 30.0)[0].recent_failures == pytest.approx(1.0)  # halved in 10 s
+    table.task_sent("s")
+    assert table.snapshot("square", 30.0)[0].sent_since_report == 1
+    beat("s", 6, 2)
+    assert table.snapshot("square", 30.0)[0].sent_since_report == 0
+    assert table.announces("square") and not table.announces("cube")

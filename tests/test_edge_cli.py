@@ -122,3 +122,26 @@ def test_run_heartbeats_and_stops_cleanly_on_sigterm(amqtt: EmbeddedBroker) -> N
             process.kill()
             process.wait(5)
         watcher.close()
+
+
+def test_serve_runs_a_peer_server_that_other_devices_use(amqtt: EmbeddedBroker) -> None:
+    from edge_agent.agent import EdgeAgent
+    from edge_agent.cli import Device
+
+    prefix = f"test/{uuid.uuid4().hex[:8]}"
+    common = {"broker": amqtt.url, "prefix": prefix, "heartbeat_interval": 0.2, "probe_interval": 0.1}
+    host = Device(load_edge_config(overrides={**common, "id": "pi1", "tasks": ["examples.tasks"],
+                                              "serve": True}), load_tasks("examples.tasks"))
+    other_config = load_edge_config(overrides={**common, "id": "pi2", "policy": "remote"})
+    other = EdgeAgent(other_config, MqttTransport(other_config.transport_config()),
+                      load_tasks("examples.tasks"))
+    host.start()
+    other.start()
+    try:
+        wait_for(lambda: any(v.node == "pi1-peer" and not v.stale for v in other.servers()), timeout=10.0)
+        assert other.submit("square", {"x": 6}).result(10) == {"y": 36}
+        assert host.peer is not None and host.peer.stats()["completed"]["ok"] == 1
+        assert all(v.node != "pi1-peer" for v in host.agent.servers())  # never offloads to itself
+    finally:
+        other.stop()
+        host.stop()
