@@ -25,6 +25,20 @@ from topics.brokers import EmbeddedBroker, MosquittoBroker
 from topics.memory import MemoryBroker
 from topics.mqtt import MqttTransport
 
+_MOSQUITTO_FIXTURES = {"mosquitto_broker", "mosquitto5"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that runs against Mosquitto ``mosquitto`` (``-m "not mosquitto"`` skips them)."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params.values() if callspec is not None else ()
+        if fixtures & _MOSQUITTO_FIXTURES or any(
+            isinstance(value, str) and value.startswith("mosquitto") for value in params
+        ):
+            item.add_marker(pytest.mark.mosquitto)
+
 
 @pytest.fixture(scope="session")
 def amqtt_broker() -> Iterator[EmbeddedBroker]:

@@ -78,6 +78,7 @@ def test_embedded_broker_reports_a_port_in_use() -> None:
         assert not broker.running
 
 
+@pytest.mark.mosquitto
 def test_mosquitto_binary_is_found() -> None:
     require_mosquitto()
     binary = mosquitto_binary()
@@ -99,6 +100,7 @@ def test_mosquitto_config_sets_nodelay_queue_and_loopback(tmp_path: Path) -> Non
     assert any("silently drops" in line for line in lines if line.startswith("#"))
 
 
+@pytest.mark.mosquitto
 def test_mosquitto_with_users_writes_a_password_file_and_refuses_anonymous(
     tmp_path: Path,
 ) -> None:
@@ -114,6 +116,7 @@ def test_mosquitto_with_users_writes_a_password_file_and_refuses_anonymous(
     assert "mosquitto version" in (tmp_path / "mosquitto.log").read_text()
 
 
+@pytest.mark.mosquitto
 def test_mosquitto_kill_and_restart_change_the_process_not_the_port() -> None:
     require_mosquitto()
     broker = MosquittoBroker().start()
@@ -131,6 +134,7 @@ def test_mosquitto_kill_and_restart_change_the_process_not_the_port() -> None:
     assert not workdir.exists()  # our own temporary workdir is removed
 
 
+@pytest.mark.mosquitto
 def test_mosquitto_reports_a_port_in_use() -> None:
     require_mosquitto()
     with socket.socket() as taken:

@@ -135,8 +135,19 @@ def test_retained_state_reaches_late_subscribers_and_an_empty_payload_clears_it(
     broker: BrokerEndpoint, make_transport: TransportFactory, topic_prefix: str
 ) -> None:
     publisher = make_transport(broker, "pub")
+    # A live subscriber sees each publication only once the broker handled it (amqtt stores the
+    # retained copy right after forwarding it): the sign that the retained state is in place.
+    watcher = make_transport(broker, "watcher")
+    live, on_live = collector()
+    watcher.subscribe(f"{topic_prefix}/state/+", on_live, qos=1)
+
+    def wait_live(payloads: list[bytes]) -> None:
+        wait_for(lambda: [m.payload for m in live if not m.topic.endswith("/marker")] == payloads,
+                 message=f"live copies {payloads}")
+
     publisher.publish(f"{topic_prefix}/state/a", b"online", qos=1, retain=True)
     publisher.publish(f"{topic_prefix}/state/b", b"busy", qos=1, retain=True)
+    wait_live([b"online", b"busy"])
 
     def snapshot(client_id: str) -> list[Message]:
         late = make_transport(broker, client_id)
@@ -148,13 +159,19 @@ def test_retained_state_reaches_late_subscribers_and_an_empty_payload_clears_it(
         return [m for m in received if not m.topic.endswith("/marker")]
 
     first = snapshot("late-1")
+    if broker.kind == "amqtt":
+        # amqtt 0.12.1 bug: on CONNECT it also replays retained messages matching *other* clients'
+        # filters (Broker._client_connected iterates all subscriptions), so copies may come twice.
+        first = list({(m.topic, m.payload): m for m in first}.values())
     assert sorted((m.topic, m.payload, m.retain) for m in first) == [
         (f"{topic_prefix}/state/a", b"online", True),
         (f"{topic_prefix}/state/b", b"busy", True),
     ]
     publisher.publish(f"{topic_prefix}/state/a", b"", qos=1, retain=True)
     publisher.publish(f"{topic_prefix}/state/b", b"", qos=1, retain=True)
+    wait_live([b"online", b"busy", b"", b""])
     assert snapshot("late-2") == []
+    assert all(not m.retain for m in live)  # live copies are not flagged retained
 
 
 def test_unreachable_broker_fails_fast_with_one_clear_line() -> None:
@@ -263,6 +280,7 @@ def test_reconnects_after_a_broker_restart_and_resubscribes(
     assert all(name.startswith("dispatch-") for name in connects)
 
 
+@pytest.mark.mosquitto
 def test_publish_while_the_broker_is_down_raises_not_connected(
     broker_factory: Callable[..., BrokerEndpoint], make_transport: TransportFactory, topic_prefix: str
 ) -> None:
@@ -326,6 +344,7 @@ def test_shared_subscription_round_robin_on_mosquitto(
     assert all(len(inbox) >= 5 for inbox in inboxes)  # both members served (round robin: 10 each)
 
 
+@pytest.mark.mosquitto
 def test_outgoing_queue_is_bounded(
     broker_factory: Callable[..., BrokerEndpoint], make_transport: TransportFactory, topic_prefix: str
 ) -> None:
@@ -381,6 +400,7 @@ def test_a_full_dispatch_queue_drops_counted_and_close_does_not_hang(
     assert stuck.stats()["dropped_dispatch_full"] == 8
 
 
+@pytest.mark.mosquitto
 def test_tls_verifies_the_broker_certificate(tmp_path: Path, topic_prefix: str) -> None:
     require_mosquitto()
     certificates = make_test_certificates(tmp_path)

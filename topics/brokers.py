@@ -345,6 +345,7 @@ class MosquittoBroker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_file = self.workdir / "mosquitto.log"
         self.config_file = self.workdir / "mosquitto.conf"
+        self.stderr_file = self.workdir / "mosquitto.stderr"
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -388,10 +389,12 @@ class MosquittoBroker:
         if self.running:
             return self
         self._write_files()
-        self._process = subprocess.Popen(
-            [self.binary, "-c", str(self.config_file)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
+        # stderr goes to a file, not a pipe nobody reads (a full pipe would block the broker).
+        with self.stderr_file.open("wb") as stderr:
+            self._process = subprocess.Popen(
+                [self.binary, "-c", str(self.config_file)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+            )
         deadline = time.monotonic() + timeout
         if not _wait_until_answering(self.host, self.port, deadline, alive=lambda: self.running,
                                      tls=self.tls_files is not None):
@@ -402,12 +405,10 @@ class MosquittoBroker:
         return self
 
     def _failure_detail(self) -> str:
-        stderr = b""
-        if self._process is not None and self._process.poll() is not None and self._process.stderr:
-            stderr = self._process.stderr.read()
-        text = stderr.decode(errors="replace")
-        if self.log_file.exists():
-            text += "\n" + self.log_file.read_text(errors="replace")
+        text = ""
+        for path in (self.stderr_file, self.log_file):
+            if path.exists():
+                text += path.read_text(errors="replace") + "\n"
         lines = [line for line in text.splitlines() if line.strip()]
         errors = [line for line in lines if "Error" in line]
         if errors:
@@ -439,8 +440,6 @@ class MosquittoBroker:
         self._reap()
 
     def _reap(self) -> None:
-        if self._process is not None and self._process.stderr is not None:
-            self._process.stderr.close()
         self._process = None
 
     def restart(self, timeout: float = 5.0, *, down_for: float = 0.0) -> MosquittoBroker:

@@ -126,7 +126,6 @@ class MqttTransport:
         self._connack_problem: str | None = None
         self._connected = False
         self._established = False
-        self._will_set = False
         self._closed = False
 
     # ----------------------------------------------------------------------------------- properties
@@ -156,7 +155,6 @@ class MqttTransport:
         if self._thread is not None:
             raise TransportError("set_will must be called before connect()", topic=topic)
         self._client.will_set(topic, bytes(payload), qos=qos, retain=retain)
-        self._will_set = True
 
     def add_connect_listener(self, listener: ConnectListener) -> None:
         """Call ``listener`` on the dispatch thread after every (re)connect and re-subscription."""
@@ -258,8 +256,23 @@ class MqttTransport:
             raise TransportError(f"{self._name}: outgoing queue full "
                                  f"({self.config.max_queued_messages} messages)", topic=topic)
         else:
+            self._forget(info.mid)
             raise NotConnectedError(f"{self._name}: publish failed: {paho.error_string(info.rc)}",
                                     topic=topic)
+
+    def _forget(self, mid: int) -> None:
+        """Drop a QoS>0 message paho refused with NO_CONN but kept for the next connection.
+
+        The caller was told it was not sent; a silent resend after the reconnect would duplicate
+        whatever the caller does next (retry elsewhere, run locally). paho has no public API for
+        this, hence the guarded private access.
+        """
+        lock = getattr(self._client, "_out_message_mutex", None)
+        pending = getattr(self._client, "_out_messages", None)
+        if lock is None or not isinstance(pending, dict):
+            return
+        with lock:
+            pending.pop(mid, None)
 
     # ---------------------------------------------------------------------------------- shutdown
     def close(self, *, timeout: float = 5.0) -> None:
