@@ -1,0 +1,199 @@
+"""The discrete-event simulator and the shared report: reproducible, lossless, and policies that rank
+the way the issue expects on small scenarios."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+from collections import Counter
+from dataclasses import astuple
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sim.des import run_des, run_des_cli
+from sim.report import (
+    OK,
+    OUTCOMES,
+    UNFINISHED,
+    TaskRecord,
+    format_table,
+    summarize,
+    write_plots,
+    write_trace_csv,
+)
+from sim.scenario import Scenario, generate_arrivals, load_scenario, parse_scenario
+
+SCENARIOS = Path(__file__).resolve().parent.parent / "sim" / "scenarios"
+
+SMALL: dict[str, Any] = {
+    "name": "small", "duration": 6.0, "seed": 9, "heartbeat_interval": 0.5,
+    "tasks": {"detect": {"service_time": 0.02, "variation": 0.3}},
+    "devices": [{"name": "cam", "count": 4, "speed": 0.25, "task": "detect", "payload_bytes": 5_000,
+                 "deadline": 2.0, "workload": {"kind": "poisson", "rate": 8.0}}],
+    "servers": [{"name": "edge", "count": 3, "workers": 2, "queue_size": 16}],
+    "links": {"default": {"delay": 0.002, "jitter": 0.0005}},
+}
+
+
+def small(**changes: Any) -> Scenario:
+    data = copy.deepcopy(SMALL)
+    data.update(changes)
+    return parse_scenario(data, "<test>")
+
+
+def trace(records: list[TaskRecord]) -> list[tuple[object, ...]]:
+    return [astuple(record) for record in records]
+
+
+def assert_one_outcome_each(scenario: Scenario, records: list[TaskRecord]) -> None:
+    """Every task the workload created is in the records once, with one final outcome."""
+    created = sum(len(generate_arrivals(scenario, node.index)) for node in scenario.device_nodes())
+    assert len(records) == created
+    assert len({record.task_id for record in records}) == created
+    assert all(record.outcome in OUTCOMES and record.outcome != UNFINISHED for record in records)
+    assert all(1 <= record.attempts <= scenario.max_attempts for record in records
+               if record.outcome not in ("no-option",))
+    for record in records:
+        if record.outcome == OK:
+            assert record.received is not None and record.finished is not None
+            assert record.created <= record.decided <= record.received  # type: ignore[operator]
+            assert record.finished <= record.received
+
+
+def test_same_seed_same_trace_other_seed_other_trace() -> None:
+    scenario = small()
+    first = run_des(scenario, "ect")
+    again = run_des(scenario, "ect")
+    assert trace(first.records) == trace(again.records)
+    assert first.queue_series == again.queue_series and first.counters == again.counters
+    other = run_des(scenario, "ect", seed=10)
+    assert trace(other.records) != trace(first.records)
+    # Every policy sees the same tasks: same ids and creation times.
+    random_run = run_des(scenario, "random")
+    assert [(r.task_id, r.created) for r in random_run.records] == [(r.task_id, r.created)
+                                                                    for r in first.records]
+
+
+def test_crash_scenario_loses_no_task() -> None:
+    scenario = load_scenario(SCENARIOS / "server_crash.toml")
+    for policy in ("ect", "min_rtt", "random"):
+        result = run_des(scenario, policy)
+        assert_one_outcome_each(scenario, result.records)
+        assert result.counters["crashed_servers"] == 1
+        # The crashed server took work down with it, the devices noticed by timing out, and retried.
+        assert result.counters.get("sent_to_dead_server", 0) + result.counters.get("lost_in_crash", 0) > 0
+        assert result.counters["timeouts"] > 0 and result.counters["retries"] > 0
+        retried = [r for r in result.records if r.attempts > 1]
+        assert retried and all(r.target != "near-0" for r in retried if r.outcome == OK)
+        last_heartbeat = max(t for t, server, _, _ in result.queue_series if server == "near-0")
+        assert 4.5 <= last_heartbeat < 5.0
+        assert sum(r.outcome == OK for r in result.records) >= 0.95 * len(result.records)
+
+
+def test_lossy_links_and_a_slowdown_still_give_one_outcome_each() -> None:
+    scenario = small(links={"default": {"delay": 0.002, "jitter": 0.001, "loss": 0.15}},
+                     events=[{"kind": "slowdown", "at": 2.0, "server": "edge-1", "factor": 20.0},
+                             {"kind": "link", "at": 3.0, "devices": "cam", "servers": "edge",
+                              "delay": 0.02, "loss": 0.3}],
+                     max_attempts=4)
+    result = run_des(scenario, "ect")
+    assert_one_outcome_each(scenario, result.records)
+    assert result.counters["lost_task_messages"] > 0 and result.counters["lost_result_messages"] > 0
+    assert Counter(r.outcome for r in result.records)[OK] > 0.6 * len(result.records)
+
+
+def test_ect_beats_local_and_random_on_p95() -> None:
+    scenario = load_scenario(SCENARIOS / "near_overloaded.toml")
+    p95 = {policy: summarize(run_des(scenario, policy).records).p95
+           for policy in ("local", "random", "min_rtt", "ect")}
+    assert p95["ect"] is not None
+    assert p95["ect"] * 2 < p95["local"]  # type: ignore[operator]
+    assert p95["ect"] * 2 < p95["random"]  # type: ignore[operator]
+    assert p95["ect"] * 10 < p95["min_rtt"]  # type: ignore[operator]  # the near server is a trap
+
+
+def test_herding_spreading_beats_always_the_minimum() -> None:
+    scenario = load_scenario(SCENARIOS / "herding.toml")
+    always_min = run_des(scenario, "ect", config=scenario.policy_config(spread_k=1), label="ect k=1")
+    spread = run_des(scenario, "ect", config=scenario.policy_config(spread_k=3), label="ect k=3")
+    herd, spread_summary = summarize(always_min.records), summarize(spread.records)
+    assert max(herd.share_by_server.values()) > max(spread_summary.share_by_server.values()) + 0.1
+    assert herd.p95 > 1.3 * spread_summary.p95  # type: ignore[operator]
+    assert max(q for _, _, q, _ in always_min.queue_series) >= max(q for _, _, q, _ in spread.queue_series)
+
+
+def test_threshold_policy_of_the_old_proxy() -> None:
+    scenario = load_scenario(SCENARIOS / "old_proxy.toml")
+    threshold = summarize(run_des(scenario, "threshold").records)
+    local = summarize(run_des(scenario, "local").records)
+    # The first ~25 requests of the window run locally, then the rule offloads the rest.
+    assert 0.0 < threshold.share_local < 0.1
+    assert threshold.p95 * 10 < local.p95  # type: ignore[operator]
+
+
+def test_unknown_policy_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown policy 'fast'"):
+        run_des(small(), "fast")
+
+
+def test_summary_numbers_on_hand_made_records() -> None:
+    def record(i: int, device: str, target: str | None, latency: float | None, outcome: str = OK,
+               attempts: int = 1) -> TaskRecord:
+        return TaskRecord(f"t{i}", device, "detect", float(i), "ect", deadline=float(i) + 0.5,
+                          decided=float(i), received=None if latency is None else i + latency,
+                          finished=None if latency is None else i + latency, target=target,
+                          outcome=outcome, attempts=attempts)
+
+    records = [record(0, "a", None, 0.1), record(1, "a", "s1", 0.2), record(2, "a", "s1", 0.3),
+               record(3, "b", "s2", 0.9), record(4, "b", None, None, "timeout", attempts=3)]
+    summary = summarize(records, duration=10.0)
+    assert (summary.tasks, summary.completed, summary.failed) == (5, 4, {"timeout": 1})
+    assert summary.deadline_misses == 2          # 0.9 s late, and the timeout
+    assert summary.p50 == pytest.approx(0.2) and summary.p99 == pytest.approx(0.9)
+    assert summary.throughput == pytest.approx(0.4)
+    assert summary.share_local == pytest.approx(0.25)
+    assert summary.share_by_server == {"s1": 0.5, "s2": 0.25}
+    assert summary.switch_rate == pytest.approx(2 / 3)   # a: local->s1, s1->s1; b: s2->local
+    assert summary.retries == 2
+    table = format_table([summary])
+    assert "ect" in table and "timeout 1" in table and "200.0" in table
+
+
+def test_trace_csv_and_plots(tmp_path: Path) -> None:
+    scenario = small(duration=3.0)
+    results = [run_des(scenario, "ect"), run_des(scenario, "local")]
+    rows = write_trace_csv([r for result in results for r in result.records], tmp_path / "trace.csv")
+    with (tmp_path / "trace.csv").open() as handle:
+        parsed = list(csv.DictReader(handle))
+    assert rows == len(parsed) == sum(len(result.records) for result in results)
+    assert {"created", "decided", "sent", "started", "finished", "received", "target", "policy", "reason",
+            "outcome", "attempts"} <= set(parsed[0])
+    assert {row["target"] for row in parsed if row["policy"] == "local"} == {"local"}
+    paths = write_plots(results, tmp_path / "plots")
+    assert sorted(path.name for path in paths) == [
+        "latency_cdf.png", "local_throughput.png", "server_queues.png", "tasks_per_target.png"]
+    assert all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in paths)
+
+
+def test_cli_entry(tmp_path: Path) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    status = run_des_cli(SCENARIOS / "old_proxy.toml", ["threshold", "ect"], tmp_path / "run", None,
+                         progress=False, stdout=out, stderr=err)
+    assert status == 0, err.getvalue()
+    text = out.getvalue()
+    assert "threshold" in text and "ect" in text and "p95 ms" in text
+    assert {path.name for path in (tmp_path / "run").iterdir()} >= {
+        "trace.csv", "summary.txt", "server_queues.csv", "latency_cdf.png"}
+
+    err = io.StringIO()
+    assert run_des_cli(SCENARIOS / "old_proxy.toml", ["nope"], None, None, progress=False,
+                       stdout=io.StringIO(), stderr=err) == 2
+    assert err.getvalue().count("\n") == 1 and "unknown policy 'nope'" in err.getvalue()
+    bad = tmp_path / "bad.toml"
+    bad.write_text("duration = -1\n")
+    err = io.StringIO()
+    assert run_des_cli(bad, None, None, None, progress=False, stdout=io.StringIO(), stderr=err) == 2
+    assert "bad.toml: " in err.getvalue() and err.getvalue().count("\n") == 1
