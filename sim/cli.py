@@ -1,0 +1,293 @@
+"""``offload-sim``: run a scenario under several policies and compare them; the demo.
+
+    offload-sim run sim/scenarios/heterogeneous.toml            # emulation on the embedded broker
+    offload-sim run herding --mode des                           # discrete-event mode
+    offload-sim run server_crash --broker mosquitto              # spawn a Mosquitto for the run
+    offload-sim run near_overloaded --broker mqtt://10.0.0.5     # a broker you run
+    offload-sim validate my.toml
+    offload-sim scenarios
+    offload-sim demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from edge_agent.policy import POLICIES
+from sim.report import RunResult, format_table, summaries_of, write_plots, write_trace_csv
+from sim.scenario import Scenario, ScenarioError, load_scenario
+
+log = logging.getLogger("offload-sim")
+
+SCENARIO_DIR = Path(__file__).parent / "scenarios"
+EXIT_USAGE = 2
+EXIT_RUNTIME = 1
+EXIT_INTERRUPTED = 130
+
+
+class CliError(Exception):
+    """One line for the user, and the exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_RUNTIME) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def resolve_scenario(name: str) -> Path:
+    """A path as given, or the name of a shipped scenario (``herding`` -> sim/scenarios/herding.toml)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    shipped = SCENARIO_DIR / (name if name.endswith(".toml") else f"{name}.toml")
+    if shipped.exists():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in SCENARIO_DIR.glob("*.toml")))
+    raise CliError(f"no scenario file {name!r} (shipped scenarios: {names})", EXIT_USAGE)
+
+
+def _policies(text: str | None, scenario: Scenario) -> list[str]:
+    if not text:
+        return list(scenario.policies)
+    chosen = [name.strip() for name in text.split(",") if name.strip()]
+    for name in chosen:
+        if name not in POLICIES:
+            raise CliError(f"unknown policy {name!r}; valid: {', '.join(POLICIES)}", EXIT_USAGE)
+    if not chosen:
+        raise CliError("--policies is empty", EXIT_USAGE)
+    return chosen
+
+
+@contextlib.contextmanager
+def broker_for(choice: str) -> Iterator[tuple[str, str]]:
+    """Yield ``(url, description)`` for ``embedded``, ``mosquitto`` or an ``mqtt://`` URL."""
+    from topics.brokers import EmbeddedBroker, MosquittoBroker, mosquitto_binary
+
+    if choice == "embedded":
+        with EmbeddedBroker() as broker:
+            yield broker.url, f"embedded amqtt at {broker.url}"
+    elif choice == "mosquitto":
+        if mosquitto_binary() is None:
+            raise CliError("--broker mosquitto: mosquitto is not installed "
+                           "(apt-get install mosquitto)", EXIT_USAGE)
+        with MosquittoBroker() as broker:
+            yield broker.url, f"Mosquitto at {broker.url}"
+    elif choice.startswith(("mqtt://", "mqtts://")):
+        yield choice, choice
+    else:
+        raise CliError(f"--broker {choice!r}: use embedded, mosquitto or mqtt://host:port", EXIT_USAGE)
+
+
+class _Progress:
+    """A tqdm bar over simulated seconds when tqdm is installed and stderr is a terminal."""
+
+    def __init__(self, total: float, enabled: bool) -> None:
+        self._bar: Any = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self._bar = tqdm(total=round(total, 1), unit="s", file=sys.stderr, leave=False,
+                             bar_format="{desc} {bar} {n:.1f}/{total:.1f} s")
+        self._offset = 0.0
+
+    def begin(self, label: str, offset: float) -> None:
+        self._offset = offset
+        if self._bar is not None:
+            self._bar.set_description_str(label)
+
+    def update(self, seconds: float) -> None:
+        if self._bar is not None:
+            self._bar.n = round(self._offset + seconds, 1)
+            self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def write_outputs(results: Sequence[RunResult], out_dir: Path, *, meta: dict[str, Any],
+                  plots: bool) -> list[Path]:
+    """The results folder: trace.csv, summary.txt/json, run.json and the PNG plots."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "trace.csv", out_dir / "summary.txt", out_dir / "summary.json",
+               out_dir / "run.json"]
+    write_trace_csv([record for result in results for record in result.records], written[0])
+    summaries = summaries_of(results)
+    written[1].write_text(format_table(summaries) + "\n")
+    written[2].write_text(json.dumps([dataclasses.asdict(s) for s in summaries], indent=2) + "\n")
+    counters = {result.name: result.counters for result in results}
+    written[3].write_text(json.dumps({**meta, "counters": counters}, indent=2, default=str) + "\n")
+    if plots:
+        try:
+            written.extend(write_plots(results, out_dir))
+        except ImportError:
+            print("plots skipped: matplotlib is not installed (pip install 'mqtt-offload[sim]')",
+                  file=sys.stderr)
+    return written
+
+
+def run_scenario(args: argparse.Namespace) -> int:
+    path = resolve_scenario(args.scenario)
+    try:
+        scenario = load_scenario(path)
+    except ScenarioError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+    if args.duration is not None:
+        if args.duration <= 0:
+            raise CliError("--duration must be positive", EXIT_USAGE)
+        scenario = scenario.model_copy(update={"duration": args.duration})
+    if args.seed is not None:
+        scenario = scenario.model_copy(update={"seed": args.seed})
+    policies = _policies(args.policies, scenario)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(args.out) if args.out else Path("results") / f"{scenario.name}-{args.mode}-{stamp}"
+    results: list[RunResult] = []
+    meta: dict[str, Any] = {"scenario": str(path), "name": scenario.name, "mode": args.mode,
+                            "seed": scenario.seed, "duration": scenario.duration,
+                            "policies": policies}
+    progress = _Progress(scenario.duration * len(policies),
+                         enabled=not args.quiet and sys.stderr.isatty())
+    interrupted = False
+    try:
+        if args.mode == "des":
+            from sim.des import run_des
+
+            for index, policy in enumerate(policies):
+                progress.begin(policy, index * scenario.duration)
+                result = run_des(scenario, policy)
+                progress.update(scenario.duration)
+                results.append(result)
+                meta.setdefault("des", {})[policy] = {
+                    "events": result.events, "wall_seconds": round(result.wall_seconds, 3),
+                    "tasks_per_second": round(result.tasks_per_second)}
+        else:
+            from sim.emulate import EmulationError, run_emulation
+            from topics.transport import ConnectError
+
+            stop = threading.Event()
+            with broker_for(args.broker) as (url, described):
+                meta["broker"] = described
+                print(f"{scenario.name}: {len(scenario.device_nodes())} devices, "
+                      f"{len(scenario.server_nodes())} servers, {scenario.duration:g} s per policy, "
+                      f"on {described}", file=sys.stderr)
+                for index, policy in enumerate(policies):
+                    progress.begin(policy, index * scenario.duration)
+                    try:
+                        results.append(run_emulation(scenario, policy, broker_url=url,
+                                                     protocol=args.protocol,
+                                                     progress=progress.update, stop=stop))
+                    except KeyboardInterrupt:
+                        stop.set()
+                        raise
+                    except (ConnectError, EmulationError) as exc:
+                        raise CliError(f"{policy}: {exc}") from exc
+    except KeyboardInterrupt:
+        interrupted = True
+        meta["interrupted"] = True
+    finally:
+        progress.close()
+    if results:
+        print(format_table(summaries_of(results)))
+        written = write_outputs(results, out_dir, meta=meta, plots=not args.no_plots)
+        print(f"results: {out_dir}/ ({', '.join(p.name for p in written)})")
+    if interrupted:
+        print("interrupted: wrote what was collected so far", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def validate(args: argparse.Namespace) -> int:
+    path = resolve_scenario(args.scenario)
+    try:
+        scenario = load_scenario(path)
+    except ScenarioError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+    print(f"{path}: ok ({len(scenario.device_nodes())} devices, {len(scenario.server_nodes())} "
+          f"servers, {scenario.duration:g} s, policies {', '.join(scenario.policies)})")
+    return 0
+
+
+def list_scenarios(_: argparse.Namespace) -> int:
+    for path in sorted(SCENARIO_DIR.glob("*.toml")):
+        try:
+            scenario = load_scenario(path)
+            print(f"{path.stem:18} {scenario.description.splitlines()[0] if scenario.description else ''}")
+        except ScenarioError as exc:
+            print(f"{path.stem:18} INVALID: {exc}")
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    from sim.demo import run_demo
+
+    return run_demo(tasks=args.tasks, scenario=resolve_scenario(args.scenario),
+                    duration=args.duration, out=Path(args.out) if args.out else None,
+                    plots=not args.no_plots)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="offload-sim", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", default="WARNING",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (stderr)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a scenario under its policies and compare them")
+    run.add_argument("scenario", help="a scenario TOML file, or the name of a shipped one")
+    run.add_argument("--mode", choices=["emulate", "des"], default="emulate",
+                     help="emulate: real agents on a real broker (default); des: discrete events")
+    run.add_argument("--broker", default="embedded",
+                     help="embedded (amqtt, default), mosquitto (spawn one) or mqtt://host:port")
+    run.add_argument("--protocol", choices=["3.1.1", "5"], default="3.1.1", help="MQTT version")
+    run.add_argument("--policies", help=f"comma-separated subset of {', '.join(POLICIES)}")
+    run.add_argument("--seed", type=int, help="replace the scenario's seed")
+    run.add_argument("--duration", type=float, help="replace the scenario's duration (s)")
+    run.add_argument("--out", help="results folder (default results/<scenario>-<mode>-<time>)")
+    run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(handler=run_scenario)
+
+    check = commands.add_parser("validate", help="check a scenario file and say what it describes")
+    check.add_argument("scenario")
+    check.set_defaults(handler=validate)
+
+    shipped = commands.add_parser("scenarios", help="list the shipped scenarios")
+    shipped.set_defaults(handler=list_scenarios)
+
+    show = commands.add_parser("demo", help="embedded broker, servers and devices: offload a few "
+                                            "tasks, then compare policies on a small fleet")
+    show.add_argument("--tasks", type=int, default=8, help="tasks in the first part (default 8)")
+    show.add_argument("--scenario", default="heterogeneous", help="fleet scenario for the second part")
+    show.add_argument("--duration", type=float, default=6.0, help="seconds per policy (default 6)")
+    show.add_argument("--out", help="results folder")
+    show.add_argument("--no-plots", action="store_true")
+    show.set_defaults(handler=demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = args.handler(args)
+        return code
+    except CliError as exc:
+        print(f"offload-sim: error: {exc}", file=sys.stderr)
+        return exc.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
