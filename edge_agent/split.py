@@ -14,6 +14,9 @@ Throughput model, for split ``k < n``::
                   min(that, window / latency)              and a bounded window caps it
     fps(k)      = 1 / latency                              one frame at a time
 
+where a measured latency of split ``k`` (``measured_latency_s[k]``: frame start to result, which
+also holds the queueing the sum above leaves out) replaces the modelled one when it is larger.
+
 and ``fps(n) = 1 / sum(stage_local_s)``. ``message_overhead_s`` is the device's own CPU cost of
 sending one frame and taking its result back (encoding, publishing, decoding): it is what makes
 offloading a cheap tail of stages not worth it.
@@ -95,6 +98,7 @@ def estimate_split(k: int, stage_local_s: Sequence[float], stage_remote_s: Seque
                    transfer_bytes: Sequence[int | None], rtt_s: float | None,
                    bandwidth_bps: float | None, *, pipelined: bool = True,
                    window: int | None = None, message_overhead_s: float = 0.0,
+                   measured_latency_s: Sequence[float | None] | None = None,
                    compress: bool = False, compressed_bytes: Sequence[int | None] | None = None,
                    compress_s: Sequence[float] | None = None,
                    decompress_s: Sequence[float] | None = None) -> SplitEstimate:
@@ -123,6 +127,9 @@ def estimate_split(k: int, stage_local_s: Sequence[float], stage_remote_s: Seque
     assert bandwidth_bps is not None and rtt_s is not None
     transfer = 8.0 * size / bandwidth_bps
     latency = local + transfer + rtt_s + remote
+    measured = measured_latency_s[k] if measured_latency_s is not None else None
+    if measured is not None and measured > latency:
+        latency = measured
     if pipelined:
         fps = 1.0 / max(local, transfer, remote, MIN_PERIOD_S)
         if window is not None:
@@ -137,6 +144,7 @@ def choose_split(stage_local_s: Sequence[float], stage_remote_s: Sequence[float]
                  bandwidth_bps: float | None, target_fps: float, current: int | None = None,
                  hysteresis: float = 0.15, pipelined: bool = True, *, window: int | None = None,
                  message_overhead_s: float = 0.0,
+                 measured_latency_s: Sequence[float | None] | None = None,
                  compressed_bytes: Sequence[int | None] | None = None,
                  compress_s: Sequence[float] | None = None,
                  decompress_s: Sequence[float] | None = None) -> SplitDecision:
@@ -160,7 +168,7 @@ def choose_split(stage_local_s: Sequence[float], stage_remote_s: Sequence[float]
         raise SplitError(f"transfer_bytes needs {n} sizes >= 0 (or None), got "
                          f"{list(transfer_bytes)}")
     for name, extra in (("compressed_bytes", compressed_bytes), ("compress_s", compress_s),
-                        ("decompress_s", decompress_s)):
+                        ("decompress_s", decompress_s), ("measured_latency_s", measured_latency_s)):
         if extra is not None and len(extra) != n:
             raise SplitError(f"{name} has {len(extra)} entries, the pipeline has {n} stages")
     if not math.isfinite(target_fps) or target_fps <= 0:
@@ -182,12 +190,14 @@ def choose_split(stage_local_s: Sequence[float], stage_remote_s: Sequence[float]
     for k in range(1, n + 1):
         raw = estimate_split(k, stage_local_s, stage_remote_s, transfer_bytes, rtt_s,
                              bandwidth_bps, pipelined=pipelined, window=window,
-                             message_overhead_s=message_overhead_s)
+                             message_overhead_s=message_overhead_s,
+                             measured_latency_s=measured_latency_s)
         if can_compress and k < n and compressed_bytes is not None \
                 and compressed_bytes[k] is not None:
             packed = estimate_split(k, stage_local_s, stage_remote_s, transfer_bytes, rtt_s,
                                     bandwidth_bps, pipelined=pipelined, window=window,
-                                    message_overhead_s=message_overhead_s, compress=True,
+                                    message_overhead_s=message_overhead_s,
+                                    measured_latency_s=measured_latency_s, compress=True,
                                     compressed_bytes=compressed_bytes,
                                     compress_s=compress_s, decompress_s=decompress_s)
             if packed.fps > raw.fps:
@@ -245,11 +255,14 @@ class _Samples:
         self.values.append((now, value))
 
     def median(self, now: float, horizon_s: float, fallback_count: int = 5) -> float | None:
-        """Median of samples within ``horizon_s``; the last few if none are that recent."""
+        """Median of samples within ``horizon_s``; the last ``fallback_count`` if none are that
+        recent (``0``: ``None`` then)."""
         if not self.values:
             return None
         recent = [v for t, v in self.values if now - t <= horizon_s]
         if not recent:
+            if fallback_count <= 0:
+                return None
             recent = [v for _, v in list(self.values)[-fallback_count:]]
         return statistics.median(recent)
 
@@ -311,6 +324,7 @@ class SplitController:
         self._unpack_s = [_Samples() for _ in range(n_stages)]
         self._remote: deque[tuple[float, int, float]] = deque(maxlen=64)
         self._overhead = _Samples()
+        self._latency = [_Samples() for _ in range(n_stages)]
         self._rtt: float | None = None
         self._bandwidth: float | None = None
         self._failures = 0
@@ -368,6 +382,14 @@ class SplitController:
         if not seconds >= 0 or math.isinf(seconds):
             raise SplitError(f"overhead must be finite and >= 0, got {seconds!r}")
         self._overhead.add(now, seconds)
+
+    def observe_latency(self, split: int, seconds: float, now: float) -> None:
+        """A frame split at ``split`` took ``seconds`` from its start to its remote result."""
+        if not 1 <= split < self.n:
+            raise SplitError(f"split {split} has no remote part (1..{self.n - 1})")
+        if not seconds >= 0 or math.isinf(seconds):
+            raise SplitError(f"latency must be finite and >= 0, got {seconds!r}")
+        self._latency[split].add(now, seconds)
 
     def observe_link(self, rtt_s: float | None, bandwidth_bps: float | None, now: float) -> None:
         """The current round trip and bandwidth to the best server (``None``: no server)."""
@@ -459,6 +481,8 @@ class SplitController:
                             self._split if current == -1 else current, self.hysteresis,
                             self.pipelined, window=self.in_flight,
                             message_overhead_s=self._overhead.median(now, self.horizon_s) or 0.0,
+                            measured_latency_s=[s.median(now, self.horizon_s, 0)
+                                                for s in self._latency],
                             compressed_bytes=packed,
                             compress_s=pack_s, decompress_s=unpack_s)
 

@@ -312,3 +312,33 @@ def test_controller_probes_the_server_while_everything_runs_locally() -> None:
     controller.update(1.1)
     assert controller.split == 2
     assert controller.remote_probe_split(1.2) is None  # offloading measures the server anyway
+
+
+def test_measured_latency_caps_a_bounded_window() -> None:
+    modelled = estimate_split(2, LOCAL, FAST_SERVER, SIZES, RTT, GIGABIT, window=4)
+    assert modelled.fps == pytest.approx(1 / 0.012)
+    latencies: list[float | None] = [None] * 7
+    latencies[2] = 0.080  # queueing on the way: 4 frames in flight / 80 ms = 50 fps
+    measured = estimate_split(2, LOCAL, FAST_SERVER, SIZES, RTT, GIGABIT, window=4,
+                              measured_latency_s=latencies)
+    assert measured.latency_s == pytest.approx(0.080) and measured.fps == pytest.approx(50.0)
+    assert choose_split(LOCAL, FAST_SERVER, SIZES, RTT, GIGABIT, 60.0, window=4,
+                        measured_latency_s=latencies).k == 1
+    latencies[2] = 0.001  # never below the model
+    assert estimate_split(2, LOCAL, FAST_SERVER, SIZES, RTT, GIGABIT,
+                          measured_latency_s=latencies).latency_s == modelled.latency_s
+
+
+def test_controller_uses_only_recent_latencies() -> None:
+    controller = SplitController(7, 60.0, window_s=1.0, in_flight=4)
+    controller.observe_link(RTT, GIGABIT, 0.0)
+    feed_local(controller, 0.0)
+    feed_sizes(controller, 0.0)
+    controller.observe_latency(2, 0.080, 0.0)
+    decision = controller.evaluate(0.5)
+    assert decision is not None and decision.candidates[1].fps == pytest.approx(50.0)
+    feed_local(controller, 10.0)
+    later = controller.evaluate(10.0)
+    assert later is not None and later.candidates[1].fps == pytest.approx(1 / 0.016)  # expired
+    with pytest.raises(SplitError, match="no remote part"):
+        controller.observe_latency(7, 0.01, 10.0)
