@@ -180,7 +180,7 @@ def run_scenario(args: argparse.Namespace) -> int:
                 meta["broker"] = described
                 print(f"{scenario.name}: {len(scenario.device_nodes())} devices, "
                       f"{len(scenario.server_nodes())} servers, {scenario.duration:g} s per policy, "
-                      f"on {described}", file=sys.stderr)
+                      f"on {described}")
                 for index, policy in enumerate(policies):
                     progress.begin(policy, index * scenario.duration)
                     try:

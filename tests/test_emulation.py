@@ -1,0 +1,172 @@
+"""Emulation mode end to end: real agents on a real broker, the same workload as the DES mode."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from sim.cli import SCENARIO_DIR, main
+from sim.des import run_des
+from sim.emulate import run_emulation
+from sim.linkemu import DelayScheduler, LinkEmulator, LinkParams
+from sim.report import summarize
+from sim.scenario import Scenario, generate_arrivals, load_scenario, parse_scenario
+from topics.brokers import EmbeddedBroker
+from topics.memory import MemoryBroker, MemoryTransport
+from topics.names import TopicTree
+from topics.transport import Message
+
+
+def small_scenario(**overrides: object) -> Scenario:
+    """Two slow devices, two fast servers: offloading clearly wins; seconds long."""
+    data: dict[str, object] = {
+        "name": "small", "duration": 2.0, "seed": 3, "heartbeat_interval": 0.25,
+        "ping_interval": 0.5, "timeout_min": 0.3, "policies": ["local", "ect"],
+        "tasks": {"work": {"service_time": 0.02, "variation": 0.2}},
+        "devices": [{"name": "dev", "count": 2, "speed": 0.25, "task": "work",
+                     "payload_bytes": 2000, "deadline": 3.0,
+                     "workload": {"kind": "poisson", "rate": 8.0}}],
+        "servers": [{"name": "srv", "count": 2, "workers": 2, "speed": 2.0, "queue_size": 16}],
+        "links": {"default": {"delay": 0.001, "jitter": 0.0002, "bandwidth": 12.5e6}},
+    }
+    data.update(overrides)
+    return parse_scenario(data, "small")
+
+
+def expected_tasks(scenario: Scenario) -> int:
+    return sum(len(generate_arrivals(scenario, node.index)) for node in scenario.device_nodes())
+
+
+def assert_one_outcome_each(records: list, scenario: Scenario) -> None:
+    ids = Counter(record.task_id for record in records)
+    assert all(count == 1 for count in ids.values()), "a task reported more than one outcome"
+    assert len(ids) == expected_tasks(scenario), "tasks were lost or invented"
+
+
+def test_small_fleet_runs_the_same_workload_and_offloading_wins(amqtt_broker: EmbeddedBroker) -> None:
+    scenario = small_scenario()
+    local = run_emulation(scenario, "local", broker_url=amqtt_broker.url)
+    ect = run_emulation(scenario, "ect", broker_url=amqtt_broker.url)
+    for result in (local, ect):
+        assert_one_outcome_each(result.records, scenario)
+        assert all(record.outcome == "ok" for record in result.records), Counter(
+            record.outcome for record in result.records)
+    assert {record.target for record in local.records} == {None}
+    assert any(record.target for record in ect.records), "ect never offloaded to the fast servers"
+    local_p50, ect_p50 = summarize(local.records).p50, summarize(ect.records).p50
+    assert local_p50 is not None and ect_p50 is not None
+    assert ect_p50 < local_p50, (ect_p50, local_p50)
+    assert ect.queue_series, "no server heartbeats were observed"
+
+
+def test_both_modes_rank_the_policies_alike(amqtt_broker: EmbeddedBroker) -> None:
+    scenario = small_scenario(policies=["local", "ect", "random"])
+    emulated = {policy: summarize(run_emulation(scenario, policy, broker_url=amqtt_broker.url).records)
+                for policy in ("local", "ect")}
+    simulated = {policy: summarize(run_des(scenario, policy).records) for policy in ("local", "ect")}
+    for summaries in (emulated, simulated):
+        assert summaries["ect"].p50 is not None and summaries["local"].p50 is not None
+        assert summaries["ect"].p50 < summaries["local"].p50
+        assert summaries["ect"].completed == summaries["local"].completed == expected_tasks(scenario)
+
+
+def test_server_crash_loses_no_task(amqtt_broker: EmbeddedBroker) -> None:
+    scenario = small_scenario(
+        duration=3.0, servers=[{"name": "srv", "count": 2, "workers": 2, "speed": 2.0}],
+        events=[{"kind": "crash", "at": 1.0, "server": "srv-0", "will": True}])
+    result = run_emulation(scenario, "ect", broker_url=amqtt_broker.url)
+    assert_one_outcome_each(result.records, scenario)
+    assert result.counters.get("crashes") == 1
+    after = [r for r in result.records if r.created > 1.5 and r.outcome == "ok"]
+    assert after and all(r.target != "srv-0" for r in after), "the crashed server was still chosen"
+    assert sum(r.outcome == "ok" for r in result.records) >= 0.9 * len(result.records)
+
+
+def test_link_emulator_delays_drops_and_paces() -> None:
+    broker = MemoryBroker()
+    tree = TopicTree("t")
+    received: list[tuple[float, Message]] = []
+    import time
+
+    sink = MemoryTransport(broker, "sink")
+    sink.connect()
+    sink.subscribe("t/#", lambda message: received.append((time.monotonic(), message)))
+    scheduler = DelayScheduler()
+    links = {"srv": LinkParams(delay=0.05), "lossy": LinkParams(loss=1.0),
+             "thin": LinkParams(bandwidth=100_000.0)}
+    emulator = LinkEmulator(MemoryTransport(broker, "dev"), node_id="dev", tree=tree,
+                            link_to=lambda peer: links.get(peer or "", LinkParams()),
+                            scheduler=scheduler, rng=__import__("random").Random(1))
+    emulator.connect()
+    try:
+        sent = time.monotonic()
+        emulator.publish(tree.task_inbox("srv"), b"x")
+        emulator.publish(tree.task_inbox("lossy"), b"x")
+        emulator.publish(tree.heartbeat("dev"), b"beat")  # broadcast: the default link, no delay
+        for _ in range(2):
+            emulator.publish(tree.task_inbox("thin"), bytes(5_000))  # 50 ms each on the wire
+        deadline = time.monotonic() + 2.0
+        while len(received) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        by_topic = {message.topic: at - sent for at, message in received}
+        assert set(by_topic) == {"t/node/srv/task", "t/node/dev/heartbeat", "t/node/thin/task"}
+        assert by_topic["t/node/dev/heartbeat"] < 0.04
+        assert 0.045 <= by_topic["t/node/srv/task"] < 0.5
+        thin = sorted(at - sent for at, message in received if message.topic == "t/node/thin/task")
+        assert len(thin) == 2 and thin[0] >= 0.045 and thin[1] >= 0.095
+        assert emulator.counters["lost"] == 1
+    finally:
+        scheduler.stop()
+        emulator.close()
+        sink.close()
+
+
+@pytest.mark.parametrize("path", sorted(SCENARIO_DIR.glob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_scenarios_validate(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(path)]) == 0
+    assert "ok (" in capsys.readouterr().out
+    load_scenario(path)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sim", *args], capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def test_cli_help_and_bad_input_get_one_clear_line(tmp_path: Path) -> None:
+    assert run_cli("--help").returncode == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text('duration = 5\n[tasks.t]\nservice_time = 0.01\n'
+                   '[[devices]]\nname = "d"\ntask = "t"\nworkers = 0\nworkload = {kind = "fps", fps = 5}\n')
+    cases = [
+        (("run", str(bad)), 2, "devices[0].workers"),
+        (("run", "no-such-scenario"), 2, "no scenario file"),
+        (("run", "heterogeneous", "--policies", "fastest"), 2, "unknown policy 'fastest'"),
+        (("run", "heterogeneous", "--broker", "mqtt://127.0.0.1:1", "--duration", "1"), 1,
+         "127.0.0.1:1"),
+        (("run", "heterogeneous", "--broker", "ftp://x"), 2, "--broker"),
+    ]
+    for args, code, needle in cases:
+        done = run_cli(*args)
+        assert done.returncode == code, (args, done.stderr)
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and needle in lines[0], (args, done.stderr)
+
+
+def test_cli_des_run_writes_the_results_folder(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = run_cli("run", "herding", "--mode", "des", "--duration", "3", "--out", str(out),
+                   "--policies", "min_rtt,ect")
+    assert done.returncode == 0, done.stderr
+    assert "min_rtt" in done.stdout and "ect" in done.stdout
+    for name in ("trace.csv", "summary.txt", "summary.json", "run.json", "latency_cdf.png",
+                 "tasks_per_target.png", "local_throughput.png", "server_queues.png"):
+        assert (out / name).stat().st_size > 0, name
+    header = (out / "trace.csv").read_text().splitlines()[0]
+    for column in ("created", "decided", "sent", "started", "finished", "received", "target",
+                   "policy", "reason", "outcome", "attempts"):
+        assert column in header
