@@ -101,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
     except (SettingsError, ValueError) as exc:
         raise UsageError(str(exc).splitlines()[0]) from exc
     _setup_logging(config.log_level, config.id)
+    if not config.tasks:
+        raise UsageError("setting tasks: at least one tasks module is needed (--tasks examples.tasks)")
     try:
         registry = load_tasks(*config.tasks)
     except RegistryError as exc:

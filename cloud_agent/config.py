@@ -98,13 +98,6 @@ class CloudConfig(BaseModel):
         TopicTree(value)
         return value
 
-    @field_validator("tasks")
-    @classmethod
-    def _check_tasks(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("at least one tasks module is needed")
-        return value
-
     def transport_config(self, broker: str | None = None) -> TransportConfig:
         """How to reach the broker (``broker`` overrides the configured URL, e.g. an embedded one)."""
         url = broker or self.broker

@@ -200,7 +200,7 @@ def run_emulation(scenario: Scenario, policy: str, *, broker_url: str, protocol:
         for server in servers:
             capabilities = [t for t in all_tasks if scenario.capable(server.group, t)]
             agent = CloudAgent(
-                CloudConfig(id=server.node, broker=broker_url, prefix=tree.prefix, tasks=["sim.emulate"],
+                CloudConfig(id=server.node, broker=broker_url, prefix=tree.prefix, tasks=[],
                             workers=server.group.workers, queue_size=server.group.queue_size,
                             heartbeat_interval=scenario.heartbeat_interval, grace_period=0.0),
                 transport(server.node, server_link(server)),
