@@ -29,6 +29,7 @@ Stale, incapable and excluded servers are never chosen by any policy.
 
 from __future__ import annotations
 
+import operator
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -218,8 +219,8 @@ def local_ect(local: LocalInfo, config: PolicyConfig = DEFAULT_POLICY_CONFIG) ->
                         config.in_flight_residual) + service)
 
 
-def _sort_key(option: tuple[str, float]) -> float:
-    return option[1]
+_sort_key = operator.itemgetter(1)
+"""Sort options by their ECT (C-level key: this runs on every decision)."""
 
 
 def _options(task: TaskInfo, local: LocalInfo, servers: Sequence[ServerInfo], exclude: frozenset[str],
@@ -289,14 +290,15 @@ def _pick(policy: str, options: list[tuple[str, float]], time_left: float | None
                 for option in candidates[:near]:
                     if option[0] == previous:
                         return option, "keep-previous", estimates, True
-            return candidates[rng.randrange(near)], "spread", estimates, True
+            return candidates[int(rng.random() * near)], "spread", estimates, True
     return best, reason, estimates, True
 
 
 def _labelled(options: list[tuple[str, float]], local_estimate: float | None) -> list[tuple[str, float]]:
-    if local_estimate is None:
-        return options
-    return [*options, (LOCAL, local_estimate)]
+    """``options`` plus the local one; only ever called on a list built for this decision."""
+    if local_estimate is not None:
+        options.append((LOCAL, local_estimate))
+    return options
 
 
 def _decision(policy: str, chosen: tuple[str, float], reason: str, estimates: tuple[tuple[str, float], ...],
@@ -367,7 +369,7 @@ def decide(policy: str, task: TaskInfo, local: LocalInfo, servers: Sequence[Serv
 
     estimates = tuple(sorted(options, key=_sort_key))
     if policy == "random":
-        chosen = options[rng.randrange(len(options))]
+        chosen = options[int(rng.random() * len(options))]
     else:
         # min_rtt: the lowest round trip among usable servers, blind to load; table order on ties.
         # ``options`` holds the usable servers in table order, so walk both in step.

@@ -31,6 +31,7 @@ import time as wallclock
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from heapq import heappush
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -173,7 +174,8 @@ class _Simulation:
         self.seed = seed
         self.net_rng = random.Random(f"{seed}:network")
         self.decide_rng = random.Random(f"{seed}:decide:{policy}")
-        self.heap: list[tuple[float, int, int, object, int]] = []
+        # (time, sequence, kind, subject, value): the sequence keeps same-time events in push order.
+        self.heap: list[tuple[float, int, int, Any, Any]] = []
         self.order = itertools.count()
         self.now = 0.0
         self.records: list[TaskRecord] = []
@@ -184,6 +186,9 @@ class _Simulation:
         self.interval = scenario.heartbeat_interval
         self.stale_after = scenario.stale_after * scenario.heartbeat_interval
         self.costs = {name: cost.service_time for name, cost in scenario.tasks.items()}
+        self.timeout_min = scenario.timeout_min
+        self.timeout_factor = scenario.timeout_factor
+        self.failure_penalty = config.failure_penalty
         self.result_bytes = {name: cost.result_bytes for name, cost in scenario.tasks.items()}
 
         self.device_groups = list(scenario.devices)
@@ -195,7 +200,6 @@ class _Simulation:
                     None if node.group.capabilities is None else frozenset(node.group.capabilities))
             for node in scenario.server_nodes()]
         self.server_index = {server.node: server.index for server in self.servers}
-        self.pending_arrival_of: dict[int, Arrival] = {}
         device_index = {group.name: i for i, group in enumerate(self.device_groups)}
         self.devices = [
             _Device(node.index, node.node, device_index[node.group.name], node.group,
@@ -221,7 +225,7 @@ class _Simulation:
     def _link_tuple(link: LinkSpec) -> tuple[float, float, float, float]:
         return (link.delay, link.jitter, link.loss, link.bandwidth)
 
-    def push(self, when: float, kind: int, subject: object, value: int = 0) -> None:
+    def push(self, when: float, kind: int, subject: Any, value: Any = 0) -> None:
         heapq.heappush(self.heap, (when, next(self.order), kind, subject, value))
 
     def count(self, name: str) -> None:
@@ -315,8 +319,7 @@ class _Simulation:
         if following is None:
             self.pending_arrivals -= 1
         else:
-            self.push(following.time, _ARRIVE, device, 0)
-            self.pending_arrival_of[device.index] = following
+            heappush(self.heap, (following.time, next(self.order), _ARRIVE, device, following))
         device.created += 1
         deadline = None if arrival.deadline is None else now + arrival.deadline
         record = TaskRecord(f"{device.node}:{device.created}", device.node, arrival.task, now, self.policy,
@@ -386,21 +389,28 @@ class _Simulation:
             mine[1] += 1
         # The timeout follows the plain estimate: the failure penalty steers choices, it does not make
         # the server slower.
-        estimate = record.estimate if record.estimate is not None else self.scenario.timeout_min
-        failed = device.failures.get(index)
-        if failed is not None:
-            decayed = failed[0] * 0.5 ** ((now - failed[1]) / _FAILURE_HALF_LIFE)
-            estimate = max(estimate - decayed * self.config.failure_penalty, 0.0)
-        timeout = max(self.scenario.timeout_min, self.scenario.timeout_factor * estimate)
+        estimate = decision.expected if decision.expected is not None else self.timeout_min
+        if device.failures:
+            failed = device.failures.get(index)
+            if failed is not None:
+                decayed = failed[0] * 0.5 ** ((now - failed[1]) / _FAILURE_HALF_LIFE)
+                estimate = max(estimate - decayed * self.failure_penalty, 0.0)
+        timeout = self.timeout_factor * estimate
+        if timeout < self.timeout_min:
+            timeout = self.timeout_min
         if time_left is not None:
             timeout = min(timeout, max(time_left - (start - now), 0.0))
-        self.push(start + timeout, _TIMEOUT, job, job.attempt)
-        if loss and self.net_rng.random() < loss:
+        heap, order = self.heap, self.order
+        heappush(heap, (start + timeout, next(order), _TIMEOUT, job, job.attempt))
+        random = self.net_rng.random
+        if loss and random() < loss:
             self.count("lost_task_messages")
             return
         if jitter:
-            delay = max(0.0, delay + self.net_rng.uniform(-jitter, jitter))
-        self.push(start + transfer + delay, _SRV_RECV, (job, server), job.attempt)
+            delay += jitter * (2.0 * random() - 1.0)
+            if delay < 0.0:
+                delay = 0.0
+        heappush(heap, (start + transfer + delay, next(order), _SRV_RECV, (job, server), job.attempt))
 
     def start_local(self, job: _Job, now: float) -> None:
         device = job.device
@@ -416,7 +426,7 @@ class _Simulation:
         while device.queue and device.busy < device.spec.workers:
             self.start_local(device.queue.popleft(), now)
 
-    def local_done(self, job: _Job, now: float) -> None:
+    def local_done(self, job: _Job, _: int, now: float) -> None:
         device = job.device
         device.busy -= 1
         record = job.record
@@ -452,7 +462,8 @@ class _Simulation:
         if attempt == job.attempt and not job.done:
             job.record.started = now
         cost = self.costs[job.record.task] * job.work / server.speed * server.factor
-        self.push(now + cost, _SRV_DONE, (server, job, attempt, now), server.epoch)
+        heappush(self.heap, (now + cost, next(self.order), _SRV_DONE, (server, job, attempt, now),
+                             server.epoch))
 
     def server_done(self, packed: tuple[_Server, _Job, int, float], epoch: int, now: float) -> None:
         server, job, attempt, started = packed
@@ -479,9 +490,12 @@ class _Simulation:
             self.count("lost_result_messages")
             return
         if jitter:
-            delay = max(0.0, delay + self.net_rng.uniform(-jitter, jitter))
+            delay += jitter * (2.0 * self.net_rng.random() - 1.0)
+            if delay < 0.0:
+                delay = 0.0
         size = self.result_bytes[job.record.task] if status == _ST_OK else 100
-        self.push(now + size / bandwidth + delay, _RES_RECV, job, attempt * 8 + status)
+        heappush(self.heap, (now + size / bandwidth + delay, next(self.order), _RES_RECV, job,
+                             attempt * 8 + status))
 
     def result(self, job: _Job, code: int, now: float) -> None:
         attempt, status = code >> 3, code & 7
@@ -539,18 +553,18 @@ class _Simulation:
             if entry[0] == _INF:
                 entry[0] = -_INF
 
-    def ping(self, pair: tuple[int, int], now: float) -> None:
+    def ping(self, pair: tuple[int, int], _: int, now: float) -> None:
         group, index = pair
         server = self.servers[index]
         self.push(now + self.scenario.ping_interval, _PING, pair, 0)
         if not server.alive:
             return
-        delay, jitter, loss, _ = self.links[group][server.group]
+        delay, jitter, loss, _bandwidth = self.links[group][server.group]
         if loss and (self.net_rng.random() < loss or self.net_rng.random() < loss):
             return
         sample = 0.0
-        for _ in range(2):
-            sample += max(0.0, delay + (self.net_rng.uniform(-jitter, jitter) if jitter else 0.0))
+        for _direction in range(2):
+            sample += max(0.0, delay + jitter * (2.0 * self.net_rng.random() - 1.0))
         estimate = self.rtt[group][index]
         if estimate[0] is None:
             estimate[0], estimate[1] = sample, sample / 2
@@ -560,7 +574,7 @@ class _Simulation:
             estimate[0] = rtt + 0.125 * (sample - rtt)
         self.views[group][index][0] = -_INF
 
-    def scenario_event(self, event: CrashEvent | SlowdownEvent | LinkEvent, now: float) -> None:
+    def scenario_event(self, event: CrashEvent | SlowdownEvent | LinkEvent, _: int, now: float) -> None:
         if isinstance(event, LinkEvent):
             devices = [i for i, g in enumerate(self.device_groups) if g.name == event.devices]
             servers = [i for i, g in enumerate(self.server_groups) if g.name == event.servers]
@@ -600,8 +614,7 @@ class _Simulation:
             first = next(device.arrivals, None)
             if first is not None:
                 self.pending_arrivals += 1
-                self.pending_arrival_of[device.index] = first
-                self.push(first.time, _ARRIVE, device, 0)
+                self.push(first.time, _ARRIVE, device, first)
         phase_rng = random.Random(f"{self.seed}:phase")
         for server in self.servers:
             self.push(0.0, _HEARTBEAT, server, 0)  # birth: the first heartbeat on connect
@@ -615,40 +628,21 @@ class _Simulation:
         events = 0
         heap = self.heap
         pop = heapq.heappop
-        pending = self.pending_arrival_of
+        handlers: tuple[Callable[[Any, Any, float], None], ...] = (
+            self.arrive, self.server_receive, self.server_done, self.result, self.timeout, self.local_done,
+            self.heartbeat, self.ping, self.scenario_event)
+        duration = scenario.duration
         while heap:
             when, _, kind, subject, value = pop(heap)
             if when > horizon:
                 break
-            self.now = when
             events += 1
-            if kind == _ARRIVE:
-                assert isinstance(subject, _Device)
-                self.arrive(subject, pending.pop(subject.index), when)
-            elif kind == _SRV_RECV:
-                self.server_receive(subject, value, when)  # type: ignore[arg-type]
-            elif kind == _SRV_DONE:
-                self.server_done(subject, value, when)  # type: ignore[arg-type]
-            elif kind == _RES_RECV:
-                assert isinstance(subject, _Job)
-                self.result(subject, value, when)
-            elif kind == _TIMEOUT:
-                assert isinstance(subject, _Job)
-                self.timeout(subject, value, when)
-            elif kind == _LOCAL_DONE:
-                assert isinstance(subject, _Job)
-                self.local_done(subject, when)
-            elif kind == _HEARTBEAT:
-                assert isinstance(subject, _Server)
-                self.heartbeat(subject, value, when)
-            elif kind == _PING:
-                self.ping(subject, when)  # type: ignore[arg-type]
-            else:
-                self.scenario_event(subject, when)  # type: ignore[arg-type]
-            if self.open == 0 and self.pending_arrivals == 0 and when >= scenario.duration:
+            handlers[kind](subject, value, when)
+            if not self.open and not self.pending_arrivals and when >= duration:
                 break
             if progress is not None and not events & 0x3FFF:
-                progress(min(when, scenario.duration))
+                progress(min(when, duration))
+        self.now = when if events else 0.0
         unfinished = sum(record.outcome == UNFINISHED for record in self.records)
         if unfinished:
             self.counters["unfinished"] = unfinished
