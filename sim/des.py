@@ -123,6 +123,8 @@ class _Server:
     snapshots: list[tuple[float, int, int, int, dict[str, float]]] = field(default_factory=list)
     """``(time, seq, queue length, in flight, service EWMA by task)`` of recent heartbeats."""
     next_heartbeat: float = 0.0
+    phase: float = 0.0
+    """Delay from the birth heartbeat to the second one; then every interval."""
 
 
 @dataclass(slots=True, eq=False)
@@ -543,7 +545,8 @@ class _Simulation:
         if len(server.snapshots) > _SNAPSHOTS_KEPT:
             del server.snapshots[0]
         self.queue_series.append((now, server.node, len(server.queue), server.busy))
-        server.next_heartbeat = now + self.interval
+        # After the birth heartbeat each server keeps its own phase, as agents started at different moments.
+        server.next_heartbeat = now + (server.phase if seq == 0 else self.interval)
         self.push(server.next_heartbeat, _HEARTBEAT, server, epoch)
         self.invalidate(server.index)
 
@@ -618,6 +621,7 @@ class _Simulation:
         phase_rng = random.Random(f"{self.seed}:phase")
         for server in self.servers:
             self.push(0.0, _HEARTBEAT, server, 0)  # birth: the first heartbeat on connect
+            server.phase = self.interval * (1.0 - phase_rng.random())  # in (0, interval]
             server.next_heartbeat = 0.0
             for group in range(len(self.device_groups)):
                 first_ping = phase_rng.uniform(0.0, min(0.05, scenario.ping_interval))
