@@ -148,6 +148,8 @@ class _Device:
     """Server -> [decayed failure count, time of that value]."""
     window: deque[float] = field(default_factory=deque)
     created: int = 0
+    capacity: int = 0
+    """Local tasks it holds at most: workers plus the local queue size."""
 
 
 @dataclass(slots=True, eq=False)
@@ -222,6 +224,7 @@ class _Simulation:
         for device in self.devices:
             views = self.views[device.group]
             device.entries = [views[index] for index in device.known]
+            device.capacity = device.spec.workers + device.spec.local_queue_size
 
     @staticmethod
     def _link_tuple(link: LinkSpec) -> tuple[float, float, float, float]:
@@ -344,15 +347,25 @@ class _Simulation:
         first = job.attempt == 0
         time_left = None if job.deadline is None else job.deadline - now
         if time_left is not None and time_left <= 0.0 and not first:
-            self.finish(job, job.last_failure, now)
+            self.finish(job, self.deadline_outcome(job), now)
             return
-        decision: Decision = decide(
-            self.policy, TaskInfo(record.task, job.payload_bytes, time_left),
-            LocalInfo(spec.capable, len(device.queue), device.busy, spec.workers, device.service,
-                      len(device.window)),
-            self.server_table(device, now), now=now, rng=self.decide_rng,
-            previous=device.previous if first else None, exclude=job.tried, config=self.config)
+        task = TaskInfo(record.task, job.payload_bytes, time_left)
+        local = LocalInfo(spec.capable, len(device.queue), device.busy, spec.workers, device.service,
+                          len(device.window))
+        table = self.server_table(device, now)
+        decision: Decision = decide(self.policy, task, local, table, now=now, rng=self.decide_rng,
+                                    previous=device.previous, exclude=job.tried, config=self.config)
         target = decision.target
+        if target is None and spec.capable and len(device.queue) + device.busy >= device.capacity:
+            # As the edge agent does: the local queue is full, so the best server instead, if any.
+            self.count("local_full")
+            decision = decide(self.policy, task, local, table, now=now, rng=self.decide_rng,
+                              previous=device.previous, exclude=job.tried, allow_local=False,
+                              config=self.config)
+            target = decision.target
+            if target is None:
+                self.finish(job, REJECTED, now)
+                return
         if target is None and (decision.reason == "no-option"):
             self.finish(job, NO_OPTION if first else job.last_failure, now)
             return
@@ -363,8 +376,7 @@ class _Simulation:
         record.target = target
         record.started = record.finished = None
         record.estimate = decision.expected
-        if first:
-            device.previous = target or LOCAL
+        device.previous = target or LOCAL
         if target is None:
             job.server = -1
             record.sent = None
@@ -528,9 +540,16 @@ class _Simulation:
         self.add_failure(job.device, job.server, now)
         self.retry(job, now)
 
+    def deadline_outcome(self, job: _Job) -> str:
+        """The outcome of a task whose deadline passed between attempts (as the edge agent reports it)."""
+        return job.last_failure if job.last_failure in (TIMEOUT, EXPIRED) else EXPIRED
+
     def retry(self, job: _Job, now: float) -> None:
-        if job.attempt >= self.scenario.max_attempts or (job.deadline is not None and now >= job.deadline):
+        if job.attempt >= self.scenario.max_attempts:
             self.finish(job, job.last_failure, now)
+            return
+        if job.deadline is not None and now >= job.deadline:
+            self.finish(job, self.deadline_outcome(job), now)
             return
         self.count("retries")
         self.attempt(job, now)

@@ -109,6 +109,8 @@ class DeviceGroup(_Model):
     speed: Positive = 1.0
     """Compute speed factor: a task costs ``service_time * work / speed`` seconds here."""
     workers: Annotated[int, Field(ge=1, le=1024)] = 1
+    local_queue_size: Annotated[int, Field(ge=0)] = 32
+    """Local tasks waiting beyond the busy workers (the edge agent's default); then it offloads."""
     task: TaskNameField
     workload: Workload
     payload_bytes: Annotated[int, Field(ge=0)] = 1_000

@@ -128,7 +128,12 @@ def test_herding_spreading_beats_always_the_minimum() -> None:
 def test_threshold_policy_of_the_old_proxy() -> None:
     scenario = load_scenario(SCENARIOS / "old_proxy.toml")
     threshold = summarize(run_des(scenario, "threshold").records)
-    local = summarize(run_des(scenario, "local").records)
+    local_run = run_des(scenario, "local")
+    local = summarize(local_run.records)
+    # ~330 requests/s on a device that serves 125/s: its bounded local queue overflows to the servers,
+    # as the edge agent does, and nothing is lost.
+    assert local_run.counters["local_full"] > 0 and 0.2 < local.share_local < 0.8
+    assert_one_outcome_each(scenario, local_run.records)
     # The first ~25 requests of the window run locally, then the rule offloads the rest.
     assert 0.0 < threshold.share_local < 0.1
     assert threshold.p95 * 10 < local.p95  # type: ignore[operator]
