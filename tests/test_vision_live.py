@@ -31,7 +31,7 @@ from topics.brokers import MosquittoBroker
 from topics.mqtt import MqttTransport
 
 N = len(STAGES)
-SLOWDOWN = 25.0
+SLOWDOWN = 40.0
 """The emulated device runs the vision stages this many times slower than this machine."""
 
 
@@ -124,17 +124,27 @@ def test_manual_split_gives_the_local_outputs(broker: BrokerEndpoint, make_fleet
 
 def measure_fps(agent: EdgeAgent, split: int, slowdown: float, frames: int = 60) -> float:
     camera = Camera(agent, CameraOptions(frames=frames, split=split, slowdown=slowdown,
-                                         in_flight=4))
+                                         in_flight=6))
     return camera.run().fps
+
+
+def reachable_target(agent: EdgeAgent) -> tuple[float, float]:
+    """(all-local fps, a target between it and what offloading from stage 2 achieves now).
+
+    Measured in the same run, so the test holds on a loaded machine as on an idle one.
+    """
+    local_fps = measure_fps(agent, N, SLOWDOWN, frames=40)
+    offloaded_fps = max(measure_fps(agent, 2, SLOWDOWN, frames=60) for _ in range(2))
+    assert offloaded_fps > 1.2 * local_fps, (local_fps, offloaded_fps)  # offloading pays
+    return local_fps, round((local_fps + offloaded_fps) / 2)
 
 
 def test_automatic_mode_meets_a_reachable_target_with_the_most_local_stages(
         mosquitto: BrokerEndpoint, make_fleet: FleetFactory) -> None:
     fleet = make_fleet(mosquitto)
     slowdown = SLOWDOWN
-    local_fps = measure_fps(fleet.agent, N, slowdown)
-    target = round(local_fps * 1.5)  # out of reach for the device alone
-    options = CameraOptions(frames=int(target * 3), target_fps=target, slowdown=slowdown,
+    _, target = reachable_target(fleet.agent)  # out of reach for the device alone
+    options = CameraOptions(frames=int(target * 2.5), target_fps=target, slowdown=slowdown,
                             window_s=0.5, probe_interval_s=2.0)
     camera = Camera(fleet.agent, options)
     report = camera.run()
@@ -155,9 +165,8 @@ def test_automatic_mode_recovers_when_the_server_slows_down(mosquitto: BrokerEnd
                                                             make_fleet: FleetFactory) -> None:
     fleet = make_fleet(mosquitto)
     slowdown = SLOWDOWN
-    local_fps = measure_fps(fleet.agent, N, slowdown)
-    target = round(local_fps * 1.5)
-    frames = int(target * 5)
+    local_fps, target = reachable_target(fleet.agent)
+    frames = int(target * 3.5)
     options = CameraOptions(frames=frames, target_fps=target, slowdown=slowdown, window_s=0.5,
                             probe_interval_s=2.0, frame_timeout=1.0)
     camera = Camera(fleet.agent, options)
@@ -167,14 +176,15 @@ def test_automatic_mode_recovers_when_the_server_slows_down(mosquitto: BrokerEnd
     def on_frame(outcome: FrameOutcome) -> None:
         if outcome.frame == frames // 2:
             before.append(camera.controller.split if camera.controller else N)
-            fleet.delay.seconds = 0.05  # the server now needs 50 ms more per frame: 20 fps max
+            fleet.delay.seconds = 0.2  # the server now needs 200 ms more per frame: 10 fps max
 
     report = camera.run(on_frame)
     assert before and before[0] < N, report.splits
     assert camera.controller.split == N, report.splits  # everything came back to the device
     assert report.frames == frames
     late = [o for o in camera.outcomes if o.frame > frames * 0.8]
-    assert all(o.where == "local" for o in late[len(late) // 2:])
+    # All local, but for a remote probe every probe interval to see if the server recovered.
+    assert sum(o.where != "local" for o in late) <= 2, [o.where for o in late]
     rate = len(late) / (late[-1].delivered_s - late[0].delivered_s)
     assert rate > 0.7 * local_fps, (rate, local_fps)
 
@@ -183,9 +193,8 @@ def test_automatic_mode_falls_back_when_the_server_disappears(mosquitto: BrokerE
                                                               make_fleet: FleetFactory) -> None:
     fleet = make_fleet(mosquitto)
     slowdown = SLOWDOWN
-    local_fps = measure_fps(fleet.agent, N, slowdown)
-    target = round(local_fps * 1.5)
-    frames = int(target * 4)
+    local_fps, target = reachable_target(fleet.agent)
+    frames = int(target * 2.5)
     options = CameraOptions(frames=frames, target_fps=target, slowdown=slowdown, window_s=0.5,
                             probe_interval_s=2.0, frame_timeout=1.0)
     camera = Camera(fleet.agent, options)

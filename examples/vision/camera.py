@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import logging
 import math
@@ -64,7 +65,7 @@ class CameraOptions:
     frames: int
     split: int | None = None
     target_fps: float | None = None
-    in_flight: int = 4
+    in_flight: int = 6
     frame_timeout: float = 2.0
     camera_fps: float | None = None
     """Frame pacing of the source; automatic mode defaults it to ``target_fps``."""
@@ -274,6 +275,15 @@ class Camera:
             elif record.target == "local" or not record.ok:
                 self.controller.observe_failure(now)
 
+    def _on_remote_done(self, future: concurrent.futures.Future[Any], *, split: int,
+                        started: float) -> None:
+        """Agent thread: a frame's remote part ended; its latency feeds the window model."""
+        if future.cancelled() or future.exception() is not None or self.controller is None:
+            return
+        with self._lock:
+            now = self._clock()
+            self.controller.observe_latency(split, now - started, now)
+
     # The loop --------------------------------------------------------------------------------
 
     def _choose_split(self, now: float) -> tuple[int, bool]:
@@ -319,6 +329,9 @@ class Camera:
                     self.controller.observe_failure(self._clock())
             return item
         overhead = self._clock() - sent  # sending runs at this machine's speed (see --slowdown)
+        if self.controller is not None:
+            item.future.add_done_callback(
+                functools.partial(self._on_remote_done, split=split, started=started))
         with self._lock:
             if key in self._submissions:
                 self._submissions[key] = (*self._submissions[key][:1], time.time(),
@@ -498,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--split", type=int, help="run stages 0..k-1 here, k..6 on a server")
     mode.add_argument("--target-fps", type=float, help="automatic split to hold this frame rate")
     parser.add_argument("--frames", type=int, default=300)
-    parser.add_argument("--in-flight", type=int, default=4, help="frames outstanding at once")
+    parser.add_argument("--in-flight", type=int, default=6, help="frames outstanding at once")
     parser.add_argument("--frame-timeout", type=float, default=2.0)
     parser.add_argument("--camera-fps", type=float, help="pace the source (default: the target)")
     parser.add_argument("--slowdown", type=float, default=1.0,
