@@ -267,10 +267,10 @@ def _pick(policy: str, options: list[tuple[str, float]], time_left: float | None
     estimates = tuple(options)
     best_overall = options[0]
     candidates = options
-    if time_left is not None:
-        candidates = [option for option in options if option[1] <= time_left]
-        if not candidates:
+    if time_left is not None and options[-1][1] > time_left:  # sorted: the worst fits, so all do
+        if best_overall[1] > time_left:
             return best_overall, "deadline", estimates, False
+        candidates = [option for option in options if option[1] <= time_left]
     best = candidates[0]
     reason = "lowest-ect" if len(candidates) == len(options) else "deadline"
     if previous is not None and previous != best[0]:
