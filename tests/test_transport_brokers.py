@@ -415,6 +415,13 @@ def test_tls_verifies_the_broker_certificate(tmp_path: Path, topic_prefix: str) 
             trusted.subscribe(f"{topic_prefix}/secure", handle, qos=1)
             trusted.publish(f"{topic_prefix}/secure", b"encrypted", qos=1)
             wait_for(lambda: [m.payload for m in received] == [b"encrypted"], message="TLS delivery")
+            bulk, on_bulk = collector()
+            trusted.subscribe(f"{topic_prefix}/bulk", on_bulk, qos=1)
+            # TLS sockets are not thread-safe: several publishing threads must not corrupt the link.
+            _publish_concurrently(trusted, f"{topic_prefix}/bulk", threads=3, per_thread=30)
+            wait_for(lambda: len(bulk) >= 90, timeout=20.0, message="concurrent TLS publications")
+            _assert_intact(bulk, threads=3, per_thread=30)
+            assert trusted.stats()["disconnects"] == 0
         finally:
             trusted.close()
 
@@ -430,3 +437,48 @@ def test_tls_verifies_the_broker_certificate(tmp_path: Path, topic_prefix: str) 
         insecure = MqttTransport(TransportConfig.from_url(broker.url, tls=TlsConfig(insecure=True)))
         with pytest.raises(ConnectError, match="TLS"):
             insecure.connect(timeout=5.0)  # insecure skips the host name check, not the chain
+
+
+def _publish_concurrently(publisher: MqttTransport, topic: str, threads: int, per_thread: int) -> None:
+    """Several threads publish at once; payloads of up to 48 KiB force partial socket writes."""
+
+    errors: list[Exception] = []
+
+    def run(worker: int) -> None:
+        try:
+            for index in range(per_thread):
+                body = f"{worker}:{index}:".encode()
+                publisher.publish(topic, body + bytes([index % 251]) * ((index * 997) % 49_152),
+                                  qos=index % 2)
+        except Exception as exc:  # noqa: BLE001 - reported below, in the test's thread
+            errors.append(exc)
+
+    pool = [threading.Thread(target=run, args=(worker,)) for worker in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(30.0)
+    assert not errors, f"publishing threads failed: {errors[0]}"
+
+
+def _assert_intact(received: list[Message], threads: int, per_thread: int) -> None:
+    seen = set()
+    for message in received:
+        worker, index, rest = message.payload.split(b":", 2)
+        expected = bytes([int(index) % 251]) * ((int(index) * 997) % 49_152)
+        assert rest == expected, f"payload of {worker!r}:{index!r} corrupted"
+        seen.add((int(worker), int(index)))
+    assert seen == {(w, i) for w in range(threads) for i in range(per_thread)}
+
+
+def test_concurrent_publishers_share_one_connection_safely(
+    broker: BrokerEndpoint, make_transport: TransportFactory, topic_prefix: str
+) -> None:
+    subscriber = make_transport(broker, "sink")
+    publisher = make_transport(broker, "many-threads")
+    received, handle = collector()
+    subscriber.subscribe(f"{topic_prefix}/bulk", handle, qos=1)
+    _publish_concurrently(publisher, f"{topic_prefix}/bulk", threads=4, per_thread=50)
+    wait_for(lambda: len(received) >= 200, timeout=20.0, message="200 concurrent publications")
+    _assert_intact(received, threads=4, per_thread=50)
+    assert publisher.stats()["disconnects"] == 0 and publisher.connected

@@ -109,8 +109,23 @@ class _SnapshotIterDict(dict[str, Any]):
         return iter(list(super().keys()))
 
 
+# amqtt logs several INFO lines per connection (and its state machine library more): quiet them
+# unless the application configured these loggers itself.
+_CHATTY_LOGGERS = ("amqtt", "transitions")
+
+
+def _quiet_chatty_loggers() -> None:
+    for name in _CHATTY_LOGGERS:
+        chatty = logging.getLogger(name)
+        if chatty.level == logging.NOTSET:
+            chatty.setLevel(logging.WARNING)
+
+
 class EmbeddedBroker:
-    """amqtt 0.12 in its own thread and asyncio loop: MQTT 3.1.1 only, no ``$share`` delivery."""
+    """amqtt 0.12 in its own thread and asyncio loop: MQTT 3.1.1 only, no ``$share`` delivery.
+
+    amqtt's own INFO chatter is lowered to WARNING unless its loggers were configured already.
+    """
 
     kind: BrokerKind = "amqtt"
     protocols: tuple[ProtocolVersion, ...] = ("3.1.1",)
@@ -169,6 +184,7 @@ class EmbeddedBroker:
         """Start the broker thread; return once it answers MQTT, or raise :class:`BrokerError`."""
         if self.running:
             return self
+        _quiet_chatty_loggers()
         self._started.clear()
         self._start_error = None
         config = self._config()

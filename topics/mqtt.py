@@ -103,6 +103,11 @@ class MqttTransport:
             if config.tls.insecure:
                 self._client.tls_insecure_set(True)
         self._client.on_socket_open = self._on_socket_open
+        # Only the network thread may touch the socket. Without an external-loop hook, paho writes
+        # straight from whichever thread calls publish() when its own loop thread is not used:
+        # packets from two threads could interleave, and TLS sockets are not thread-safe. With the
+        # hook set, publish() queues the packet and wakes our loop, which does the writing.
+        self._client.on_socket_register_write = self._on_register_write
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -296,7 +301,9 @@ class MqttTransport:
         sock = self._raw_socket()
         if sock is not None:
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+                # The plain socket's shutdown, also for TLS: SSLSocket.shutdown would tear down the
+                # TLS object under the network thread's feet. A crash sends no close_notify either.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
         self._connected = False
         self._shutdown_threads(timeout=5.0)
         self._log_link("%s: aborted connection to %s (no DISCONNECT)", self._name, self.config.url)
@@ -385,6 +392,9 @@ class MqttTransport:
                     last_warning = now
                     log.warning("%s: reconnect to %s failed (%d attempts so far): %s",
                                 self._name, self.config.url, failures, exc)
+
+    def _on_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        """Nothing to register: paho already woke our loop, whose select() watches for writability."""
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         if self.config.tcp_nodelay:
