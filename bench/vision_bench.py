@@ -78,7 +78,7 @@ def converge(agent: Any, target: float, slowdown: float, seconds: float) -> dict
     assert camera.controller is not None
     history = camera.controller.history
     settled_at = history[-1].time - camera._start if history else 0.0
-    reached = next((t + 1.0 for t, count in report.fps_timeline if count >= 0.9 * target), None)
+    reached = next((t + 1.0 for t, rate in report.fps_timeline if rate >= 0.9 * target), None)
     return {"fps": report.fps, "final_split": camera.controller.split, "changes": len(history),
             "split_settled_s": settled_at, "target_reached_s": reached,
             "local_share": report.local_share}

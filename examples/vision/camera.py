@@ -444,11 +444,13 @@ class Camera:
         errors = [o.error_px for o in outcomes if o.error_px is not None]
         visible = sum(1 for o in outcomes if self.source.truth(o.frame) is not None)
         latencies = sorted(o.latency_s for o in outcomes)
-        timeline: list[list[float]] = []
+        timeline: list[list[float]] = []  # [window start s, delivered frames per second]
         second = 0
         while second < duration:
+            span = min(1.0, duration - second)
             count = sum(1 for o in outcomes if second <= o.delivered_s < second + 1)
-            timeline.append([float(second), float(count)])
+            if span >= 0.25:  # a shorter tail says nothing about the rate
+                timeline.append([float(second), count / span])
             second += 1
         history = self.controller.history if self.controller else []
         mode = ("auto" if self.controller else
@@ -483,7 +485,7 @@ def plot_report(report: CameraReport, path: str | Path) -> bool:
     figure, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(8, 5))
     if report.fps_timeline:
         times, rates = zip(*report.fps_timeline, strict=True)
-        top.step([t + 1 for t in times], rates, where="pre", label="delivered fps")
+        top.plot([t + 0.5 for t in times], rates, marker="o", label="delivered fps")
     if report.target_fps is not None:
         top.axhline(report.target_fps, color="grey", linestyle="--", label="target")
     top.set_ylabel("frames / s")
@@ -492,6 +494,7 @@ def plot_report(report: CameraReport, path: str | Path) -> bool:
         times, splits = zip(*report.split_timeline, strict=True)
         bottom.step(times, splits, where="post")
     bottom.set_ylabel("split k (stages local)")
+    bottom.set_ylim(0.5, len(BALL.stages) + 0.5)
     bottom.set_xlabel("seconds")
     figure.suptitle(report.summary(), fontsize=7)
     figure.tight_layout()
