@@ -482,3 +482,24 @@ def test_concurrent_publishers_share_one_connection_safely(
     wait_for(lambda: len(received) >= 200, timeout=20.0, message="200 concurrent publications")
     _assert_intact(received, threads=4, per_thread=50)
     assert publisher.stats()["disconnects"] == 0 and publisher.connected
+
+
+def test_unsubscribe_stops_deliveries_for_that_filter_only(
+    broker: BrokerEndpoint, make_transport: TransportFactory, topic_prefix: str
+) -> None:
+    transport = make_transport(broker, "picky")
+    dropped, on_dropped = collector()
+    kept, on_kept = collector()
+    transport.subscribe(f"{topic_prefix}/old/+", on_dropped, qos=1)
+    transport.subscribe(f"{topic_prefix}/new", on_kept, qos=1)
+    transport.unsubscribe(f"{topic_prefix}/old/+")
+    transport.unsubscribe(f"{topic_prefix}/never-subscribed")  # unknown filters are ignored
+    transport.publish(f"{topic_prefix}/old/x", b"gone", qos=1)
+    transport.publish(f"{topic_prefix}/new", b"here", qos=1)
+    wait_for(lambda: len(kept) == 1, message="delivery on the remaining filter")
+    assert dropped == []
+
+
+def test_an_empty_client_id_gets_a_unique_generated_one(broker: BrokerEndpoint) -> None:
+    first, second = MqttTransport(broker.config()), MqttTransport(broker.config())
+    assert first.client_id and second.client_id and first.client_id != second.client_id
