@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.policy import POLICIES
-from sim.report import RunResult, format_table, summaries_of, write_plots, write_trace_csv
+from sim.report import (
+    RunResult,
+    format_table,
+    summaries_of,
+    write_plots,
+    write_queue_csv,
+    write_trace_csv,
+)
 from sim.scenario import Scenario, ScenarioError, load_scenario
 
 log = logging.getLogger("offload-sim")
@@ -121,8 +128,9 @@ def write_outputs(results: Sequence[RunResult], out_dir: Path, *, meta: dict[str
     """The results folder: trace.csv, summary.txt/json, run.json and the PNG plots."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "trace.csv", out_dir / "summary.txt", out_dir / "summary.json",
-               out_dir / "run.json"]
+               out_dir / "run.json", out_dir / "server_queues.csv"]
     write_trace_csv([record for result in results for record in result.records], written[0])
+    write_queue_csv(results, written[4])
     summaries = summaries_of(results)
     written[1].write_text(format_table(summaries) + "\n")
     written[2].write_text(json.dumps([dataclasses.asdict(s) for s in summaries], indent=2) + "\n")
@@ -169,8 +177,10 @@ def run_scenario(args: argparse.Namespace) -> int:
                 progress.update(scenario.duration)
                 results.append(result)
                 meta.setdefault("des", {})[policy] = {
-                    "events": result.events, "wall_seconds": round(result.wall_seconds, 3),
+                    "events": result.events, "cpu_seconds": round(result.cpu_seconds, 3),
                     "tasks_per_second": round(result.tasks_per_second)}
+                print(f"{policy}: {result.events} events in {result.cpu_seconds:.2f} s CPU "
+                      f"({result.tasks_per_second:,.0f} simulated tasks/s)", file=sys.stderr)
         else:
             from sim.emulate import EmulationError, run_emulation
             from topics.transport import ConnectError

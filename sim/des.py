@@ -21,19 +21,16 @@ loop):
 
 from __future__ import annotations
 
-import csv
 import heapq
 import itertools
 import math
 import random
-import sys
 import time as wallclock
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from heapq import heappush
-from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from edge_agent.policy import (
     LOCAL,
@@ -42,7 +39,6 @@ from edge_agent.policy import (
     PolicyConfig,
     ServerInfo,
     TaskInfo,
-    UnknownPolicyError,
     check_policy,
     decide,
 )
@@ -55,10 +51,6 @@ from sim.report import (
     UNFINISHED,
     RunResult,
     TaskRecord,
-    format_table,
-    summaries_of,
-    write_plots,
-    write_trace_csv,
 )
 from sim.scenario import (
     Arrival,
@@ -67,14 +59,12 @@ from sim.scenario import (
     LinkEvent,
     LinkSpec,
     Scenario,
-    ScenarioError,
     SlowdownEvent,
     device_rng,
     group_arrivals,
-    load_scenario,
 )
 
-__all__ = ["DesResult", "run_des", "run_des_cli", "write_queue_csv"]
+__all__ = ["DesResult", "run_des"]
 
 # Event kinds, in the order they are handled when two fall on the same instant and sequence.
 _ARRIVE, _SRV_RECV, _SRV_DONE, _RES_RECV, _TIMEOUT, _LOCAL_DONE, _HEARTBEAT, _PING, _EVENT = range(9)
@@ -688,80 +678,4 @@ def run_des(scenario: Scenario, policy: str, *, config: PolicyConfig | None = No
     simulation = _Simulation(scenario, policy, config or scenario.policy_config(), scenario.seed)
     result = simulation.run(progress)
     result.label = label
-    return result
-
-
-def run_des_cli(scenario_path: str | Path, policies: Sequence[str] | None = None,
-                out_dir: str | Path | None = None, seed: int | None = None, *, progress: bool = True,
-                stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
-    """``offload-sim run --mode des``: run every policy, print the table, write trace, summary and plots.
-
-    Returns the exit status: 0, or 2 after one clear line on ``stderr`` for a bad scenario file or an
-    unknown policy name. Ctrl-C stops the run and still writes the policies that finished.
-    """
-    out = stdout or sys.stdout
-    err = stderr or sys.stderr
-    try:
-        scenario = load_scenario(scenario_path)
-        names = list(policies) if policies else list(scenario.policies)
-        for name in names:
-            check_policy(name)
-    except (ScenarioError, UnknownPolicyError) as exc:
-        print(f"offload-sim: {exc}", file=err)
-        return 2
-    if seed is not None:
-        scenario = scenario.model_copy(update={"seed": seed})
-    results: list[DesResult] = []
-    interrupted = False
-    try:
-        for name in names:
-            results.append(_run_with_bar(scenario, name, progress, err))
-    except KeyboardInterrupt:
-        interrupted = True
-        print(f"offload-sim: interrupted; writing the {len(results)} finished policies", file=err)
-    table = format_table(summaries_of(results))
-    print(f"scenario {scenario.name} (seed {scenario.seed}, {scenario.duration:g} s, discrete-event)",
-          file=out)
-    print(table, file=out)
-    for result in results:
-        counters = " ".join(f"{key}={value}" for key, value in sorted(result.counters.items()))
-        print(f"{result.name}: {result.events} events in {result.cpu_seconds:.2f} s CPU "
-              f"({result.tasks_per_second:,.0f} tasks/s){'; ' + counters if counters else ''}", file=out)
-    if out_dir is not None and results:
-        folder = Path(out_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_trace_csv((record for result in results for record in result.records), folder / "trace.csv")
-        (folder / "summary.txt").write_text(table + "\n")
-        write_queue_csv(results, folder / "server_queues.csv")
-        paths = write_plots(results, folder)
-        print(f"wrote {folder / 'trace.csv'}, summary.txt, server_queues.csv and {len(paths)} plots",
-              file=out)
-    return 130 if interrupted else 0
-
-
-def write_queue_csv(results: Sequence[RunResult], path: Path) -> None:
-    """The server queue-length samples of every run as CSV."""
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(("policy", "time", "server", "queue_length", "in_flight"))
-        for result in results:
-            for time, server, queued, running in result.queue_series:
-                writer.writerow((result.name, f"{time:.6f}", server, queued, running))
-
-
-def _run_with_bar(scenario: Scenario, policy: str, progress: bool, err: TextIO) -> DesResult:
-    if not progress:
-        return run_des(scenario, policy)
-    try:
-        from tqdm import tqdm
-    except ImportError:  # the [sim] extra is missing: no bar, same result
-        return run_des(scenario, policy)
-    with tqdm(total=round(scenario.duration, 3), desc=policy, unit="sim s", file=err, leave=False,
-              bar_format="{desc:>10} {bar} {n:.1f}/{total:.1f} sim s [{elapsed}]") as bar:
-
-        def advance(reached: float) -> None:
-            bar.update(reached - bar.n)
-
-        result = run_des(scenario, policy, progress=advance)
-        advance(scenario.duration)
     return result

@@ -16,7 +16,7 @@ from pathlib import Path
 
 __all__ = [
     "OUTCOMES", "PolicySummary", "RunResult", "TaskRecord", "format_table", "summarize", "write_plots",
-    "write_trace_csv",
+    "write_queue_csv", "write_trace_csv",
 ]
 
 OK = "ok"
@@ -350,3 +350,13 @@ def counters_line(results: Mapping[str, Mapping[str, int]]) -> str:
     """``name: key=value ...`` per run, for the counters a mode keeps (late results, lost messages)."""
     return "\n".join(f"{name}: " + " ".join(f"{key}={value}" for key, value in sorted(counters.items()))
                      for name, counters in results.items() if counters)
+
+
+def write_queue_csv(results: Sequence[RunResult], path: str | Path) -> None:
+    """The server queue-length samples of every run as CSV."""
+    with Path(path).open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("policy", "time", "server", "queue_length", "in_flight"))
+        for result in results:
+            for time, server, queued, running in result.queue_series:
+                writer.writerow((result.name, f"{time:.6f}", server, queued, running))

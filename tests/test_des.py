@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import io
 from collections import Counter
 from dataclasses import astuple
 from pathlib import Path
@@ -13,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from sim.des import run_des, run_des_cli
+from sim.cli import main
+from sim.des import run_des
 from sim.report import (
     OK,
     OUTCOMES,
@@ -183,22 +183,20 @@ def test_trace_csv_and_plots(tmp_path: Path) -> None:
     assert all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in paths)
 
 
-def test_cli_entry(tmp_path: Path) -> None:
-    out, err = io.StringIO(), io.StringIO()
-    status = run_des_cli(SCENARIOS / "old_proxy.toml", ["threshold", "ect"], tmp_path / "run", None,
-                         progress=False, stdout=out, stderr=err)
-    assert status == 0, err.getvalue()
-    text = out.getvalue()
-    assert "threshold" in text and "ect" in text and "p95 ms" in text
+def test_cli_entry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["run", str(SCENARIOS / "old_proxy.toml"), "--mode", "des", "--policies",
+                   "threshold,ect", "--out", str(tmp_path / "run"), "--quiet"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert "threshold" in captured.out and "ect" in captured.out and "p95 ms" in captured.out
     assert {path.name for path in (tmp_path / "run").iterdir()} >= {
         "trace.csv", "summary.txt", "server_queues.csv", "latency_cdf.png"}
 
-    err = io.StringIO()
-    assert run_des_cli(SCENARIOS / "old_proxy.toml", ["nope"], None, None, progress=False,
-                       stdout=io.StringIO(), stderr=err) == 2
-    assert err.getvalue().count("\n") == 1 and "unknown policy 'nope'" in err.getvalue()
+    assert main(["run", str(SCENARIOS / "old_proxy.toml"), "--mode", "des", "--policies", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown policy 'nope'" in err
     bad = tmp_path / "bad.toml"
     bad.write_text("duration = -1\n")
-    err = io.StringIO()
-    assert run_des_cli(bad, None, None, None, progress=False, stdout=io.StringIO(), stderr=err) == 2
-    assert "bad.toml: " in err.getvalue() and err.getvalue().count("\n") == 1
+    assert main(["run", str(bad), "--mode", "des"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.toml: " in err and err.count("\n") == 1
