@@ -59,6 +59,8 @@ SERVICE_GAIN = 0.25
 MAX_WAIT = 0.5
 """Longest the timer thread sleeps, so that stop() and stale checks stay prompt."""
 RETRYABLE = frozenset({Status.REJECTED_BUSY.value, Status.EXPIRED.value, Status.UNKNOWN_TASK.value})
+ANSWERED_FAILURES = RETRYABLE
+"""Statuses with which the server itself answered an attempt (it no longer holds the task)."""
 
 
 def payload_size(value: Any, _depth: int = 0) -> int:
@@ -410,7 +412,9 @@ class EdgeAgent:
 
     # ------------------------------------------------------------------------------ offloading
     def _attempt_timeout(self, pending: _Pending, decision: Decision, target: str, mono: float) -> float:
-        estimate = decision.estimate(target) or 0.0
+        # The failure penalty steers choices; it says nothing of how long this server will take.
+        penalty = self._policy_config.failure_penalty * self._table.recent_failures(target, mono)
+        estimate = max(0.0, (decision.estimate(target) or 0.0) - penalty)
         timeout = max(self.config.default_timeout, self.config.timeout_factor * estimate)
         if pending.deadline_mono is not None:
             timeout = min(timeout, max(0.0, pending.deadline_mono - mono))
@@ -466,7 +470,7 @@ class EdgeAgent:
             pending.target = None
             pending.last_status, pending.last_error = status, error
             self.counters["retries"] += 1
-        self._table.task_done(target)
+        self._table.task_done(target, answered=status in ANSWERED_FAILURES)
         if penalise:
             self._table.failure(target, self._mono())
         log.debug("node=%s task=%s id=%s attempt=%d target=%s failed status=%s: %s", self.id, pending.name,
@@ -491,7 +495,7 @@ class EdgeAgent:
             self.counters[f"outcome_{outcome}"] += 1
             listeners = list(self._listeners)
         if target is not None:
-            self._table.task_done(target)
+            self._table.task_done(target, answered=received is not None)
         finished = self._clock()
         decision = pending.decision
         record = TaskRecord(

@@ -191,11 +191,22 @@ class ServerTable:
                 server.sent_since_report += 1
                 server.in_flight += 1
 
-    def task_done(self, node: str) -> None:
+    def task_done(self, node: str, *, answered: bool = False) -> None:
+        """An attempt sent to ``node`` ended; ``answered``: the server itself answered it, so it no
+        longer waits there and stops counting among the tasks sent since the last report."""
         with self._lock:
             server = self._servers.get(node)
-            if server is not None and server.in_flight > 0:
-                server.in_flight -= 1
+            if server is not None:
+                if server.in_flight > 0:
+                    server.in_flight -= 1
+                if answered and server.sent_since_report > 0:
+                    server.sent_since_report -= 1
+
+    def recent_failures(self, node: str, now: float) -> float:
+        """The decayed failure count of ``node`` (0 for an unknown node)."""
+        with self._lock:
+            server = self._servers.get(node)
+            return 0.0 if server is None else self._decayed(server, now)
 
     def failure(self, node: str, now: float) -> None:
         with self._lock:

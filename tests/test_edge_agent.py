@@ -6,6 +6,7 @@ cannot produce on demand: busy rejections, silence, duplicate answers.
 
 from __future__ import annotations
 
+import concurrent.futures
 import random
 import threading
 import time
@@ -17,7 +18,7 @@ import pytest
 from brokers_support import wait_for
 
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import TaskRegistry, UnknownTaskError
+from cloud_agent.registry import TaskRegistry, UnknownTaskError, load_tasks
 from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent, payload_size
 from edge_agent.config import EdgeConfig
@@ -482,3 +483,47 @@ def test_server_table_sessions_probes_bandwidth_and_failures() -> None:
     beat("s", 6, 2)
     assert table.snapshot("square", 30.0)[0].sent_since_report == 0
     assert table.announces("square") and not table.announces("cube")
+
+
+def test_sent_since_report_counts_only_tasks_still_waiting_on_the_server() -> None:
+    from edge_agent.servers import ServerTable
+
+    table = ServerTable(stale_after=3, half_life=10.0)
+    table.on_heartbeat(Heartbeat(node="s", role=Role.SERVER, session=1, seq=1, interval=1.0, time=0.0,
+                                 capabilities={"square": TaskCapability()}), 0.0)
+
+    def waiting() -> int:
+        return table.snapshot("square", 0.0)[0].sent_since_report
+
+    for _ in range(5):
+        table.task_sent("s")
+    assert waiting() == 5
+    table.task_done("s", answered=True)      # a result came back: no longer queued there
+    table.task_done("s", answered=True)
+    table.task_done("s")                     # timed out: it may still wait on the server
+    assert waiting() == 3
+    table.on_heartbeat(Heartbeat(node="s", role=Role.SERVER, session=1, seq=2, interval=1.0, time=0.0,
+                                 capabilities={"square": TaskCapability()}), 0.5)
+    assert waiting() == 0                    # the report counts them now
+    table.task_done("s", answered=True)
+    assert waiting() == 0                    # never below zero
+
+
+def test_attempt_timeout_ignores_the_failure_penalty(memory_broker: MemoryBroker) -> None:
+    from edge_agent.policy import Decision
+
+    agent = EdgeAgent(EdgeConfig(id="dev", policy="ect", default_timeout=0.1, timeout_factor=4.0),
+                      MemoryTransport(memory_broker, "dev"), load_tasks("examples.tasks"))
+    agent._table.on_heartbeat(Heartbeat(node="s", role=Role.SERVER, session=1, seq=1, interval=1.0,
+                                        time=0.0, capabilities={"square": TaskCapability()}), 0.0)
+    for _ in range(4):
+        agent._table.failure("s", 0.0)
+    penalty = agent._policy_config.failure_penalty * agent._table.recent_failures("s", 0.0)
+    assert penalty > 1.0
+    decision = Decision(policy="ect", target="s", reason="lowest-ect",
+                        estimates=(("s", 0.05 + penalty), ("local", 9.0)))
+    from edge_agent.agent import _Pending
+
+    task = _Pending(task_id="t", name="square", payload={}, payload_bytes=0, stage=None, policy="ect",
+                    future=concurrent.futures.Future(), created=0.0, deadline=None, deadline_mono=None)
+    assert agent._attempt_timeout(task, decision, "s", 0.0) == pytest.approx(4.0 * 0.05)
