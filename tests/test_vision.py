@@ -203,3 +203,70 @@ def test_corrupt_or_lying_compressed_image_is_rejected(video: BallVideo) -> None
         blur_hsv(huge)
     with pytest.raises(StageInputError, match="compressed image"):
         blur_hsv(dict(packed, image={"image_codec": "gif", "data": b"", "shape": [1, 1]}))
+
+
+def test_camera_without_a_broker_runs_everything_locally_in_order() -> None:
+    from examples.vision.camera import Camera, CameraOptions
+
+    video = BallVideo(seed=5, hidden=((3, 5),))
+    seen: list[int] = []
+    camera = Camera(None, CameraOptions(frames=12, split=3), source=video)
+    report = camera.run(lambda outcome: seen.append(outcome.frame))
+    assert seen == list(range(12))
+    assert report.where == {"local": 12} and report.local_share == 1.0
+    assert report.found == report.visible == 10
+    assert report.mean_error_px is not None and report.mean_error_px < 3.0
+    assert [o.result for o in camera.outcomes] == [track(n, video) for n in range(12)]
+
+
+@pytest.mark.parametrize(("options", "words"), [
+    ({"frames": 0}, "frames"),
+    ({"frames": 5, "split": 3, "target_fps": 10.0}, "not both"),
+    ({"frames": 5, "target_fps": -1.0}, "target_fps"),
+    ({"frames": 5, "slowdown": 0.5}, "slowdown"),
+    ({"frames": 5, "jpeg_quality": 0}, "jpeg_quality"),
+])
+def test_camera_options_are_checked(options: dict[str, Any], words: str) -> None:
+    from examples.vision.camera import CameraOptions
+
+    with pytest.raises(ValueError, match=words):
+        CameraOptions(**options)
+
+
+def test_camera_rejects_a_split_outside_the_pipeline() -> None:
+    from edge_agent.split import SplitError
+    from examples.vision.camera import Camera, CameraOptions, main
+
+    with pytest.raises(SplitError, match="outside the pipeline"):
+        Camera(None, CameraOptions(frames=3, split=8))
+    assert main(["--split", "0", "--frames", "2"]) == 2
+
+
+def test_camera_reads_a_video_file_until_it_ends(tmp_path: Any) -> None:
+    import cv2
+
+    from examples.vision.ball import VideoCaptureSource
+    from examples.vision.camera import Camera, CameraOptions
+
+    video = BallVideo(seed=6)
+    path = str(tmp_path / "ball.avi")
+    writer = cv2.VideoWriter(path, cv2.VideoWriter.fourcc(*"MJPG"), 30.0, (640, 480))
+    assert writer.isOpened()
+    for n in range(8):
+        writer.write(video.render(n))
+    writer.release()
+    source = VideoCaptureSource(path)
+    try:
+        camera = Camera(None, CameraOptions(frames=20), source=source)
+        report = camera.run()
+    finally:
+        source.close()
+    assert report.frames == 8  # the file ran out; what was read is reported
+    assert report.visible == 0 and report.mean_error_px is None  # no ground truth
+    for outcome in camera.outcomes:  # but the ball is found where the synthetic source drew it
+        truth = video.truth(outcome.frame)
+        assert truth is not None
+        assert tracking_error(outcome.result, truth) is not None
+        assert tracking_error(outcome.result, truth) < 3.0  # type: ignore[operator]
+    with pytest.raises(OSError, match="cannot open"):
+        VideoCaptureSource(str(tmp_path / "missing.avi"))
