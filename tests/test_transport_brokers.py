@@ -503,3 +503,29 @@ def test_unsubscribe_stops_deliveries_for_that_filter_only(
 def test_an_empty_client_id_gets_a_unique_generated_one(broker: BrokerEndpoint) -> None:
     first, second = MqttTransport(broker.config()), MqttTransport(broker.config())
     assert first.client_id and second.client_id and first.client_id != second.client_id
+
+
+def test_a_crash_inside_the_network_loop_is_survived(
+    amqtt_broker: EmbeddedBroker, make_transport: TransportFactory, topic_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    target = endpoint(amqtt_broker)
+    transport = make_transport(target, "resilient", reconnect_min_delay=0.05, reconnect_max_delay=0.2)
+    received, handle = collector()
+    transport.subscribe(f"{topic_prefix}/after", handle, qos=1)
+    client = transport._client  # white box: make paho's loop raise once, as a paho bug would
+    original_loop = client.loop
+    armed = threading.Event()
+    armed.set()
+
+    def failing_loop(timeout: float = 1.0) -> object:
+        if armed.is_set():
+            armed.clear()
+            raise RuntimeError("injected paho failure")
+        return original_loop(timeout)
+
+    monkeypatch.setattr(client, "loop", failing_loop)
+    wait_for(lambda: transport.stats()["reconnects"] == 1, message="reconnect after the crash")
+    transport.publish(f"{topic_prefix}/after", b"alive", qos=1)
+    wait_for(lambda: [m.payload for m in received] == [b"alive"], message="delivery after the crash")
+    assert transport.stats()["network_errors"] == 1

@@ -57,7 +57,7 @@ _NOT_AUTHORISED_V3 = 5
 _UNSUPPORTED_PROTOCOL_V3 = 1
 
 _STAT_KEYS = ("published", "delivered", "dropped_dispatch_full", "handler_errors", "reconnects",
-              "disconnects", "publish_queue_full", "subscribe_refused")
+              "disconnects", "publish_queue_full", "subscribe_refused", "network_errors")
 
 
 def _connack_problem(reason: ReasonCode | int, protocol: str) -> str:
@@ -361,8 +361,21 @@ class MqttTransport:
         next_delay: Callable[[], float] | None = None
         last_warning = 0.0
         failures = 0
+        last_crash_log = -_RECONNECT_LOG_INTERVAL
         while True:
-            rc = self._client.loop(_LOOP_TIMEOUT)
+            try:
+                rc = self._client.loop(_LOOP_TIMEOUT)
+            except Exception:  # a malformed packet or a paho bug must not kill this thread
+                self._count("network_errors")
+                now = time.monotonic()
+                if now - last_crash_log > _RECONNECT_LOG_INTERVAL:
+                    last_crash_log = now
+                    log.exception("%s: network loop failed; dropping the connection", self._name)
+                sock = self._raw_socket()
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.close()
+                rc = MQTTErrorCode.MQTT_ERR_UNKNOWN
             if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 if (next_delay is not None and self._connected
                         and time.monotonic() - self._connected_since > _STABLE_AFTER):
