@@ -14,10 +14,11 @@ Throughput model, for split ``k < n``::
                   min(that, window / latency)              and a bounded window caps it
     fps(k)      = 1 / latency                              one frame at a time
 
-where a measured latency of split ``k`` (``measured_latency_s[k]``: frame start to result, which
-also holds the queueing the sum above leaves out) replaces the modelled one when it is larger.
-
-and ``fps(n) = 1 / sum(stage_local_s)``. ``message_overhead_s`` is the device's own CPU cost of
+where a measured server time of the whole suffix ``k..n-1`` (``measured_remote_s[k]``) replaces
+the sum of per-stage estimates (a server's fixed cost per task shows there), and a measured
+latency of split ``k`` (``measured_latency_s[k]``: frame start to result, which also holds the
+queueing the sum above leaves out) replaces the modelled one when it is larger. All local,
+``fps(n) = 1 / sum(stage_local_s)``. ``message_overhead_s`` is the device's own CPU cost of
 sending one frame and taking its result back (encoding, publishing, decoding): it is what makes
 offloading a cheap tail of stages not worth it.
 
@@ -99,6 +100,7 @@ def estimate_split(k: int, stage_local_s: Sequence[float], stage_remote_s: Seque
                    bandwidth_bps: float | None, *, pipelined: bool = True,
                    window: int | None = None, message_overhead_s: float = 0.0,
                    measured_latency_s: Sequence[float | None] | None = None,
+                   measured_remote_s: Sequence[float | None] | None = None,
                    compress: bool = False, compressed_bytes: Sequence[int | None] | None = None,
                    compress_s: Sequence[float] | None = None,
                    decompress_s: Sequence[float] | None = None) -> SplitEstimate:
@@ -120,6 +122,9 @@ def estimate_split(k: int, stage_local_s: Sequence[float], stage_remote_s: Seque
     if remote_known:
         assert stage_remote_s is not None
         remote = math.fsum(stage_remote_s[k:])
+        suffix = measured_remote_s[k] if measured_remote_s is not None else None
+        if suffix is not None:
+            remote = suffix
         if compress:
             remote += decompress_s[k] if decompress_s is not None else math.inf
     if not remote_known or size is None or not math.isfinite(remote) or not math.isfinite(local):
@@ -145,6 +150,7 @@ def choose_split(stage_local_s: Sequence[float], stage_remote_s: Sequence[float]
                  hysteresis: float = 0.15, pipelined: bool = True, *, window: int | None = None,
                  message_overhead_s: float = 0.0,
                  measured_latency_s: Sequence[float | None] | None = None,
+                 measured_remote_s: Sequence[float | None] | None = None,
                  compressed_bytes: Sequence[int | None] | None = None,
                  compress_s: Sequence[float] | None = None,
                  decompress_s: Sequence[float] | None = None) -> SplitDecision:
@@ -168,7 +174,8 @@ def choose_split(stage_local_s: Sequence[float], stage_remote_s: Sequence[float]
         raise SplitError(f"transfer_bytes needs {n} sizes >= 0 (or None), got "
                          f"{list(transfer_bytes)}")
     for name, extra in (("compressed_bytes", compressed_bytes), ("compress_s", compress_s),
-                        ("decompress_s", decompress_s), ("measured_latency_s", measured_latency_s)):
+                        ("decompress_s", decompress_s), ("measured_latency_s", measured_latency_s),
+                        ("measured_remote_s", measured_remote_s)):
         if extra is not None and len(extra) != n:
             raise SplitError(f"{name} has {len(extra)} entries, the pipeline has {n} stages")
     if not math.isfinite(target_fps) or target_fps <= 0:
@@ -191,13 +198,15 @@ def choose_split(stage_local_s: Sequence[float], stage_remote_s: Sequence[float]
         raw = estimate_split(k, stage_local_s, stage_remote_s, transfer_bytes, rtt_s,
                              bandwidth_bps, pipelined=pipelined, window=window,
                              message_overhead_s=message_overhead_s,
-                             measured_latency_s=measured_latency_s)
+                             measured_latency_s=measured_latency_s,
+                             measured_remote_s=measured_remote_s)
         if can_compress and k < n and compressed_bytes is not None \
                 and compressed_bytes[k] is not None:
             packed = estimate_split(k, stage_local_s, stage_remote_s, transfer_bytes, rtt_s,
                                     bandwidth_bps, pipelined=pipelined, window=window,
                                     message_overhead_s=message_overhead_s,
-                                    measured_latency_s=measured_latency_s, compress=True,
+                                    measured_latency_s=measured_latency_s,
+                                    measured_remote_s=measured_remote_s, compress=True,
                                     compressed_bytes=compressed_bytes,
                                     compress_s=compress_s, decompress_s=decompress_s)
             if packed.fps > raw.fps:
@@ -429,6 +438,14 @@ class SplitController:
             return self.remote_speed_prior
         return remote_total / local_total
 
+    def _remote_by_split(self, now: float) -> list[float | None]:
+        """Median recent server time of each split's suffix, where results for it arrived."""
+        by_split: list[list[float]] = [[] for _ in range(self.n)]
+        for time, start, seconds in self._remote:
+            if now - time <= self.horizon_s:
+                by_split[start].append(seconds)
+        return [statistics.median(values) if values else None for values in by_split]
+
     def remote_probe_split(self, now: float) -> int | None:
         """A split to try remotely for one frame while all runs locally and the server's speed
         is unknown or stale: the remote split the model currently rates fastest."""
@@ -483,6 +500,7 @@ class SplitController:
                             message_overhead_s=self._overhead.median(now, self.horizon_s) or 0.0,
                             measured_latency_s=[s.median(now, self.horizon_s, 0)
                                                 for s in self._latency],
+                            measured_remote_s=self._remote_by_split(now) if remote else None,
                             compressed_bytes=packed,
                             compress_s=pack_s, decompress_s=unpack_s)
 

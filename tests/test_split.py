@@ -342,3 +342,33 @@ def test_controller_uses_only_recent_latencies() -> None:
     assert later is not None and later.candidates[1].fps == pytest.approx(1 / 0.016)  # expired
     with pytest.raises(SplitError, match="no remote part"):
         controller.observe_latency(7, 0.01, 10.0)
+
+
+def test_measured_suffix_time_replaces_the_per_stage_estimate() -> None:
+    # A server that adds a fixed 40 ms to every task: the speed ratio cannot express that, a
+    # measured suffix time can.
+    measured: list[float | None] = [None] * 7
+    measured[5] = 0.040 + sum(FAST_SERVER[5:])
+    estimate = estimate_split(5, LOCAL, FAST_SERVER, SIZES, RTT, GIGABIT,
+                              measured_remote_s=measured)
+    assert estimate.remote_s == pytest.approx(measured[5]) and estimate.bottleneck == "remote"
+    assert estimate_split(4, LOCAL, FAST_SERVER, SIZES, RTT, GIGABIT,
+                          measured_remote_s=measured).remote_s == pytest.approx(sum(FAST_SERVER[4:]))
+
+
+def test_controller_trusts_the_measured_time_of_the_split_in_use() -> None:
+    controller = SplitController(7, 30.0, window_s=1.0)
+    controller.observe_link(RTT, GIGABIT, 0.0)
+    feed_local(controller, 0.0, scale=2.0)  # a busy device: 17.9 fps alone
+    feed_sizes(controller, 0.0)
+    controller.observe_remote(2, sum(FAST_SERVER[2:]), 0.0)
+    controller.update(0.0)
+    assert controller.split == 2
+    # The server now takes 200 ms per task whatever it runs: 5 fps at split 2.
+    for step in range(1, 4):
+        feed_local(controller, float(step), scale=2.0)
+        controller.observe_remote(2, 0.2, float(step))
+        controller.update(float(step))
+    decision = controller.last_decision
+    assert decision is not None and decision.candidates[1].remote_s == pytest.approx(0.2)
+    assert controller.split > 2
