@@ -6,6 +6,7 @@ restart a broker use ``broker_factory`` for a fresh, function-scoped one.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -136,3 +137,20 @@ def make_transport() -> Iterator[TransportFactory]:
 def memory_broker() -> MemoryBroker:
     """A fresh in-process broker for MemoryTransport tests."""
     return MemoryBroker()
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """CLI entry points configure the root logger for a process (in tests: on pytest's captured
+    stderr, closed after the test); put the test run's handlers and level back after every test, so
+    background threads of later tests never log into a closed stream."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
