@@ -185,6 +185,22 @@ def test_unreachable_broker_fails_fast_with_one_clear_line() -> None:
     assert not transport.connected
 
 
+def test_connect_again_after_a_refused_first_try() -> None:
+    """A device that starts before its broker retries connect(): it must work once the broker is up,
+    with the same or another timeout (paho keeps a failed attempt's state)."""
+    port = free_port()
+    transport = MqttTransport(TransportConfig(port=port, connect_timeout=1.0))
+    for timeout in (None, 1.5):
+        with pytest.raises(ConnectError, match="connection refused"):
+            transport.connect(timeout=timeout)
+    with EmbeddedBroker(port=port):
+        transport.connect(timeout=3.0)
+        try:
+            assert transport.connected
+        finally:
+            transport.close()
+
+
 def test_not_connected_error_after_close(
     broker: BrokerEndpoint, make_transport: TransportFactory, topic_prefix: str
 ) -> None:

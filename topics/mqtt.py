@@ -173,7 +173,7 @@ class MqttTransport:
         if self._thread is not None:
             return
         wait = timeout if timeout is not None else self.config.connect_timeout
-        self._client.connect_timeout = wait
+        self._set_connect_timeout(wait)
         url = self.config.url
         self._connack.clear()
         self._connack_problem = None
@@ -207,6 +207,16 @@ class MqttTransport:
             problem = self._connack_problem or f"no CONNACK within {wait:.1f}s"
             self._shutdown_threads(timeout=wait)
             raise ConnectError(f"cannot connect to {url} as {self._client_id!r}: {problem}")
+
+    def _set_connect_timeout(self, wait: float) -> None:
+        """paho refuses to change the timeout while a failed attempt left its state "connecting";
+        then the previous attempt's timeout stays (the retry itself works)."""
+        if self._client.connect_timeout == wait:
+            return
+        try:
+            self._client.connect_timeout = wait
+        except RuntimeError:
+            log.debug("%s: keeping connect timeout %.1fs", self._name, self._client.connect_timeout)
 
     # ---------------------------------------------------------------------------- subscriptions
     def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1) -> None:
