@@ -254,6 +254,12 @@ class EdgeAgent:
         with self._lock:
             self._listeners.append(listener)
 
+    def remove_record_listener(self, listener: RecordListener) -> None:
+        """Stop calling ``listener`` (no error if it was not added)."""
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
     # ------------------------------------------------------------------------------ submitting
     def submit(self, name: str, payload: Any, *, deadline: float | None = None, stage: int | None = None,
                policy: str | None = None) -> concurrent.futures.Future[Any]:

@@ -184,8 +184,6 @@ class Camera:
         self.counters: Counter[str] = Counter()
         self.split_timeline: list[tuple[float, int]] = []
         self._start = 0.0
-        if agent is not None:
-            agent.add_record_listener(self._on_record)
 
     # Local execution ---------------------------------------------------------------------------
 
@@ -379,6 +377,15 @@ class Camera:
 
     def run(self, on_frame: Callable[[FrameOutcome], None] | None = None) -> CameraReport:
         """Process ``options.frames`` frames; outputs reach ``on_frame`` in frame order."""
+        if self.agent is None:
+            return self._run(on_frame)
+        self.agent.add_record_listener(self._on_record)
+        try:
+            return self._run(on_frame)
+        finally:
+            self.agent.remove_record_listener(self._on_record)
+
+    def _run(self, on_frame: Callable[[FrameOutcome], None] | None) -> CameraReport:
         options = self.options
         pace = options.camera_fps or options.target_fps
         self._start = self._clock()
