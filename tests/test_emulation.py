@@ -42,7 +42,7 @@ def expected_tasks(scenario: Scenario) -> int:
 
 
 def assert_one_outcome_each(records: list, scenario: Scenario) -> None:
-    ids = Counter(record.task_id for record in records)
+    ids = Counter((record.device, record.task_id) for record in records)  # ids are per device
     assert all(count == 1 for count in ids.values()), "a task reported more than one outcome"
     assert len(ids) == expected_tasks(scenario), "tasks were lost or invented"
 
@@ -170,3 +170,17 @@ def test_cli_des_run_writes_the_results_folder(tmp_path: Path) -> None:
     for column in ("created", "decided", "sent", "started", "finished", "received", "target",
                    "policy", "reason", "outcome", "attempts"):
         assert column in header
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", sorted(SCENARIO_DIR.glob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_scenario_in_emulation_gives_every_task_one_outcome(
+        path: Path, mosquitto_broker: object) -> None:
+    """The slow tier: each shipped scenario, every one of its policies, on a spawned Mosquitto."""
+    scenario = load_scenario(path)
+    scenario = scenario.model_copy(update={"duration": min(scenario.duration, 6.0)})
+    url = mosquitto_broker.url  # type: ignore[attr-defined]
+    for policy in scenario.policies:
+        result = run_emulation(scenario, policy, broker_url=url)
+        assert_one_outcome_each(result.records, scenario)
+        assert result.counters.get("unfinished", 0) == 0, (policy, result.counters)
