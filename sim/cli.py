@@ -145,12 +145,17 @@ def write_outputs(results: Sequence[RunResult], out_dir: Path, *, meta: dict[str
     return written
 
 
-def run_scenario(args: argparse.Namespace) -> int:
-    path = resolve_scenario(args.scenario)
+def _load(name: str) -> tuple[Path, Scenario]:
+    """Resolve and validate a scenario; a bad one is a usage error with the file and field."""
+    path = resolve_scenario(name)
     try:
-        scenario = load_scenario(path)
+        return path, load_scenario(path)
     except ScenarioError as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
+
+
+def run_scenario(args: argparse.Namespace) -> int:
+    path, scenario = _load(args.scenario)
     if args.duration is not None:
         if args.duration <= 0:
             raise CliError("--duration must be positive", EXIT_USAGE)
@@ -218,11 +223,7 @@ def run_scenario(args: argparse.Namespace) -> int:
 
 
 def validate(args: argparse.Namespace) -> int:
-    path = resolve_scenario(args.scenario)
-    try:
-        scenario = load_scenario(path)
-    except ScenarioError as exc:
-        raise CliError(str(exc), EXIT_USAGE) from exc
+    path, scenario = _load(args.scenario)
     print(f"{path}: ok ({len(scenario.device_nodes())} devices, {len(scenario.server_nodes())} "
           f"servers, {scenario.duration:g} s, policies {', '.join(scenario.policies)})")
     return 0

@@ -156,7 +156,7 @@ def run_emulation(scenario: Scenario, policy: str, *, broker_url: str, protocol:
     records_lock = threading.Lock()
     stop = stop or threading.Event()
     base_config = TransportConfig.from_url(broker_url, protocol=protocol, keepalive=5)
-    origin = time.time()
+    origin = time.time()  # reset when the workload starts; heartbeats during set-up come out negative
 
     def transport(node: str, link_to: Callable[[str | None], LinkParams]) -> LinkEmulator:
         inner = MqttTransport(base_config.model_copy(update={"client_id": f"sim-{run_id}-{node}"}))
@@ -242,7 +242,7 @@ def run_emulation(scenario: Scenario, policy: str, *, broker_url: str, protocol:
         events = sorted(scenario.events, key=lambda event: event.at)
         futures = []
         start = time.monotonic()
-        origin = time.time()
+        origin = time.time()  # the run's time 0: the closures above read it when they are called
         last_progress = 0.0
         while arrivals and not stop.is_set():
             due, _, node, arrival = heapq.heappop(arrivals)
@@ -289,10 +289,9 @@ def run_emulation(scenario: Scenario, policy: str, *, broker_url: str, protocol:
             _quietly(partial(agent.stop, grace=0.0))
         _quietly(monitor.close)
         scheduler.stop()
-    for node, emulator in emulators.items():
+    for emulator in emulators.values():
         for name, value in emulator.counters.items():
             counters[f"link_{name}"] += value
-        del node
     for edge in device_agents.values():
         for name, value in edge.counters.items():
             if name in ("late_results", "unknown_results", "retries", "timeouts", "local_full",
