@@ -14,7 +14,9 @@ and the agent's link estimates, and moves the split (and JPEG compression of the
 once per window; a fully local probe frame refreshes the times of offloaded stages now and then.
 
 ``--slowdown F`` emulates a device F times slower than this machine (a Raspberry Pi is several
-times slower): every local stage is followed by a sleep of ``(F - 1)`` times its run time.
+times slower): every local stage is followed by a sleep of ``(F - 1)`` times the CPU time it took
+(the thread's CPU time, not the wall clock: a stage preempted by another process on a busy machine
+is not stretched F times over).
 """
 
 from __future__ import annotations
@@ -158,7 +160,8 @@ class Camera:
     def __init__(self, agent: EdgeAgent | None, options: CameraOptions, *,
                  source: FrameSource | None = None, spec: TaskSpec = BALL,
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 work_clock: Callable[[], float] = time.thread_time) -> None:
         self.agent = agent
         self.options = options
         self.spec = spec
@@ -166,6 +169,7 @@ class Camera:
         self.source: FrameSource = source or BallVideo(0)
         self._clock = clock
         self._sleep = sleep
+        self._work_clock = work_clock
         self._lock = threading.Lock()
         self._bad = BadInputLog(log)
         if options.split is not None:
@@ -187,22 +191,26 @@ class Camera:
 
     # Local execution ---------------------------------------------------------------------------
 
-    def _emulate(self, started: float) -> float:
-        """Stretch the work begun at ``started`` by the device slowdown; return its duration."""
-        elapsed = self._clock() - started
-        if self.options.slowdown > 1.0 and elapsed > 0:
-            self._sleep(elapsed * (self.options.slowdown - 1.0))
-            elapsed = self._clock() - started
-        return elapsed
+    def _emulate(self, started: float, worked_from: float) -> float:
+        """Stretch the work begun at ``started`` by the device slowdown; return its duration.
+
+        ``worked_from`` is the work clock (thread CPU time) at the start: the stretch is the CPU
+        time spent times ``slowdown - 1``, so waiting for a core is not multiplied.
+        """
+        if self.options.slowdown > 1.0:
+            worked = self._work_clock() - worked_from
+            if worked > 0:
+                self._sleep(worked * (self.options.slowdown - 1.0))
+        return self._clock() - started
 
     def _timed(self, stage: int, value: Any) -> Any:
         """Run one stage here, emulate the slowdown, and report the time to the controller."""
-        started = self._clock()
+        started, worked_from = self._clock(), self._work_clock()
         if stage == 0:
             out = capture({"frame": value, "thumbnail": self.options.thumbnail}, self.source)
         else:
             out = self.spec.stages[stage](value)
-        elapsed = self._emulate(started)
+        elapsed = self._emulate(started, worked_from)
         if self.controller is not None:
             with self._lock:
                 now = self._clock()
@@ -222,12 +230,13 @@ class Camera:
         """Time JPEG/PNG packing of the value entering ``stage`` and tell the controller."""
         if self.controller is None or not isinstance(value, dict):
             return
-        started = self._clock()
+        started, worked_from = self._clock(), self._work_clock()
         packed = encode_intermediate(value, self.options.jpeg_quality)
+        worked = self._work_clock() - worked_from
         packed_at = self._clock()
         decode_intermediate(packed)
         done = self._clock()
-        pack_s = (packed_at - started) * self.options.slowdown
+        pack_s = (packed_at - started) + worked * (self.options.slowdown - 1.0)
         unpack_s = done - packed_at  # the server unpacks: no device slowdown
         with self._lock:
             self.controller.observe_size(stage, payload_size(value), done,
@@ -304,9 +313,9 @@ class Camera:
         if self.agent is None:
             return item
         if compress:
-            packing = self._clock()
+            packing, worked_from = self._clock(), self._work_clock()
             shipped = encode_intermediate(value, self.options.jpeg_quality)
-            self._emulate(packing)
+            self._emulate(packing, worked_from)
         else:
             shipped = value
         key = uuid.uuid4().hex
