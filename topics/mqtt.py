@@ -461,14 +461,8 @@ class MqttTransport:
             waiter = resubscribed
             resubscribed.set()
         dispatcher = self._dispatcher
-        if dispatcher is not None:
-            # Dispatcher.call blocks while the dispatch queue is full (a slow handler): hand it over
-            # from a short-lived thread so the network thread keeps serving keepalives and acks.
-            threading.Thread(
-                target=dispatcher.call,
-                args=(lambda: self._after_connect(waiter, listeners),),
-                name=f"connected-{self._name}", daemon=True,
-            ).start()
+        if dispatcher is not None:  # call() never blocks, even behind a stuck handler
+            dispatcher.call(lambda: self._after_connect(waiter, listeners))
         self._connack.set()
 
     def _after_connect(self, subscribed: threading.Event, listeners: list[ConnectListener]) -> None:
