@@ -463,7 +463,8 @@ class CloudAgent:
         if deadline is not None:
             with self._watch:
                 heapq.heappush(self._deadlines, (deadline, next(self._deadline_seq), job))
-                self._watch.notify()
+                if self._deadlines[0][2] is job:  # else the watchdog wakes earlier anyway
+                    self._watch.notify()
         return job
 
     def _reply_now(self, task: Task, codec: Codec, status: Status, error: str) -> None:
