@@ -8,7 +8,9 @@ inflate them less than wall time would. Each device sees ``--known`` servers (it
 ``--known 0`` gives every device all 100.
 Each run is bounded by its task count (about ``--tasks`` tasks), well under 20 s on a 2-core machine.
 
-    python bench/des_bench.py [--tasks 150000] [--known 10] [--rate 1.0] [--policy ect]
+    python bench/des_bench.py [--tasks 150000] [--known 10] [--rate 1.0] [--policy ect] [--spread-k K]
+
+``--known 0 --spread-k K`` shows herding: every device sees the same (stale) loads of all 100 servers.
 """
 
 from __future__ import annotations
@@ -24,8 +26,12 @@ GOAL = 40_000.0
 PUREEDGESIM_REPORTED = 19_500.0
 
 
-def fleet(devices: int, servers: int, tasks: int, known: int | None, rate: float = 1.0) -> Scenario:
-    """A fleet where each device creates about ``tasks / devices`` tasks (Poisson, ``rate``/s)."""
+def fleet(devices: int, servers: int, tasks: int, known: int | None, rate: float = 1.0,
+          policy: dict[str, Any] | None = None) -> Scenario:
+    """A fleet where each device creates about ``tasks / devices`` tasks (Poisson, ``rate``/s).
+
+    ``policy``: PolicyConfig overrides, as in a scenario file's ``policy`` table.
+    """
     duration = max(tasks / (devices * rate), 1.0)
     data: dict[str, Any] = {
         "name": f"bench-{devices}x{servers}", "duration": duration, "seed": 3, "heartbeat_interval": 1.0,
@@ -38,6 +44,8 @@ def fleet(devices: int, servers: int, tasks: int, known: int | None, rate: float
         "servers": [{"name": "edge", "count": servers, "workers": 4, "speed": 1.0, "queue_size": 64}],
         "links": {"default": {"delay": 0.002, "jitter": 0.0005, "bandwidth": 12.5e6}},
     }
+    if policy:
+        data["policy"] = policy
     return parse_scenario(data, "<bench>")
 
 
@@ -49,14 +57,18 @@ def main() -> None:
     parser.add_argument("--policy", default="ect")
     parser.add_argument("--rate", type=float, default=1.0, help="tasks per second per device")
     parser.add_argument("--repeat", type=int, default=2, help="runs per size; the fastest is shown")
+    parser.add_argument("--spread-k", type=int, default=None,
+                        help="PolicyConfig.spread_k (default: the policy's own, 2)")
     args = parser.parse_args()
     known = args.known or None
-    print(f"policy {args.policy}, {args.servers} servers, each device sees "
-          f"{known or args.servers} of them; one core")
+    spread = "" if args.spread_k is None else f", spread_k {args.spread_k}"
+    print(f"policy {args.policy}{spread}, {args.servers} servers, each device sees "
+          f"{known or args.servers} of them, {args.rate:g} tasks/s per device; one core")
     print(f"{'devices':>8} {'tasks':>8} {'ok %':>6} {'p95 ms':>7} {'retries':>8} {'events':>9} {'cpu s':>7} "
           f"{'tasks/s':>9} {'vs goal':>8} {'vs PureEdgeSim (reported)':>26}")
     for devices in (1_000, 10_000):
-        scenario = fleet(devices, args.servers, args.tasks, known, args.rate)
+        overrides = {} if args.spread_k is None else {"spread_k": args.spread_k}
+        scenario = fleet(devices, args.servers, args.tasks, known, args.rate, overrides)
         result = min((run_des(scenario, args.policy) for _ in range(max(args.repeat, 1))),
                      key=lambda run: run.cpu_seconds)
         rate = result.tasks_per_second
