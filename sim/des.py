@@ -263,18 +263,20 @@ class _Simulation:
         entry[2] = visible[1]
 
     def server_table(self, device: _Device, now: float) -> list[ServerInfo]:
-        table: list[ServerInfo] = []
-        append = table.append
-        sent = device.sent
-        failures = device.failures
-        for entry in device.entries:
+        entries = device.entries
+        for entry in entries:
             if entry[0] <= now:
                 self.view(entry, now)
+        sent = device.sent
+        failures = device.failures
+        if not sent and not failures:
+            # The common case: nothing unanswered, no recent failure, so the group's views as they are.
+            return [entry[1] for entry in entries if entry[1] is not None]
+        table: list[ServerInfo] = []
+        append = table.append
+        for entry in entries:
             base: ServerInfo | None = entry[1]
             if base is None:
-                continue
-            if not sent and not failures:
-                append(base)
                 continue
             index = entry[3]
             since = 0
@@ -510,6 +512,8 @@ class _Simulation:
         mine = job.device.sent.get(job.server)
         if mine is not None and mine[0] == job.sent_seq and mine[1] > 0:
             mine[1] -= 1
+            if not mine[1]:
+                del job.device.sent[job.server]  # a zero count adds nothing; keeps the table's fast path
         if status == _ST_OK:
             job.record.received = now
             self.finish(job, OK, now)
