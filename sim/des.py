@@ -140,6 +140,8 @@ class _Device:
     created: int = 0
     capacity: int = 0
     """Local tasks it holds at most: workers plus the local queue size."""
+    local: LocalInfo | None = None
+    """Its :class:`LocalInfo` for the policy; ``None`` once the queue, workers or service time changed."""
 
 
 @dataclass(slots=True, eq=False)
@@ -164,6 +166,7 @@ class _Simulation:
     def __init__(self, scenario: Scenario, policy: str, config: PolicyConfig, seed: int) -> None:
         self.scenario = scenario
         self.policy = check_policy(policy)
+        self.threshold = policy == "threshold"  # the only policy that reads the local arrival rate
         self.config = config
         self.seed = seed
         self.net_rng = random.Random(f"{seed}:network")
@@ -324,80 +327,89 @@ class _Simulation:
         self.records.append(record)
         self.open += 1
         job = _Job(record, device, arrival.payload_bytes, arrival.work, deadline)
-        if self.policy == "threshold":
+        if self.threshold:
             window = device.window
             window.append(now)
             while window[0] <= now - 1.0:
                 window.popleft()
+            device.local = None
         self.attempt(job, now)
 
     def attempt(self, job: _Job, now: float) -> None:
         """Decide and launch the next attempt of ``job`` (or give it its final outcome)."""
         device = job.device
-        spec = device.spec
         record = job.record
-        first = job.attempt == 0
+        first = not job.attempt
         time_left = None if job.deadline is None else job.deadline - now
         if time_left is not None and time_left <= 0.0 and not first:
             self.finish(job, self.deadline_outcome(job), now)
             return
         task = TaskInfo(record.task, job.payload_bytes, time_left)
-        local = LocalInfo(spec.capable, len(device.queue), device.busy, spec.workers, device.service,
-                          len(device.window))
+        local = device.local
+        if local is None:
+            spec = device.spec
+            local = device.local = LocalInfo(spec.capable, len(device.queue), device.busy, spec.workers,
+                                             device.service, len(device.window))
         table = self.server_table(device, now)
         decision: Decision = decide(self.policy, task, local, table, now=now, rng=self.decide_rng,
                                     previous=device.previous, exclude=job.tried, config=self.config)
         target = decision.target
-        if target is None and spec.capable and len(device.queue) + device.busy >= device.capacity:
-            # As the edge agent does: the local queue is full, so the best server instead, if any.
-            self.count("local_full")
-            decision = decide(self.policy, task, local, table, now=now, rng=self.decide_rng,
-                              previous=device.previous, exclude=job.tried, allow_local=False,
-                              config=self.config)
-            target = decision.target
-            if target is None:
-                self.finish(job, REJECTED, now)
+        if target is None:
+            if device.spec.capable and len(device.queue) + device.busy >= device.capacity:
+                # As the edge agent does: the local queue is full, so the best server instead, if any.
+                self.count("local_full")
+                decision = decide(self.policy, task, local, table, now=now, rng=self.decide_rng,
+                                  previous=device.previous, exclude=job.tried, allow_local=False,
+                                  config=self.config)
+                target = decision.target
+                if target is None:
+                    self.finish(job, REJECTED, now)
+                    return
+            elif decision.reason == "no-option":
+                self.finish(job, NO_OPTION if first else job.last_failure, now)
                 return
-        if target is None and (decision.reason == "no-option"):
-            self.finish(job, NO_OPTION if first else job.last_failure, now)
-            return
-        job.attempt += 1
-        record.attempts = job.attempt
+        attempt = job.attempt = job.attempt + 1
+        record.attempts = attempt
         record.decided = now
         record.reason = decision.reason
         record.target = target
         record.started = record.finished = None
-        record.estimate = decision.expected
-        device.previous = target or LOCAL
+        expected = record.estimate = decision.expected
         if target is None:
+            device.previous = LOCAL
             job.server = -1
             record.sent = None
-            if device.busy < spec.workers:
+            if device.busy < device.spec.workers:
                 self.start_local(job, now)
             else:
                 device.queue.append(job)
+                device.local = None
             return
+        device.previous = target
         index = self.server_index[target]
         job.server = index
-        job.tried = job.tried | {target}
         server = self.servers[index]
-        delay, jitter, loss, bandwidth = self.links[device.group][server.group]
-        start = device.uplink_free if device.uplink_free > now else now
+        group = device.group
+        delay, jitter, loss, bandwidth = self.links[group][server.group]
+        start = device.uplink_free
+        if start < now:
+            start = now
         transfer = job.payload_bytes / bandwidth
         device.uplink_free = start + transfer
         record.sent = now
-        mine = device.sent.get(index)
-        seq = self.views[device.group][index][2]
-        job.sent_seq = seq
+        seq = job.sent_seq = self.views[group][index][2]
+        sent = device.sent
+        mine = sent.get(index)
         if mine is None or mine[0] != seq:
-            device.sent[index] = [seq, 1]
+            sent[index] = [seq, 1]
         else:
             mine[1] += 1
         # The timeout follows the plain estimate: the failure penalty steers choices, it does not make
         # the server slower.
-        estimate = decision.expected if decision.expected is not None else self.timeout_min
-        if device.failures:
-            failed = device.failures.get(index)
+        estimate = expected if expected is not None else self.timeout_min
+        failures = device.failures
+        if failures:
+            failed = failures.get(index)
             if failed is not None:
                 decayed = failed[0] * 0.5 ** ((now - failed[1]) / _FAILURE_HALF_LIFE)
                 estimate = max(estimate - decayed * self.failure_penalty, 0.0)
@@ -405,9 +417,14 @@ class _Simulation:
         if timeout < self.timeout_min:
             timeout = self.timeout_min
         if time_left is not None:
-            timeout = min(timeout, max(time_left - (start - now), 0.0))
+            # timeout = min(timeout, max(left, 0.0)), without the two calls
+            left = time_left - (start - now)
+            if left < 0.0:
+                left = 0.0
+            if left < timeout:
+                timeout = left
         heap, order = self.heap, self.order
-        heappush(heap, (start + timeout, next(order), _TIMEOUT, job, job.attempt))
+        heappush(heap, (start + timeout, next(order), _TIMEOUT, job, attempt))
         random = self.net_rng.random
         if loss and random() < loss:
             self.count("lost_task_messages")
@@ -416,7 +433,7 @@ class _Simulation:
             delay += jitter * (2.0 * random() - 1.0)
             if delay < 0.0:
                 delay = 0.0
-        heappush(heap, (start + transfer + delay, next(order), _SRV_RECV, (job, server), job.attempt))
+        heappush(heap, (start + transfer + delay, next(order), _SRV_RECV, (job, server), attempt))
 
     def start_local(self, job: _Job, now: float) -> None:
         device = job.device
@@ -424,17 +441,20 @@ class _Simulation:
             self.finish(job, EXPIRED, now)
             return
         device.busy += 1
+        device.local = None
         job.record.started = now
         cost = self.costs[job.record.task] * job.work / device.spec.speed
         self.push(now + cost, _LOCAL_DONE, job, 0)
 
     def next_local(self, device: _Device, now: float) -> None:
         while device.queue and device.busy < device.spec.workers:
+            device.local = None
             self.start_local(device.queue.popleft(), now)
 
     def local_done(self, job: _Job, _: int, now: float) -> None:
         device = job.device
         device.busy -= 1
+        device.local = None
         record = job.record
         measured = now - (record.started or now)
         device.service = measured if device.service is None else (
@@ -546,6 +566,8 @@ class _Simulation:
             self.finish(job, self.deadline_outcome(job), now)
             return
         self.count("retries")
+        # Tried servers are excluded from now on (added here, the only way to a further attempt).
+        job.tried = job.tried | {self.servers[job.server].node}
         self.attempt(job, now)
 
     # --- servers, probes, scenario events ------------------------------------------------------------
@@ -655,7 +677,7 @@ class _Simulation:
                 break
             events += 1
             handlers[kind](subject, value, when)
-            if not self.open and not self.pending_arrivals and when >= duration:
+            if when >= duration and not self.open and not self.pending_arrivals:
                 break
             if progress is not None and not events & 0x3FFF:
                 progress(min(when, duration))
