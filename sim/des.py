@@ -21,6 +21,7 @@ loop):
 
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
 import math
@@ -647,6 +648,30 @@ class _Simulation:
     def run(self, progress: Callable[[float], None] | None = None) -> DesResult:
         started = wallclock.perf_counter()
         cpu_started = wallclock.process_time()
+        # The run makes no reference cycles: events, jobs and decisions are all freed by reference
+        # counting. The cyclic collector would only rescan the growing records over and over (a seventh of
+        # the CPU time at 10,000 devices), so it is paused for the run; its one pass over what the run
+        # kept is charged to the run, here.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            events = self._events(progress)
+        finally:
+            if collecting:
+                gc.enable()
+        if collecting:
+            gc.collect(0)
+        unfinished = sum(record.outcome == UNFINISHED for record in self.records)
+        if unfinished:
+            self.counters["unfinished"] = unfinished
+        wall = wallclock.perf_counter() - started
+        cpu = wallclock.process_time() - cpu_started
+        return DesResult(self.policy, self.records, self.scenario.duration, self.queue_series,
+                         dict(self.counters), events=events, wall_seconds=wall, cpu_seconds=cpu,
+                         sim_seconds=self.now)
+
+    def _events(self, progress: Callable[[float], None] | None) -> int:
+        """Handle events until every task has its outcome; returns how many were handled."""
         scenario = self.scenario
         for device in self.devices:
             first = next(device.arrivals, None)
@@ -682,13 +707,7 @@ class _Simulation:
             if progress is not None and not events & 0x3FFF:
                 progress(min(when, duration))
         self.now = when if events else 0.0
-        unfinished = sum(record.outcome == UNFINISHED for record in self.records)
-        if unfinished:
-            self.counters["unfinished"] = unfinished
-        wall = wallclock.perf_counter() - started
-        cpu = wallclock.process_time() - cpu_started
-        return DesResult(self.policy, self.records, scenario.duration, self.queue_series, dict(self.counters),
-                         events=events, wall_seconds=wall, cpu_seconds=cpu, sim_seconds=self.now)
+        return events
 
 
 def run_des(scenario: Scenario, policy: str, *, config: PolicyConfig | None = None, seed: int | None = None,
