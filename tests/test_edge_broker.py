@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -107,20 +106,27 @@ def test_sigkilled_server_process_every_task_gets_one_outcome(mosquitto_broker: 
         server.stderr.close()
 
     stack.append(reap)
-    edge = start_edge(endpoint, stack, topic_prefix, policy="remote", default_timeout=30.0)
+    edge = start_edge(endpoint, stack, topic_prefix, policy="remote", default_timeout=30.0,
+                      local_workers=4)
     records = recorded(edge)
     wait_for(serving(edge, "victim", "sleep"), timeout=15.0, message="the server subprocess")
-    futures = [edge.submit("sleep", {"seconds": 0.5}) for _ in range(6)]
-    wait_for(lambda: edge.stats().get("offloaded", 0) == 6)
-    time.sleep(0.1)  # let the server take them in
+    futures = [edge.submit("sleep", {"seconds": 2.0}) for _ in range(4)]
+
+    def holds_all() -> bool:  # a heartbeat says: two tasks running, two queued behind them
+        return any(v.node == "victim" and v.load.in_flight == 2 and v.load.queue_length == 2
+                   for v in edge.servers())
+
+    wait_for(holds_all, timeout=15.0, message="the server holding every task")
     os.kill(server.pid, signal.SIGKILL)
     server.wait(5)
-    outcomes = [future.result(15) for future in futures]  # Will after 1.5 x keepalive, then local
-    assert outcomes == [{"slept": 0.5}] * 6
-    wait_for(lambda: len(records) == 6)
-    assert len({r.task_id for r in records}) == 6
+    outcomes = [future.result(20) for future in futures]  # Will after 1.5 x keepalive, then local
+    assert outcomes == [{"slept": 2.0}] * 4
+    wait_for(lambda: len(records) == 4)
+    assert len({r.task_id for r in records}) == 4
     assert all(r.targets[0] == "victim" for r in records)
-    assert sum(r.targets[-1] == "local" for r in records) >= 4  # 2 may have finished before the kill
+    # The queued two could not start before a running one ended (2 s after that heartbeat).
+    assert sum(r.targets[-1] == "local" for r in records) >= 2
+    assert edge.stats()["server_deaths_in_flight"] >= 2
     assert next(v for v in edge.servers() if v.node == "victim").stale
 
 
@@ -154,17 +160,25 @@ def test_bridge_fed_by_mosquitto_pub(mosquitto_broker: MosquittoBroker, topic_pr
     wait_for(serving(edge, "bridge-srv"), timeout=10.0)
     port = str(mosquitto_broker.port)
     reader = subprocess.Popen(
-        ["mosquitto_sub", "-h", "127.0.0.1", "-p", port, "-t", f"{topic_prefix}/results/#", "-v",
-         "-C", "2", "-W", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        ["stdbuf", "-oL", "mosquitto_sub", "-d", "-h", "127.0.0.1", "-p", port,
+         "-t", f"{topic_prefix}/results/#", "-v", "-C", "2", "-W", "20"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     stack.append(lambda: reader.kill() if reader.poll() is None else None)
-    time.sleep(0.3)  # mosquitto_sub subscribes after start-up; no hook to wait on
+    assert reader.stdout is not None
+    for line in reader.stdout:  # -d: debug lines (line-buffered by stdbuf), among them the SUBACK
+        if line.startswith("Subscribed (mid"):
+            break
+    else:
+        pytest.fail("mosquitto_sub ended before its subscription was acknowledged")
     for room, x in (("kitchen", 3), ("bad", None), ("garage", 4)):
         payload = "{broken" if x is None else json.dumps({"x": x})
         subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-q", "1",
                         "-t", f"{topic_prefix}/sensors/{room}/reading", "-m", payload],
                        check=True, timeout=10)
-    out, _ = reader.communicate(timeout=25)
-    lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
+    reader.wait(timeout=25)  # -C 2: it exits after two messages
+    out = reader.stdout.read()  # the rest, past what the SUBACK loop buffered
+    lines = dict(line.split(" ", 1) for line in out.strip().splitlines()
+                 if line.startswith(f"{topic_prefix}/results/"))
     assert {topic: json.loads(body) for topic, body in lines.items()} == {
         f"{topic_prefix}/results/kitchen/square": {"y": 9},
         f"{topic_prefix}/results/garage/square": {"y": 16}}

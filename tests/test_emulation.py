@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -86,39 +90,65 @@ def test_server_crash_loses_no_task(amqtt_broker: EmbeddedBroker) -> None:
     assert sum(r.outcome == "ok" for r in result.records) >= 0.9 * len(result.records)
 
 
+class RecordingScheduler(DelayScheduler):
+    """Keeps what the links schedule, with its due time, and runs it only when asked."""
+
+    def __init__(self) -> None:
+        super().__init__("recording-scheduler")
+        self.calls: list[tuple[float, Callable[[], None]]] = []
+
+    def call_at(self, due: float, callback: Callable[[], None]) -> None:
+        self.calls.append((due, callback))
+
+    def run_all(self) -> None:
+        for _, callback in sorted(self.calls, key=lambda call: call[0]):
+            callback()
+
+
 def test_link_emulator_delays_drops_and_paces() -> None:
     broker = MemoryBroker()
     tree = TopicTree("t")
-    received: list[tuple[float, Message]] = []
-    import time
+    received: list[Message] = []
+    got_one, got_all = threading.Event(), threading.Event()
+
+    def receive(message: Message) -> None:
+        received.append(message)
+        got_one.set()
+        if len(received) == 4:
+            got_all.set()
 
     sink = MemoryTransport(broker, "sink")
     sink.connect()
-    sink.subscribe("t/#", lambda message: received.append((time.monotonic(), message)))
-    scheduler = DelayScheduler()
+    sink.subscribe("t/#", receive)
+    scheduler = RecordingScheduler()
     links = {"srv": LinkParams(delay=0.05), "lossy": LinkParams(loss=1.0),
              "thin": LinkParams(bandwidth=100_000.0)}
     emulator = LinkEmulator(MemoryTransport(broker, "dev"), node_id="dev", tree=tree,
                             link_to=lambda peer: links.get(peer or "", LinkParams()),
-                            scheduler=scheduler, rng=__import__("random").Random(1))
+                            scheduler=scheduler, rng=random.Random(1))
     emulator.connect()
     try:
-        sent = time.monotonic()
+        before = time.monotonic()
         emulator.publish(tree.task_inbox("srv"), b"x")
         emulator.publish(tree.task_inbox("lossy"), b"x")
         emulator.publish(tree.heartbeat("dev"), b"beat")  # broadcast: the default link, no delay
         for _ in range(2):
             emulator.publish(tree.task_inbox("thin"), bytes(5_000))  # 50 ms each on the wire
-        deadline = time.monotonic() + 2.0
-        while len(received) < 4 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        by_topic = {message.topic: at - sent for at, message in received}
-        assert set(by_topic) == {"t/node/srv/task", "t/node/dev/heartbeat", "t/node/thin/task"}
-        assert by_topic["t/node/dev/heartbeat"] < 0.04
-        assert 0.045 <= by_topic["t/node/srv/task"] < 0.5
-        thin = sorted(at - sent for at, message in received if message.topic == "t/node/thin/task")
-        assert len(thin) == 2 and thin[0] >= 0.045 and thin[1] >= 0.095
-        assert emulator.counters["lost"] == 1
+        spent = time.monotonic() - before  # due times may lie this much later than modelled
+        assert got_one.wait(5.0)
+        assert [m.topic for m in received] == ["t/node/dev/heartbeat"]  # sent at once, no delay
+        due = [at - before for at, _ in scheduler.calls]
+        assert len(due) == 3  # srv, and both thin messages; the lossy one never left
+        srv, thin_first, thin_second = due
+        assert 0.05 <= srv <= 0.05 + spent
+        assert 0.05 <= thin_first <= 0.05 + spent  # 5,000 B at 100 kB/s
+        assert thin_first + 0.05 - 1e-9 <= thin_second <= 0.10 + spent  # waits for the first
+        assert emulator.counters["lost"] == 1 and emulator.counters["delayed"] == 3
+        assert len(received) == 1  # the delayed ones are still held by their links
+        scheduler.run_all()
+        assert got_all.wait(5.0), received
+        assert sorted(m.topic for m in received) == [
+            "t/node/dev/heartbeat", "t/node/srv/task", "t/node/thin/task", "t/node/thin/task"]
     finally:
         scheduler.stop()
         emulator.close()
