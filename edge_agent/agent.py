@@ -612,6 +612,7 @@ class EdgeAgent:
             pending.sent = self._clock()
             pending.link = self._link
             pending.resend = False
+            pending.waited_for_link = False
             self._arm(pending, timeout, mono)
             self.counters["offloaded"] += 1
         self._table.task_sent(target)
