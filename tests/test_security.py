@@ -280,3 +280,19 @@ def test_a_device_cannot_take_a_servers_client_id(fleet: Fleet) -> None:
     after = fleet.server_transport.stats()
     assert (after["disconnects"], after["reconnects"]) == (before["disconnects"], before["reconnects"])
     assert fleet.server_transport.connected and thief.connected
+
+
+def test_a_serving_device_logs_its_peer_in_as_its_own_user() -> None:
+    """Under the ACL the client id is the user name: a peer logging in as the device would kick the
+    device's own connection off, again and again."""
+    from edge_agent.cli import build_peer
+
+    config = EdgeConfig(id="cam1", broker="mqtt://127.0.0.1:1", username="cam1", password="device-secret",
+                        peer_username="cam1-peer", peer_password="peer-secret", tasks=["examples.tasks"])
+    peer = build_peer(config, load_tasks("examples.tasks"))
+    transport = peer.config.transport_config()
+    assert (transport.client_id, transport.username) == ("cam1-peer", "cam1-peer")
+    assert transport.password is not None and transport.password.get_secret_value() == "peer-secret"
+    shared = build_peer(config.model_copy(update={"peer_username": None, "peer_password": None}),
+                        load_tasks("examples.tasks")).config.transport_config()
+    assert shared.username == "cam1"  # without peer credentials: the device's, as before
