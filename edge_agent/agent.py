@@ -8,8 +8,11 @@ Flow of one task (:meth:`EdgeAgent.submit`)::
                                  |  timeout, rejected-busy, expired, unknown-task, server death
                                  +--> decide again, excluding the servers tried (at most max_attempts)
 
-The caller's future gets exactly one outcome: the result payload, or :class:`TaskFailed`. Late and
-duplicate results are dropped and counted, results for tasks this device never sent are ignored.
+The caller's future gets exactly one outcome: the result payload, or :class:`TaskFailed`, at the
+task's deadline at the latest (a watchdog gives it one even if a bug or absurd input broke its
+decision). Late and duplicate results are dropped and counted, results for tasks this device never
+sent are ignored. When the device's own link comes back, attempts whose message or result may have
+been lost are re-sent to their server as soon as it is heard from again.
 
 Threads, all named after the node id: the transport's dispatch thread runs the message handlers,
 ``<id>-edge`` runs timers (attempt timeouts, stale servers, probes, heartbeats, reconnecting after an
@@ -25,6 +28,7 @@ import heapq
 import itertools
 import logging
 import random
+import secrets
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -42,10 +46,17 @@ from edge_agent.policy import LOCAL, Decision, LocalInfo, PolicyConfig, TaskInfo
 from edge_agent.records import TaskFailed, TaskRecord
 from edge_agent.servers import ServerTable, ServerView
 from topics.codec import Codec, EncodeError
-from topics.errors import DecodeError
+from topics.errors import DecodeError, TopicError
 from topics.models import Heartbeat, Load, NodeState, Ping, Pong, Result, Role, Status, Task
-from topics.names import Kind, TopicTree
-from topics.transport import ConnectError, Message, Transport, TransportError, backoff_delays
+from topics.names import Kind, TopicTree, topic_matches, validate_publish_topic
+from topics.transport import (
+    ConnectError,
+    Message,
+    NotConnectedError,
+    Transport,
+    TransportError,
+    backoff_delays,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +93,99 @@ def payload_size(value: Any, _depth: int = 0) -> int:
     return 64
 
 
+def attempt_timeout(expected: float, time_left: float | None, *, alternative: bool, default_timeout: float,
+                    factor: float, share: float, ceiling: float) -> float:
+    """Seconds an offloaded attempt waits for its result before the task is decided again.
+
+    ``factor x expected`` (the estimated round trip, transfer, queue and service time), at least a
+    floor and at most ``ceiling`` and the time left to the deadline. The floor is ``default_timeout``,
+    lowered to ``share x time_left`` when the task has a deadline and another option to fall back on,
+    so that a silent server still leaves time for the retry or the local run.
+    """
+    scaled = factor * expected
+    if time_left is None:
+        return min(ceiling, max(default_timeout, scaled))
+    left = max(0.0, time_left)
+    floor = min(default_timeout, share * left) if alternative else default_timeout
+    return min(left, ceiling, max(floor, scaled))
+
+
+class _Timers:
+    """A heap of (due time, token, task id); a token tells a task's current timer from older ones."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, str]] = []
+        self._tokens = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def push(self, at: float, task_id: str) -> int:
+        token = next(self._tokens)
+        heapq.heappush(self._heap, (at, token, task_id))
+        return token
+
+    def due(self, now: float) -> list[tuple[int, str]]:
+        """Pop every entry due at ``now``: (token, task id), earliest first."""
+        popped: list[tuple[int, str]] = []
+        while self._heap and self._heap[0][0] <= now:
+            _, token, task_id = heapq.heappop(self._heap)
+            popped.append((token, task_id))
+        return popped
+
+    def next_time(self) -> float | None:
+        return self._heap[0][0] if self._heap else None
+
+    def prune(self, keep: Callable[[str], bool]) -> None:
+        """Drop entries of tasks that no longer need them (finished long before their time)."""
+        self._heap = [entry for entry in self._heap if keep(entry[2])]
+        heapq.heapify(self._heap)
+
+
+class PingReplies:
+    """Where this device may answer a ping: the pinger's own pong topic, or a configured filter.
+
+    Anything else (a control character, a wildcard, another node's topic, a fleet topic that is not
+    a pong) raises :class:`TopicError`: answering there could get this device disconnected by the
+    broker or make it publish into someone else's inbox.
+    """
+
+    def __init__(self, tree: TopicTree, allow: tuple[str, ...] = ()) -> None:
+        self._tree = tree
+        self._allow = allow
+
+    def check(self, ping: Ping) -> str:
+        topic = validate_publish_topic(ping.reply_to)
+        if topic == self._tree.pong(ping.sender):
+            return topic
+        parsed = self._tree.parse(topic)
+        if parsed is not None and parsed.kind is not Kind.PONG:
+            raise TopicError(f"reply_to is a {parsed.kind.value} topic of the fleet", topic=topic[:200])
+        if any(topic_matches(allowed, topic) for allowed in self._allow):
+            return topic
+        raise TopicError(f"reply_to is not the pong topic of the pinger {ping.sender!r}", topic=topic[:200])
+
+
+class _Throttle:
+    """At most one log line per key per ``interval``; says how many were held back."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._held: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def allow(self, key: str, now: float) -> int | None:
+        """None to stay quiet; else the number of lines held back since the last one."""
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self._interval:
+                self._held[key] += 1
+                return None
+            self._last[key] = now
+            return self._held.pop(key, 0)
+
+
 @dataclass(eq=False)
 class _Pending:
     """One submitted task until its single outcome."""
@@ -109,6 +213,15 @@ class _Pending:
     last_status: str = "failed"
     last_error: str = ""
     done: bool = False
+    link: int = 0
+    """The device's link generation the current attempt was sent on (see ``EdgeAgent._link``)."""
+    resend: bool = False
+    """The current attempt's message or result may have been lost: re-send it when its server is
+    heard from again."""
+    timer: int = 0
+    """Token of the current attempt's timeout."""
+    waited_for_link: bool = False
+    """The attempt timeout was already extended once to wait for the link."""
 
 
 class EdgeAgent:
@@ -130,11 +243,17 @@ class EdgeAgent:
         self._table = ServerTable(stale_after=config.stale_after, half_life=config.failure_half_life,
                                   ignore=frozenset({config.id, config.peer_id}))
         self._bad = BadInputLog(log)
+        self._throttle = _Throttle()
+        self._ping_replies = PingReplies(self._tree, tuple(config.ping_reply_allow))
         self._lock = threading.RLock()
         self._tasks: dict[str, _Pending] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
-        self._timeouts: list[tuple[float, int, str, int]] = []
-        self._timeout_seq = itertools.count()
+        self._attempt_timers = _Timers()
+        self._deadlines = _Timers()
+        self._link = 0
+        """Link generation: +1 on every (re)connect, on the transport's dispatch thread."""
+        self._resend_waiting: set[str] = set()
+        """Ids of tasks whose current attempt waits for its server to be heard from (``resend``)."""
         self._previous: dict[str, str] = {}
         self._arrivals: deque[float] = deque()
         self._local_service: dict[str, float] = {}
@@ -147,6 +266,9 @@ class EdgeAgent:
         self._process_pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._nonces = itertools.count(1)
         self._task_numbers = itertools.count(1)
+        self._id_prefix = secrets.token_hex(8)
+        """Random per agent: task ids cannot be guessed from anything public (the session number is
+        in every heartbeat), so no other client can forge or claim a result for one."""
         self._inboxes: dict[str, str] = {}
         self._next_probe: dict[str, float] = {}
         self._session = max(0, int(clock() * 1000))
@@ -157,6 +279,7 @@ class EdgeAgent:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._connected_once = False
+        self._connects = 0
         self._next_connect: float | None = None
         self._connect_backoff = backoff_delays(0.2, 10.0, self._rng)
         self._result_topic = self._tree.result_inbox(self.id)
@@ -286,7 +409,7 @@ class EdgeAgent:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         future.set_running_or_notify_cancel()
         pending = _Pending(
-            task_id=f"{self._session:x}-{next(self._task_numbers)}", name=name, payload=payload,
+            task_id=f"{self._id_prefix}-{next(self._task_numbers)}", name=name, payload=payload,
             payload_bytes=payload_size(payload),
             stage=stage, policy=chosen, future=future, created=now,
             deadline=None if deadline is None else now + deadline,
@@ -295,6 +418,12 @@ class EdgeAgent:
             self._tasks[pending.task_id] = pending
             self._arrivals.append(mono)
             self.counters["submitted"] += 1
+            if pending.deadline_mono is not None:
+                self._deadlines.push(pending.deadline_mono, pending.task_id)
+                if len(self._deadlines) > 2 * len(self._tasks) + 1024:
+                    self._deadlines.prune(self._tasks.__contains__)
+        if pending.deadline_mono is not None and pending.deadline_mono < self._next_wake:
+            self._wake.set()
         self._dispatch(pending)
         return future
 
@@ -311,7 +440,24 @@ class EdgeAgent:
                              rate=len(self._arrivals) / RATE_WINDOW)
 
     def _dispatch(self, pending: _Pending) -> None:
-        """Decide the next attempt of ``pending`` and launch it, or give it its final outcome."""
+        """Decide the next attempt of ``pending`` and launch it, or give it its final outcome.
+
+        Whatever goes wrong in deciding (a bug, absurd numbers from a made-up server) ends this one
+        task with a ``failed`` outcome; it never escapes to the caller or leaves the task hanging.
+        """
+        try:
+            self._decide_and_launch(pending)
+        except Exception as exc:  # one task's broken decision must not lose it
+            what = f"{type(exc).__name__}: {exc}"[:500]
+            with self._lock:
+                self.counters["decision_errors"] += 1
+            held = self._throttle.allow("decision-error", self._mono())
+            if held is not None:
+                log.error("node=%s cannot decide task %s (%s): %s%s", self.id, pending.task_id, pending.name,
+                          what, f" ({held} more since the last report)" if held else "", exc_info=True)
+            self._finish(pending, "failed", error=f"internal error while deciding: {what}")
+
+    def _decide_and_launch(self, pending: _Pending) -> None:
         if pending.done:
             return
         if pending.attempts >= self.config.max_attempts:
@@ -418,13 +564,35 @@ class EdgeAgent:
 
     # ------------------------------------------------------------------------------ offloading
     def _attempt_timeout(self, pending: _Pending, decision: Decision, target: str, mono: float) -> float:
+        """See :func:`attempt_timeout`; the estimate is the decision's for ``target``."""
         # The failure penalty steers choices; it says nothing of how long this server will take.
         penalty = self._policy_config.failure_penalty * self._table.recent_failures(target, mono)
-        estimate = max(0.0, (decision.estimate(target) or 0.0) - penalty)
-        timeout = max(self.config.default_timeout, self.config.timeout_factor * estimate)
-        if pending.deadline_mono is not None:
-            timeout = min(timeout, max(0.0, pending.deadline_mono - mono))
-        return timeout
+        expected = max(0.0, (decision.estimate(target) or 0.0) - penalty)
+        alternative = pending.attempts < self.config.max_attempts and (
+            self._spec(pending.name) is not None or any(option != target for option, _ in decision.estimates))
+        time_left = None if pending.deadline_mono is None else pending.deadline_mono - mono
+        return attempt_timeout(expected, time_left, alternative=alternative,
+                               default_timeout=self.config.default_timeout, factor=self.config.timeout_factor,
+                               share=self.config.attempt_share, ceiling=self.config.max_timeout)
+
+    def _task_message(self, pending: _Pending, attempt: int) -> bytes | None:
+        """The encoded Task of ``attempt``; None (and a ``failed`` outcome) if it cannot be sent."""
+        task = Task(id=pending.task_id, task=pending.name, sender=self.id, reply_to=self._result_topic,
+                    created=max(0.0, self._clock()), deadline=pending.deadline, attempt=attempt,
+                    payload=pending.payload, stage=pending.stage)
+        try:
+            return self._codec.encode(task)
+        except EncodeError as exc:
+            self._bad.record("unencodable-payload", str(exc), task_id=pending.task_id)
+            self._finish(pending, "failed", error=f"payload cannot be sent: {exc}")
+            return None
+
+    def _arm(self, pending: _Pending, timeout: float, mono: float) -> None:
+        """(Re)start the current attempt's timeout (caller holds the lock)."""
+        due = mono + timeout
+        pending.timer = self._attempt_timers.push(due, pending.task_id)
+        if due < self._next_wake:
+            self._wake.set()  # the timer thread sleeps past this timeout: wake it (short deadlines)
 
     def _send(self, pending: _Pending, target: str, decision: Decision) -> None:
         assert self._transport is not None
@@ -432,33 +600,84 @@ class EdgeAgent:
             pending.attempts += 1
             pending.targets.append(target)
             attempt = pending.attempts
-        task = Task(id=pending.task_id, task=pending.name, sender=self.id, reply_to=self._result_topic,
-                    created=max(0.0, self._clock()), deadline=pending.deadline, attempt=attempt,
-                    payload=pending.payload, stage=pending.stage)
-        try:
-            data = self._codec.encode(task)
-        except EncodeError as exc:
-            self._bad.record("unencodable-payload", str(exc), task_id=pending.task_id)
-            self._finish(pending, "failed", error=f"payload cannot be sent: {exc}")
+        data = self._task_message(pending, attempt)
+        if data is None:
             return
         mono = self._mono()
-        deadline_at = mono + self._attempt_timeout(pending, decision, target, mono)
+        timeout = self._attempt_timeout(pending, decision, target, mono)
         with self._lock:
             pending.target = target
             pending.sent_mono = mono
             pending.sent_bytes = len(data)
             pending.sent = self._clock()
-            heapq.heappush(self._timeouts, (deadline_at, next(self._timeout_seq), pending.task_id, attempt))
+            pending.link = self._link
+            pending.resend = False
+            pending.waited_for_link = False
+            self._arm(pending, timeout, mono)
             self.counters["offloaded"] += 1
         self._table.task_sent(target)
-        if deadline_at < self._next_wake:
-            self._wake.set()  # the timer thread sleeps past this timeout: wake it (rare: short deadlines)
+        self._publish_attempt(pending, attempt, target, data)
+
+    def _publish_attempt(self, pending: _Pending, attempt: int, target: str, data: bytes) -> None:
+        """Publish an attempt. With the link down, a task that can run here is decided again at
+        once; any other waits (its timeout running) to be re-sent when the link and ``target`` are back."""
+        assert self._transport is not None
         try:
             self._transport.publish(self._inbox(target), data, qos=1)
+        except NotConnectedError as exc:
+            self.counters["publish_failures"] += 1
+            if self._spec(pending.name) is not None:
+                self._attempt_failed(pending, attempt, "failed", f"cannot publish to {target}: {exc}",
+                                     penalise=False)
+            else:
+                self._wait_for_resend(pending, attempt)
         except TransportError as exc:
             self.counters["publish_failures"] += 1
             self._attempt_failed(pending, attempt, "failed", f"cannot publish to {target}: {exc}",
                                  penalise=False)
+
+    def _wait_for_resend(self, pending: _Pending, attempt: int) -> None:
+        with self._lock:
+            if pending.done or pending.attempts != attempt or pending.target is None:
+                return
+            pending.resend = True
+            self._resend_waiting.add(pending.task_id)
+
+    def _resend_to(self, node: str) -> None:
+        """``node`` was heard from over the current link: re-send the attempts waiting for it, as the
+        same attempt (the server answers a duplicate from its result cache), with a fresh timeout."""
+        waiting: list[_Pending] = []
+        with self._lock:
+            for task_id in list(self._resend_waiting):
+                pending = self._tasks.get(task_id)
+                if pending is None or pending.done or not pending.resend:
+                    self._resend_waiting.discard(task_id)
+                elif pending.target == node:
+                    self._resend_waiting.discard(task_id)
+                    waiting.append(pending)
+        for pending in waiting:
+            self._resend(pending, node)
+
+    def _resend(self, pending: _Pending, node: str) -> None:
+        with self._lock:
+            attempt = pending.attempts
+            decision = pending.decision
+        data = self._task_message(pending, attempt)
+        if data is None or decision is None:
+            return
+        mono = self._mono()
+        timeout = self._attempt_timeout(pending, decision, node, mono)
+        with self._lock:
+            if pending.done or pending.attempts != attempt or pending.target != node:
+                return
+            pending.resend = False
+            pending.link = self._link
+            pending.sent_mono = mono
+            pending.waited_for_link = False
+            self._arm(pending, timeout, mono)
+            self.counters["resends"] += 1
+        log.debug("node=%s re-sending task %s attempt %d to %s", self.id, pending.task_id, attempt, node)
+        self._publish_attempt(pending, attempt, node, data)
 
     def _inbox(self, node: str) -> str:
         topic = self._inboxes.get(node)
@@ -474,6 +693,7 @@ class EdgeAgent:
                 return
             target = pending.target
             pending.target = None
+            pending.resend = False
             pending.last_status, pending.last_error = status, error
             self.counters["retries"] += 1
         self._table.task_done(target, answered=status in ANSWERED_FAILURES)
@@ -494,7 +714,9 @@ class EdgeAgent:
             pending.done = True
             target = pending.target
             pending.target = None
+            pending.resend = False
             self._tasks.pop(pending.task_id, None)
+            self._resend_waiting.discard(pending.task_id)
             self._finished[pending.task_id] = None
             if len(self._finished) > FINISHED_MEMORY:
                 self._finished.popitem(last=False)
@@ -582,8 +804,11 @@ class EdgeAgent:
                              topic=message.topic)
             return
         fresh = heartbeat.node not in self._next_probe
-        if self._table.on_heartbeat(heartbeat, self._mono()) and fresh:
+        if not self._table.on_heartbeat(heartbeat, self._mono()):
+            return
+        if fresh:
             self._wake.set()  # probe a new server at once
+        self._resend_to(heartbeat.node)
 
     def _on_state(self, message: Message) -> None:
         if not message.payload:
@@ -593,9 +818,16 @@ class EdgeAgent:
         except DecodeError as exc:
             self._bad.record(f"state-{exc.reason}", exc.detail, topic=message.topic)
             return
-        if self._table.on_state(state, self._mono()):
+        parsed = self._tree.parse(message.topic)
+        if parsed is None or parsed.node != state.node:
+            self._bad.record("state-topic", f"state of {state.node} on a foreign topic", topic=message.topic)
+            return
+        live = not message.retain
+        if self._table.on_state(state, self._mono(), live=live):
             log.info("node=%s server=%s session=%d went offline", self.id, state.node, state.session)
             self._fail_in_flight({state.node}, f"server {state.node} went offline")
+        elif live and state.status == "online" and not self._table.awaiting(state.node):
+            self._resend_to(state.node)
 
     def _on_pong(self, message: Message) -> None:
         try:
@@ -613,12 +845,30 @@ class EdgeAgent:
             self._bad.record(f"ping-{exc.reason}", exc.detail, topic=message.topic)
             return
         try:
-            self.publish(ping.reply_to, data)
+            reply_to = self._ping_replies.check(ping)
+        except TopicError as exc:
+            self._bad.record("ping-bad-reply-to", f"{exc} (reply_to {ping.reply_to[:100]!r})",
+                             topic=message.topic)
+            return
+        try:
+            self.publish(reply_to, data)
         except (TransportError, ValueError) as exc:
-            self._bad.record("ping-reply", str(exc), topic=ping.reply_to)
+            self._bad.record("ping-reply", str(exc), topic=message.topic)
 
     def _on_connect(self) -> None:
+        """After every (re)connect, on the dispatch thread, before any message of the new link."""
         self._connected_once = True
+        self._connects += 1
+        with self._lock:
+            self._link += 1
+            lost = [p for p in self._tasks.values() if p.target is not None and p.link < self._link]
+            for pending in lost:  # sent over an earlier link: the task or its result may be lost
+                pending.resend = True
+                self._resend_waiting.add(pending.task_id)
+            self.counters["link_lost_attempts"] += len(lost)
+        if self._connects > 1:
+            self.counters["reconnects"] += 1
+            self._table.link_restored(self._mono())
         try:
             self.publish(self._tree.state(self.id), self._state_bytes("online"), qos=1, retain=True)
         except TransportError as exc:
@@ -627,11 +877,31 @@ class EdgeAgent:
         self._wake.set()
 
     def _fail_in_flight(self, nodes: set[str], error: str) -> None:
+        """``nodes`` died or fell silent: decide again the tasks in flight to them. A task with nowhere
+        else to go keeps waiting instead (the death may be a broker restart, which fires every Will):
+        it is re-sent when its server is heard from again, and its timeout still bounds the wait."""
         with self._lock:
-            victims = [(p, p.attempts) for p in self._tasks.values() if p.target in nodes]
+            victims = [(p, p.attempts) for p in self._tasks.values() if p.target in nodes and not p.resend]
             self.counters["server_deaths_in_flight"] += len(victims)
         for pending, attempt in victims:
-            self._attempt_failed(pending, attempt, "failed", error)
+            if self._has_alternative(pending, nodes):
+                self._attempt_failed(pending, attempt, "failed", error)
+            else:
+                self.counters["waiting_for_server"] += 1
+                self._wait_for_resend(pending, attempt)
+
+    def _has_alternative(self, pending: _Pending, unusable: set[str]) -> bool:
+        """Could ``pending`` run somewhere else now: locally, or on a usable server not yet tried?"""
+        if self._spec(pending.name) is not None:
+            return True
+        if not self.connected or pending.attempts >= self.config.max_attempts:
+            return False
+        tried = unusable.union(pending.targets)
+        try:
+            servers = self._table.snapshot(pending.name, self._mono())
+        except Exception:  # noqa: BLE001 - decide again: _dispatch gives a broken decision its outcome
+            return True
+        return any(s.capable and not s.stale and s.node not in tried for s in servers)
 
     # ------------------------------------------------------------------------------ timers
     def _run_timers(self) -> None:
@@ -657,12 +927,14 @@ class EdgeAgent:
             if self._next_connect is not None:
                 due.append(self._next_connect)
         due.append(self._expire_attempts(mono))
+        due.append(self._expire_deadlines(mono))
         stale = self._table.next_stale_time()
-        with self._lock:
-            targets = {p.target for p in self._tasks.values() if p.target is not None}
-        dead = {node for node in targets if self._table.stale(node, mono)}
-        if dead:
-            self._fail_in_flight(dead, "server stopped sending heartbeats")
+        if self.connected:  # while the device's own link is down, silence is not the servers' fault
+            with self._lock:
+                targets = {p.target for p in self._tasks.values() if p.target is not None and not p.resend}
+            dead = {node for node in targets if self._table.silent(node, mono)}
+            if dead:
+                self._fail_in_flight(dead, "server stopped sending heartbeats")
         if stale is not None:
             due.append(stale + 0.001)
         if self.connected:
@@ -676,17 +948,53 @@ class EdgeAgent:
     def _expire_attempts(self, mono: float) -> float:
         expired: list[tuple[_Pending, int]] = []
         with self._lock:
-            while self._timeouts and self._timeouts[0][0] <= mono:
-                _, _, task_id, attempt = heapq.heappop(self._timeouts)
+            for token, task_id in self._attempt_timers.due(mono):
                 pending = self._tasks.get(task_id)
-                if pending is not None and pending.attempts == attempt and pending.target is not None:
-                    expired.append((pending, attempt))
-            following = self._timeouts[0][0] if self._timeouts else mono + MAX_WAIT
+                if pending is not None and pending.timer == token and pending.target is not None:
+                    expired.append((pending, pending.attempts))
+            following = self._attempt_timers.next_time()
         for pending, attempt in expired:
-            self.counters["timeouts"] += 1
-            self._attempt_failed(pending, attempt, "timeout",
-                                 f"no result from {pending.target} in time")
-        return following
+            if self._extend_for_link(pending, mono):
+                continue
+            with self._lock:
+                self.counters["timeouts"] += 1
+                ours = pending.resend or pending.link != self._link  # our link may have lost it
+            self._attempt_failed(pending, attempt, "timeout", f"no result from {pending.target} in time",
+                                 penalise=not ours)
+        return mono + MAX_WAIT if following is None else following
+
+    def _extend_for_link(self, pending: _Pending, mono: float) -> bool:
+        """An attempt waiting for the device's own link, of a task that cannot run here: rather than
+        fail it while nothing can be done, wait (once) until its deadline for the link to come back."""
+        with self._lock:
+            if (not pending.resend or pending.waited_for_link or self.connected
+                    or pending.deadline_mono is None or pending.deadline_mono <= mono
+                    or self._spec(pending.name) is not None):
+                return False
+            pending.waited_for_link = True
+            pending.timer = self._attempt_timers.push(pending.deadline_mono, pending.task_id)
+            self.counters["waited_for_link"] += 1
+            return True
+
+    def _expire_deadlines(self, mono: float) -> float:
+        """Every task still unfinished at its deadline gets its outcome now (a local run's thread keeps
+        running until it returns; its late output is discarded, as a server does)."""
+        with self._lock:
+            due = [pending for _, task_id in self._deadlines.due(mono)
+                   if (pending := self._tasks.get(task_id)) is not None and not pending.done]
+            following = self._deadlines.next_time()
+        for pending in due:
+            if pending.target is not None:
+                status, error = "timeout", f"no result from {pending.target} before the deadline"
+            elif pending.targets and pending.targets[-1] == LOCAL:
+                where = "running" if pending.started is not None else "queued"
+                status, error = "expired", f"deadline passed while {where} locally"
+            else:
+                status, error = "expired", "deadline passed before the task could run"
+            if self._finish(pending, status, error=error):
+                with self._lock:
+                    self.counters["deadline_outcomes"] += 1
+        return mono + MAX_WAIT if following is None else following
 
     def _probe(self, mono: float) -> float:
         following = mono + self.config.probe_interval
@@ -740,6 +1048,7 @@ class EdgeAgent:
         with self._lock:
             values: dict[str, Any] = dict(self.counters)
             values["in_flight"] = len(self._tasks)
+            values["waiting_for_resend"] = len(self._resend_waiting)
             values["local_queued"] = self._local_queued
             values["local_running"] = self._local_running
         values["bad_input"] = self._bad.snapshot()

@@ -89,6 +89,9 @@ _FLAGS: dict[str, tuple[str, Any, str]] = {
     "--default-timeout": ("default_timeout", float, "floor of an offloaded attempt's timeout (s)"),
     "--heartbeat-interval": ("heartbeat_interval", float, "seconds between this device's heartbeats"),
     "--serve-workers": ("serve_workers", int, "workers of the peer server (--serve)"),
+    "--peer-username": ("peer_username", str, "broker user of the peer server (password: "
+                        "EDGE_AGENT_PEER_PASSWORD); default --username"),
+    "--reconnect-max-delay": ("reconnect_max_delay", float, "cap of the reconnect backoff (s)"),
 }
 
 
@@ -192,7 +195,8 @@ def build_peer(config: EdgeConfig, registry: TaskRegistry) -> Any:
     try:
         peer_config = CloudConfig.model_validate({
             "id": config.peer_id, "broker": config.broker, "protocol": config.protocol,
-            "username": config.username, "password": config.password, "prefix": config.prefix,
+            "username": config.peer_username or config.username,
+            "password": config.peer_password or config.password, "prefix": config.prefix,
             "tasks": config.tasks, "workers": config.serve_workers, "queue_size": config.local_queue_size,
             "format": config.format, "max_payload": config.max_payload,
             "heartbeat_interval": config.heartbeat_interval,

@@ -139,7 +139,13 @@ class EdgeConfig(_Frozen):
     default_timeout: PositiveSeconds = 5.0
     """Floor of an offloaded attempt's timeout (also capped by the task's deadline)."""
     timeout_factor: float = Field(default=4.0, ge=1.0)
-    """An attempt times out after max(default_timeout, timeout_factor x estimate)."""
+    """An attempt times out after max(floor, timeout_factor x estimate), capped by the deadline."""
+    attempt_share: float = Field(default=0.5, gt=0.0, le=1.0)
+    """With a deadline and another option to fall back on, the floor is at most this share of the
+    time left, so a silent server leaves time for the retry or the local run."""
+    max_timeout: PositiveSeconds = 3600.0
+    """Longest an attempt ever waits (an absurd service time reported by a server cannot make it wait
+    for ever)."""
     failure_half_life: PositiveSeconds = 10.0
     """Seconds for a server's recent-failure count to halve."""
     heartbeat_interval: PositiveSeconds = 1.0
@@ -150,6 +156,16 @@ class EdgeConfig(_Frozen):
     """Also run a server (node id ``<id>-peer``) in this process for the peers' tasks."""
     serve_workers: int = Field(default=1, ge=1, le=1024)
     connect_timeout: PositiveSeconds = 5.0
+    reconnect_max_delay: PositiveSeconds | None = None
+    """Cap of the transport's reconnect backoff after a lost link (None: the transport's default)."""
+    ping_reply_allow: list[str] = Field(default_factory=list)
+    """MQTT filters a ping's ``reply_to`` may also match; by default pings are answered only on the
+    pinger's own pong topic, ``{prefix}/node/{sender}/pong``."""
+    peer_username: str | None = None
+    """User name of the peer server's own connection (``serve``); default: ``username``. Under the
+    shipped ACL (client id = user name) it must be ``<id>-peer``."""
+    peer_password: SecretStr | None = None
+    """Password of the peer server's connection; default: ``password``."""
 
     @field_validator("id")
     @classmethod
@@ -163,6 +179,13 @@ class EdgeConfig(_Frozen):
     @classmethod
     def _valid_policy(cls, value: str) -> str:
         return check_policy(value)
+
+    @field_validator("ping_reply_allow")
+    @classmethod
+    def _valid_reply_filters(cls, value: list[str]) -> list[str]:
+        for topic_filter in value:
+            validate_filter(topic_filter)
+        return value
 
     @field_validator("prefix")
     @classmethod
@@ -187,6 +210,8 @@ class EdgeConfig(_Frozen):
             raise ValueError("no broker configured")
         overrides: dict[str, Any] = {"protocol": self.protocol, "client_id": client_id or self.id,
                                      "connect_timeout": self.connect_timeout}
+        if self.reconnect_max_delay is not None:
+            overrides["reconnect_max_delay"] = self.reconnect_max_delay
         if self.username is not None:
             overrides["username"] = self.username
         if self.password is not None:

@@ -13,6 +13,12 @@
   policy uses its default. It is a rough, honest figure, not a link measurement.
 * **Failures.** Timeouts, busy rejections and deaths add 1 to a count that halves every
   ``half_life`` seconds; the policy adds a penalty per unit.
+* **The device's own link.** While it was down nothing could be heard: :meth:`ServerTable.link_restored`
+  restarts every server's silence count at the reconnect, and a server is offered to the policy again
+  only once heard from over the new link (a heartbeat, or a birth that is not a retained copy), which
+  proves it is connected and subscribed, so a task sent to it is not lost.
+* **Untrusted numbers.** Heartbeats come from anyone allowed on the topic: counts are clamped to
+  :data:`MAX_REPORTED` before the policy does arithmetic with them.
 
 All methods are thread-safe; times are the caller's monotonic clock.
 """
@@ -31,6 +37,20 @@ RTT_DEV_GAIN = 0.25
 BANDWIDTH_GAIN = 0.25
 MIN_BANDWIDTH_BYTES = 16 * 1024
 MAX_OUTSTANDING_PINGS = 4
+MAX_REPORTED = 1_000_000_000
+"""Queue lengths and counts a heartbeat may report are clamped to this: far beyond any real
+server, and small enough that the policy's float arithmetic never overflows."""
+
+
+def _clamped(heartbeat: Heartbeat) -> Heartbeat:
+    """``heartbeat`` with its load counts clamped to :data:`MAX_REPORTED` (the same object if none
+    exceeds it: the usual case costs three comparisons)."""
+    load = heartbeat.load
+    if max(load.queue_length, load.queue_capacity, load.in_flight) <= MAX_REPORTED:
+        return heartbeat
+    bounded = load.model_copy(update={name: min(getattr(load, name), MAX_REPORTED)
+                                      for name in ("queue_length", "queue_capacity", "in_flight")})
+    return heartbeat.model_copy(update={"load": bounded})
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +89,8 @@ class _Server:
     failures_at: float = 0.0
     in_flight: int = 0
     pings: dict[int, float] = field(default_factory=dict)
+    awaiting: bool = False
+    """Not heard from since the device's own link came back: not offered to the policy."""
 
 
 class ServerTable:
@@ -80,6 +102,7 @@ class ServerTable:
         self._half_life = half_life
         self._ignore = ignore
         self._servers: dict[str, _Server] = {}
+        self._restored_at = -math.inf
         self._lock = threading.Lock()
         self.counters: dict[str, int] = {"late_heartbeats": 0, "old_session_deaths": 0, "unknown_pongs": 0,
                                          "sessions_replaced": 0, "revived": 0}
@@ -110,12 +133,16 @@ class ServerTable:
             server.seq = heartbeat.seq
             server.interval = heartbeat.interval
             server.last_heartbeat = now
-            server.heartbeat = heartbeat
+            server.heartbeat = _clamped(heartbeat)
             server.sent_since_report = 0
+            server.awaiting = False
             return True
 
-    def on_state(self, state: NodeState, now: float) -> bool:
-        """Take a birth/death record in; True when it killed the server's current session."""
+    def on_state(self, state: NodeState, now: float, *, live: bool = False) -> bool:
+        """Take a birth/death record in; True when it killed the server's current session.
+
+        ``live``: the record was published now, not a retained copy: a birth then proves the server
+        is connected (it publishes its birth after subscribing)."""
         if state.role != Role.SERVER.value or state.node in self._ignore:
             return False
         with self._lock:
@@ -133,6 +160,8 @@ class ServerTable:
                 elif server.dead:
                     self.counters["revived"] += 1  # the same session reconnected
                 server.dead = False
+                if live:
+                    server.awaiting = False
                 return False
             # offline for the current (or a newer) session
             was_alive = not server.dead
@@ -142,14 +171,39 @@ class ServerTable:
             return was_alive
 
     def stale(self, node: str, now: float) -> bool:
+        """Not to be offered to the policy: dead, silent, or not heard since the link came back."""
         with self._lock:
             server = self._servers.get(node)
             return server is None or self._is_stale(server, now)
 
+    def silent(self, node: str, now: float) -> bool:
+        """Dead or silent too long: tasks in flight to it are given up. Time the device's own link
+        was down does not count (nothing could be heard)."""
+        with self._lock:
+            server = self._servers.get(node)
+            return server is None or self._is_silent(server, now)
+
+    def awaiting(self, node: str) -> bool:
+        """Not heard from since the device's own link came back."""
+        with self._lock:
+            server = self._servers.get(node)
+            return server is not None and server.awaiting
+
+    def link_restored(self, now: float) -> None:
+        """The device reconnected: silence counts from ``now``, and every server must be heard
+        from again before it is offered to the policy."""
+        with self._lock:
+            self._restored_at = now
+            for server in self._servers.values():
+                server.awaiting = True
+
     def _is_stale(self, server: _Server, now: float) -> bool:
+        return server.awaiting or self._is_silent(server, now)
+
+    def _is_silent(self, server: _Server, now: float) -> bool:
         if server.dead or server.last_heartbeat is None:
             return True
-        return now - server.last_heartbeat > server.interval * self._stale_after
+        return now - max(server.last_heartbeat, self._restored_at) > server.interval * self._stale_after
 
     # --- probes -----------------------------------------------------------------------------
 
@@ -276,9 +330,9 @@ class ServerTable:
     def next_stale_time(self) -> float | None:
         """The earliest monotonic time a live server turns stale if no heartbeat comes."""
         with self._lock:
-            times = [s.last_heartbeat + s.interval * self._stale_after for s in self._servers.values()
-                     if s.last_heartbeat is not None and not s.dead]
+            times = [max(s.last_heartbeat, self._restored_at) + s.interval * self._stale_after
+                     for s in self._servers.values() if s.last_heartbeat is not None and not s.dead]
             return min(times) if times else None
 
 
-__all__ = ["MIN_BANDWIDTH_BYTES", "ServerTable", "ServerView"]
+__all__ = ["MAX_REPORTED", "MIN_BANDWIDTH_BYTES", "ServerTable", "ServerView"]
