@@ -383,12 +383,27 @@ def test_server_death_with_no_alternative_waits_for_its_return(cleanup: Cleanup)
 # ------------------------------------------------------------------ 5. with Mosquitto restarted
 
 
-def _stack(endpoint: BrokerEndpoint, cleanup: Cleanup, prefix: str) -> tuple[EdgeAgent, CloudAgent]:
+class Gate:
+    """A server task ``held`` that runs until the test lets it finish."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def held(self, payload: Any) -> Any:
+        if not self.release.wait(30.0):
+            raise TimeoutError("the test never released the held task")
+        return {"held": payload}
+
+
+def _stack(endpoint: BrokerEndpoint, cleanup: Cleanup, prefix: str,
+           gate: Gate) -> tuple[EdgeAgent, CloudAgent]:
     server_config = CloudConfig.model_validate({
         "id": "phoenix", "broker": endpoint.url, "prefix": prefix, "heartbeat_interval": 0.5, "workers": 2,
         "grace_period": 0.0})
     server_transport = MqttTransport(endpoint.config("phoenix", reconnect_max_delay=0.5), name="phoenix")
-    server = CloudAgent(server_config, server_transport, load_tasks("examples.tasks"))
+    registry = load_tasks("examples.tasks")
+    registry.task("held")(gate.held)
+    server = CloudAgent(server_config, server_transport, registry)
     server.start()
     cleanup.append(lambda: server.stop(grace=0.0))
     config = EdgeConfig(id="edge-r", broker=endpoint.url, prefix=prefix, policy="remote", probe_interval=0.2,
@@ -401,24 +416,33 @@ def _stack(endpoint: BrokerEndpoint, cleanup: Cleanup, prefix: str) -> tuple[Edg
 
 def _restart_cycles(endpoint: BrokerEndpoint, cleanup: Cleanup, prefix: str, cycles: int,
                     down_for: float) -> list[float]:
-    """Restart the broker ``cycles`` times with a task in flight each time; return the seconds from
-    each restart until a new task was offloaded and answered again."""
-    edge, _ = _stack(endpoint, cleanup, prefix)
+    """Take the broker down ``cycles`` times while a task runs on the server, whose result is then
+    published into the outage and lost; return the seconds from each restart until a new task was
+    offloaded and answered again. The held task can only be answered by a re-send."""
+    gate = Gate()
+    edge, server = _stack(endpoint, cleanup, prefix, gate)
     outcomes: Counter[str] = Counter()
     edge.add_record_listener(lambda record: outcomes.update([record.task_id]))
     wait_for(usable(edge, "phoenix"), timeout=10.0)
     assert isinstance(endpoint.broker, MosquittoBroker)
     back: list[float] = []
     for cycle in range(cycles):
-        in_flight = edge.submit("sleep", {"seconds": 0.3}, deadline=down_for + 8.0)
-        wait_for(lambda: edge.stats()["in_flight"] == 1 and edge.stats()["waiting_for_resend"] == 0
-                 and edge.servers()[0].in_flight == 1, message="the task in flight")
-        endpoint.broker.restart(down_for=down_for)
+        gate.release.clear()
+        answered = sum(server.stats()["completed"].values())
+        in_flight = edge.submit("held", cycle, deadline=down_for + 8.0)
+        wait_for(lambda: server.stats()["in_flight"] == 1, message="the task running on the server")
+        went_down = time.monotonic()
+        endpoint.broker.stop()
+        gate.release.set()  # its result goes out while the broker is down: lost
+        wait_for(lambda: sum(server.stats()["completed"].values()) == answered + 1,
+                 message="the server's answer into the outage")
+        time.sleep(max(0.0, down_for - (time.monotonic() - went_down)))  # the outage itself
+        endpoint.broker.start()
         restarted = time.monotonic()
         wait_for(usable(edge, "phoenix"), timeout=10.0, message=f"phoenix usable again (cycle {cycle})")
         assert edge.submit("square", {"x": cycle}, deadline=5.0).result(5) == {"y": cycle * cycle}
         back.append(time.monotonic() - restarted)
-        assert in_flight.result(10) == {"slept": 0.3}  # re-sent after the restart, within its deadline
+        assert in_flight.result(10) == {"held": cycle}  # re-sent after the restart, within its deadline
     assert len(outcomes) == 2 * cycles and set(outcomes.values()) == {1}  # one outcome per task
     stats = edge.stats()
     assert stats["outcome_ok"] == 2 * cycles and stats["resends"] >= cycles
