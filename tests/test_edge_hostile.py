@@ -434,7 +434,7 @@ def _restart_cycles(endpoint: BrokerEndpoint, cleanup: Cleanup, prefix: str, cyc
         went_down = time.monotonic()
         endpoint.broker.stop()
         gate.release.set()  # its result goes out while the broker is down: lost
-        wait_for(lambda: sum(server.stats()["completed"].values()) == answered + 1,
+        wait_for(lambda expected=answered + 1: sum(server.stats()["completed"].values()) == expected,
                  message="the server's answer into the outage")
         time.sleep(max(0.0, down_for - (time.monotonic() - went_down)))  # the outage itself
         endpoint.broker.start()
