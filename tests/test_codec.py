@@ -17,6 +17,9 @@ from topics.codec import DEFAULT_MAX_PAYLOAD, MAX_DEPTH, Codec, EncodeError, sni
 from topics.errors import DecodeError, WireError
 from topics.models import (
     ALL_MODELS,
+    MAX_COUNT,
+    MAX_DURATION,
+    MAX_UNIX_TIME,
     SCHEMA_VERSION,
     DeadLetter,
     Executor,
@@ -41,18 +44,25 @@ TOPIC = "offload/v1/node/srv1/task"
 node_ids = st.text(alphabet="abcXYZ019_.:@-", min_size=1, max_size=64)
 task_names = st.text(alphabet="abcXYZ019_.:-", min_size=1, max_size=40)
 finite = st.floats(allow_nan=False, allow_infinity=False)
-non_negative = st.floats(min_value=0.0, allow_nan=False, allow_infinity=False)
+non_negative = st.floats(min_value=0.0, max_value=MAX_UNIX_TIME)
+durations = st.floats(min_value=0.0, max_value=MAX_DURATION)
+counts = st.integers(0, MAX_COUNT)
 short_text = st.text(max_size=40)
 ids = st.text(min_size=1, max_size=128)
-topics = st.text(min_size=1, max_size=80)
+# What MQTT allows in a topic name, written out independently of topics.names: no C0/C1 controls
+# (category Cc), no surrogates (Cs), no wildcards, no non-characters.
+topic_characters = st.characters(exclude_categories=("Cc", "Cs"), exclude_characters="+#").filter(
+    lambda c: (ord(c) & 0xFFFE) != 0xFFFE and not 0xFDD0 <= ord(c) <= 0xFDEF)
+received_topics = st.text(topic_characters, min_size=1, max_size=80)
+topics = received_topics.filter(lambda topic: not topic.startswith("$"))
 
 ARRAY_DTYPES = ["|u1", "|i1", "<i2", ">i4", "<u8", "<f2", "<f4", ">f8", "<c8", "<c16", "|b1"]
 arrays = st.sampled_from(ARRAY_DTYPES).flatmap(
     lambda dtype: hnp.arrays(np.dtype(dtype), hnp.array_shapes(min_dims=0, max_dims=3, min_side=0,
                                                                   max_side=4))
 )
-leaves = (st.none() | st.booleans() | st.integers() | finite | short_text | st.binary(max_size=64)
-          | arrays)
+leaves = (st.none() | st.booleans() | st.integers() | finite | short_text
+          | st.binary(max_size=64) | arrays)
 map_keys = short_text.filter(lambda key: key not in ("$bytes", "$ndarray"))
 payloads = st.recursive(
     leaves,
@@ -68,29 +78,29 @@ tasks = st.builds(
 results = st.builds(
     Result, task_id=ids, status=st.sampled_from(Status), server=node_ids, task=st.none() | task_names,
     payload=payloads, content_type=short_text, error=st.none() | st.text(max_size=200),
-    queue_wait=non_negative, service_time=non_negative, attempt=st.integers(1, 100),
+    queue_wait=durations, service_time=durations, attempt=st.integers(1, 100),
 )
 capabilities = st.builds(TaskCapability, executor=st.sampled_from(Executor),
                          stages=st.none() | st.integers(1, 1000))
 loads = st.builds(
     Load, queue_length=st.integers(0, 10**6), queue_capacity=st.integers(0, 10**6),
     in_flight=st.integers(0, 1000), workers=st.integers(0, 100_000),
-    service_time=st.dictionaries(task_names, non_negative, max_size=4),
+    service_time=st.dictionaries(task_names, durations, max_size=4),
     cpu=st.floats(0.0, 1.0),
 )
 heartbeats = st.builds(
-    Heartbeat, node=node_ids, role=st.sampled_from(Role), session=st.integers(0, 2**63),
-    seq=st.integers(0, 2**63), interval=st.floats(0.001, 3600.0), time=non_negative,
+    Heartbeat, node=node_ids, role=st.sampled_from(Role), session=counts,
+    seq=counts, interval=st.floats(0.001, 3600.0), time=non_negative,
     capabilities=st.dictionaries(task_names, capabilities, max_size=4),
     pools=st.lists(node_ids, max_size=3).map(tuple), load=loads,
 )
-pings = st.builds(Ping, nonce=st.integers(0, 2**64), sender=node_ids, reply_to=topics, sent=finite)
-pongs = st.builds(Pong, nonce=st.integers(0, 2**64), responder=node_ids, sent=finite)
+pings = st.builds(Ping, nonce=counts, sender=node_ids, reply_to=topics, sent=finite)
+pongs = st.builds(Pong, nonce=counts, responder=node_ids, sent=finite)
 states = st.builds(NodeState, node=node_ids, role=st.sampled_from(Role),
-                   status=st.sampled_from(["online", "offline"]), session=st.integers(0, 2**63),
+                   status=st.sampled_from(["online", "offline"]), session=counts,
                    time=non_negative)
 dead_letters = st.builds(
-    DeadLetter, node=node_ids, topic=topics, reason=st.text(min_size=1, max_size=64),
+    DeadLetter, node=node_ids, topic=received_topics, reason=st.text(min_size=1, max_size=64),
     detail=st.text(max_size=200), payload=st.binary(max_size=200), size=st.integers(0, 10**7),
     time=non_negative,
 )
@@ -249,11 +259,22 @@ def test_unencodable_payloads_raise_encode_error(codec: Codec, payload: Any) -> 
         codec.encode(task)
 
 
-def test_json_refuses_nan_on_encode_cbor_carries_it() -> None:
-    ping = Ping(nonce=1, sender="me", reply_to="r", sent=math.nan)
+def test_json_refuses_nan_on_encode_cbor_carries_it_in_payloads() -> None:
+    task = Task.model_validate(valid_task(payload={"x": math.nan, "y": -math.inf}))
     with pytest.raises(EncodeError, match="NaN"):
-        Codec("json").encode(ping)
-    assert math.isnan(Codec("cbor").decode(Codec("cbor").encode(ping), Ping).sent)
+        Codec("json").encode(task)
+    payload = Codec("cbor").decode(Codec("cbor").encode(task), Task).payload
+    assert math.isnan(payload["x"]) and payload["y"] == -math.inf
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_times_and_clocks_are_finite_in_both_formats(value: float) -> None:
+    data = cbor2.dumps({"v": 1, "nonce": 1, "sender": "me", "reply_to": "r", "sent": value})
+    assert "sent" in expect_decode_error(Codec(), data, Ping, "schema").detail
+    data = cbor2.dumps({"v": 1, "nonce": 1, "responder": "me", "sent": value})
+    assert "sent" in expect_decode_error(Codec(), data, Pong, "schema").detail
+    data = cbor2.dumps(valid_task(created=value))
+    assert "created" in expect_decode_error(Codec(), data, Task, "schema").detail
 
 
 def test_too_deep_payload_refused_on_encode() -> None:
@@ -338,6 +359,27 @@ def test_schema_violations_name_the_field(codec: Codec, overrides: dict[str, Any
     data = codec.encode_value(valid_task(**overrides), codec.format)
     error = expect_decode_error(codec, data, Task, "schema")
     assert field in error.detail and "Task" in error.detail
+
+
+@pytest.mark.parametrize("reply_to", ["a/+/b", "$SYS/x", "ctl\x01", "c1\x9f", "non\ufffe", "non\U0001ffff",
+                                      "a" + "/a" * 201, "", "r" * 1025])
+@pytest.mark.parametrize("codec", CODECS, ids=lambda c: c.format)
+def test_a_reply_to_mqtt_refuses_is_a_bad_reply_to(codec: Codec, reply_to: str) -> None:
+    data = codec.encode_value(valid_task(reply_to=reply_to), codec.format)
+    assert "reply_to" in expect_decode_error(codec, data, Task, "bad-reply-to").detail
+    ping = {"v": 1, "nonce": 1, "sender": "me", "reply_to": reply_to, "sent": 0.5}
+    expect_decode_error(codec, codec.encode_value(ping, codec.format), Ping, "bad-reply-to")
+    letter = {"v": 1, "node": "srv1", "topic": reply_to, "reason": "r", "time": 1.0}
+    if not reply_to.startswith("$"):  # a topic something arrived on may be a $SYS one
+        expect_decode_error(codec, codec.encode_value(letter, codec.format), DeadLetter, "bad-topic")
+
+
+def test_a_bad_reply_to_among_other_problems_is_a_schema_error() -> None:
+    fields = valid_task(reply_to="a/#")
+    del fields["sender"]
+    error = expect_decode_error(Codec(), cbor2.dumps(fields), Task, "schema")
+    assert "reply_to" in error.detail and "sender" in error.detail
+    expect_decode_error(Codec(), cbor2.dumps(valid_task(reply_to=7)), Task, "schema")
 
 
 def test_missing_required_field_is_a_schema_error() -> None:

@@ -19,6 +19,7 @@ import base64
 import io
 import json
 import math
+import reprlib
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
@@ -27,7 +28,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from topics.errors import DecodeError, WireError
-from topics.models import SCHEMA_VERSION, WireModel
+from topics.models import SCHEMA_VERSION, TOPIC_ERROR, WireModel
 
 Format = Literal["cbor", "json"]
 ValueFormat = Literal["cbor", "json", "raw"]
@@ -40,6 +41,8 @@ _BYTES_KEY = "$bytes"
 _ARRAY_KEY = "$ndarray"
 _RESERVED_KEYS = frozenset((_BYTES_KEY, _ARRAY_KEY))
 _PLAIN = (str, int, float, bool, type(None))
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 40
 
 
 class _TooDeep(ValueError):
@@ -174,6 +177,14 @@ def _failure_reason(exc: Exception) -> str:
     return "too-deep" if isinstance(exc, RecursionError | _TooDeep) else "malformed"
 
 
+def _schema_reason(errors: list[Any]) -> str:
+    """``bad-<field>`` when every problem is a refused topic in one field, else ``schema``."""
+    fields = {str(err["loc"][0]) for err in errors if err["loc"]}
+    if errors and len(fields) == 1 and all(err["type"] == TOPIC_ERROR for err in errors):
+        return "bad-" + fields.pop().replace("_", "-")
+    return "schema"
+
+
 def sniff_format(data: bytes) -> Format | None:
     """``cbor`` when the first byte starts a CBOR map, ``json`` for ``{``, else ``None``."""
     stripped = data.lstrip(b" \t\r\n")
@@ -223,16 +234,15 @@ class Codec:
         fields = self.decode_mapping(data, topic=topic)
         version = fields.get("v", SCHEMA_VERSION)
         if type(version) is not int or version != SCHEMA_VERSION:
-            raise DecodeError("version", f"schema version {version!r:.40}, this node speaks "
+            raise DecodeError("version", f"schema version {_SHORT.repr(version)}, this node speaks "
                               f"{SCHEMA_VERSION}", topic=topic, size=len(data))
         try:
             return model.model_validate(fields)
         except ValidationError as exc:
+            errors = exc.errors(include_url=False, include_input=False)
             problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
-                for err in exc.errors(include_url=False, include_input=False)[:5]
-            )
-            raise DecodeError("schema", f"not a valid {model.__name__}: {problems}",
+                f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in errors[:5])
+            raise DecodeError(_schema_reason(errors), f"not a valid {model.__name__}: {problems}"[:1000],
                               topic=topic, size=len(data)) from exc
 
     def decode_mapping(self, data: bytes, *, topic: str = "") -> dict[str, Any]:
