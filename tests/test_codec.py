@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from topics.codec import DEFAULT_MAX_PAYLOAD, MAX_DEPTH, Codec, EncodeError, sniff_format
-from topics.errors import DecodeError, WireError
+from topics.codec import DEFAULT_MAX_PAYLOAD, MAX_DEPTH, MAX_INT, Codec, EncodeError, scan_cbor, sniff_format
+from topics.errors import DecodeError, TopicError, WireError
 from topics.models import (
     ALL_MODELS,
     MAX_COUNT,
@@ -35,6 +35,7 @@ from topics.models import (
     TaskCapability,
     WireModel,
 )
+from topics.names import validate_publish_topic
 
 CODECS = [Codec("cbor"), Codec("json")]
 TOPIC = "offload/v1/node/srv1/task"
@@ -61,7 +62,7 @@ arrays = st.sampled_from(ARRAY_DTYPES).flatmap(
     lambda dtype: hnp.arrays(np.dtype(dtype), hnp.array_shapes(min_dims=0, max_dims=3, min_side=0,
                                                                   max_side=4))
 )
-leaves = (st.none() | st.booleans() | st.integers() | finite | short_text
+leaves = (st.none() | st.booleans() | st.integers(-MAX_INT, MAX_INT) | finite | short_text
           | st.binary(max_size=64) | arrays)
 map_keys = short_text.filter(lambda key: key not in ("$bytes", "$ndarray"))
 payloads = st.recursive(
@@ -506,7 +507,149 @@ def test_decode_value_formats() -> None:
         codec.decode_value(b"1", "xml")  # type: ignore[arg-type]
 
 
+# CBOR structure: refused before anything is decoded --------------------------------------------
+
+
+def cbor_task(payload_cbor: bytes) -> bytes:
+    """A valid CBOR Task whose payload is ``payload_cbor``, raw CBOR bytes as given."""
+    fields = cbor2.dumps(valid_task(payload=None))
+    assert fields.endswith(b"\x67payload\xf6")
+    return fields[:-1] + payload_cbor
+
+
+def tag_header(number: int) -> bytes:
+    if number < 24:
+        return bytes([0xC0 + number])
+    width = next(w for w in (1, 2, 4, 8) if number < 1 << (8 * w))
+    return bytes([0xD8 + (1, 2, 4, 8).index(width)]) + number.to_bytes(width, "big")
+
+
+@pytest.mark.parametrize("number", [*range(40), 55, 256, 258, 1004, 55799, 2**16 - 1, 2**32 - 1, 2**64 - 1])
+def test_every_cbor_tag_is_refused_before_cbor2_sees_it(number: int,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[object] = []
+    monkeypatch.setattr(cbor2, "CBORDecoder", lambda *args, **kwargs: calls.append(args))
+    for tagged in (b"\x01", b"\x81\x01", b"\x41\x00", tag_header(1) + b"\x01"):
+        error = expect_decode_error(Codec(), cbor_task(tag_header(number) + tagged), Task, "malformed")
+        assert f"CBOR tag {number}" in error.detail and "tags are refused" in error.detail
+    assert calls == []
+
+
+@pytest.mark.parametrize(("data", "what"), [
+    (b"\xf7", "undefined"), (b"\xf0", "simple value 16"), (b"\xf8\x20", "simple value 32"),
+    (b"\x1c", "reserved"), (b"\x3f", "reserved"), (b"\x5c", "reserved"), (b"\xfc", "reserved"),
+    (b"\xdf\x01", "reserved"), (b"\xff", "closes nothing"), (b"\xbf\x61k\xff", "map key without"),
+    (b"\x9f\x01", "ends inside"), (b"\x5f\x41a\x61b\xff", "indefinite-length string"),
+    (b"\x7f\x5f\xff\xff", "indefinite-length string"), (b"\x9b" + b"\xff" * 8, "container of"),
+    (b"\xbb" + b"\x00" * 7 + b"\x09", "container of 18 items"), (b"\x3b\xff", "ends inside"),
+])
+def test_malformed_cbor_structure_is_named(data: bytes, what: str) -> None:
+    assert what in expect_decode_error(Codec(), cbor_task(data), Task, "malformed").detail
+
+
+def test_indefinite_lengths_are_accepted() -> None:
+    payload = b"\xbf\x61a\x9f\x01\x9f\xff\x5f\x41x\x42yz\xff\xff\x61b\x7f\x61h\x62ey\xff\xff"
+    decoded = Codec().decode(cbor_task(payload), Task)
+    assert decoded.payload == {"a": [1, [], b"xyz"], "b": "hey"}
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=lambda c: c.format)
+def test_integers_beyond_64_bits_are_big_int(codec: Codec) -> None:
+    for value in (MAX_INT, -MAX_INT):
+        data = codec.encode_value(valid_task(payload=value), codec.format)
+        assert codec.decode(data, Task).payload == value
+    if codec.format == "cbor":
+        expect_decode_error(codec, cbor_task(b"\x3b" + b"\xff" * 8), Task, "big-int")
+        for bignum in (b"\xc2\x49\x01" + b"\x00" * 8, b"\xc3\x41\x00"):  # tags 2 and 3
+            assert "big integer" in expect_decode_error(codec, cbor_task(bignum), Task, "malformed").detail
+        return
+    for text in (str(MAX_INT + 1), str(-MAX_INT - 1), "9" * 6000, "-" + "1" * 4301):
+        expect_decode_error(codec, b'{"v":1,"payload":' + text.encode() + b"}", Task, "big-int")
+    expect_decode_error(codec, b'{"v":' + b"7" * 6000 + b"}", Task, "big-int")
+    error = expect_decode_error(codec, as_json(valid_task(attempt=MAX_INT)), Task, "schema")
+    assert "attempt" in error.detail
+
+
+@pytest.mark.parametrize("number", [b"1e999", b"-1e999", b"1" * 400 + b".0"])
+def test_json_numbers_beyond_a_double_are_refused(number: bytes) -> None:
+    error = expect_decode_error(Codec("json"), b'{"v":1,"payload":' + number + b"}", Task, "malformed")
+    assert "out of range" in error.detail
+
+
+def test_json_lone_surrogates_are_refused_pairs_are_not() -> None:
+    expect_decode_error(Codec(), b'{"p":"\\ud800"}', Task, "malformed")
+    expect_decode_error(Codec(), b'{"p":"\\udc00x"}', Task, "malformed")
+    decoded = Codec().decode(as_json(valid_task(payload="\U0001f600")), Task)  # sent as \ud83d\ude00
+    assert decoded.payload == "\U0001f600"
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=lambda c: c.format)
+def test_more_than_max_items_values_are_too_many(codec: Codec) -> None:
+    small = Codec(codec.format, max_items=1000)
+    fits = small.encode_value(valid_task(payload=list(range(980))), codec.format)
+    assert small.decode(fits, Task).payload == list(range(980))
+    too_many = codec.encode_value(valid_task(payload=list(range(1000))), codec.format)
+    expect_decode_error(small, too_many, Task, "too-many-items")
+    with pytest.raises(EncodeError, match="receivers would refuse it"):
+        small.encode(Task.model_validate(valid_task(payload=list(range(1000)))))
+    if codec.format == "cbor":  # indefinite lengths are counted too
+        expect_decode_error(small, cbor_task(b"\x9f" + b"\x00" * 1000 + b"\xff"), Task, "too-many-items")
+
+
+def test_json_string_contents_do_not_count_as_values() -> None:
+    commas = ",:[{" * 30_000
+    task = Task.model_validate(valid_task(payload=commas))
+    assert Codec().decode(Codec("json").encode(task), Task).payload == commas
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=lambda c: c.format)
+def test_encoder_and_decoder_agree_on_depth(codec: Codec) -> None:
+    deepest: Any = 1
+    for _ in range(MAX_DEPTH - 1):  # with the message's own map: MAX_DEPTH containers
+        deepest = [deepest]
+    task = Task.model_validate(valid_task(payload=deepest))
+    assert codec.decode(codec.encode(task), Task).payload == deepest
+    with pytest.raises(EncodeError, match="deeper"):
+        codec.encode(Task.model_validate(valid_task(payload=[deepest])))
+    too_deep = (cbor_task(b"\x81" * MAX_DEPTH + b"\x01") if codec.format == "cbor"
+                else b'{"p":' + b"[" * MAX_DEPTH + b"1" + b"]" * MAX_DEPTH + b"}")
+    expect_decode_error(codec, too_deep, Task, "too-deep")
+    array: Any = np.zeros(2, np.uint8)
+    for _ in range(MAX_DEPTH - 4):  # an $ndarray is three containers: itself, its spec, its shape
+        array = [array]
+    assert same(codec.decode(codec.encode(Task.model_validate(valid_task(payload=array))), Task).payload,
+                array)
+    with pytest.raises(EncodeError, match="deeper"):
+        codec.encode(Task.model_validate(valid_task(payload=[array])))
+
+
+def test_payload_integers_beyond_64_bits_are_not_encoded() -> None:
+    for codec in CODECS:
+        for value in (MAX_INT + 1, -MAX_INT - 1, 10**6000):
+            with pytest.raises(EncodeError, match="bits cannot go on the wire"):
+                codec.encode(Task.model_validate(valid_task(payload={"n": [value]})))
+
+
+def test_scan_cbor_reads_headers_only() -> None:
+    frame = cbor2.dumps({"v": 1, "data": bytes(900_000), "list": list(range(10))})
+    scan_cbor(frame)
+    with pytest.raises(ValueError, match="bytes after the end"):
+        scan_cbor(frame + b"\x00")
+    with pytest.raises(ValueError, match="ends inside"):
+        scan_cbor(frame[:1000])
+    with pytest.raises(ValueError, match="container of 10 items"):
+        scan_cbor(frame[:-1])
+    with pytest.raises(ValueError, match="more than 5 CBOR items"):
+        scan_cbor(cbor2.dumps([1, 2, 3, 4, 5]), max_items=5)
+    with pytest.raises(ValueError, match="more than 2 nested"):
+        scan_cbor(cbor2.dumps([[[1]]]), max_depth=2)
+
+
 # Robustness: nothing but DecodeError, whatever arrives ---------------------------------------
+
+
+DECODE_REASONS = {"empty", "oversized", "malformed", "too-deep", "too-many-items", "big-int", "schema",
+                  "version", "bad-reply-to", "bad-topic"}
 
 
 def decode_or_decode_error(data: bytes, model: type[WireModel]) -> None:
@@ -514,7 +657,7 @@ def decode_or_decode_error(data: bytes, model: type[WireModel]) -> None:
         try:
             decoded = codec.decode(data, model, topic=TOPIC)
         except DecodeError as error:
-            assert error.reason in {"empty", "oversized", "malformed", "too-deep", "schema", "version"}
+            assert error.reason in DECODE_REASONS
             assert error.topic == TOPIC
         else:
             assert isinstance(decoded, model)
@@ -557,3 +700,84 @@ def test_mutated_valid_encodings_raise_only_decode_error(message: WireModel, fmt
         elif action == "truncate":
             del encoded[position:]
     decode_or_decode_error(bytes(encoded), type(message))
+
+
+cbor_heads = st.tuples(st.integers(0, 7), st.sampled_from([*range(24), 24, 25, 26, 27, 28, 31]),
+                       st.integers(0, 2**64 - 1))
+
+
+def cbor_head(major: int, info: int, arg: int) -> bytes:
+    """One CBOR item header, arguments of any width; ``info`` 28/31 as they are (reserved, indefinite)."""
+    if info < 24 or info in (28, 31):
+        return bytes([major << 5 | info])
+    width = 1 << (info - 24)
+    return bytes([major << 5 | info]) + (arg % (1 << (8 * width))).to_bytes(width, "big")
+
+
+@given(heads=st.lists(cbor_heads, max_size=40), filler=st.binary(max_size=20),
+       model=st.sampled_from(ALL_MODELS))
+@settings(max_examples=400)
+def test_random_cbor_headers_raise_only_decode_error(heads: list[tuple[int, int, int]], filler: bytes,
+                                                     model: type[WireModel]) -> None:
+    decode_or_decode_error(b"\xbf" + b"".join(cbor_head(*head) for head in heads) + filler, model)
+
+
+@given(message=any_message, data=st.data())
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+def test_a_tag_anywhere_is_refused(message: WireModel, data: st.DataObject) -> None:
+    encoded = Codec("cbor").encode(message)
+    starts = [position for position in _item_starts(encoded) if position > 0]
+    position = data.draw(st.sampled_from(starts), label="position")
+    number = data.draw(st.integers(0, 2**64 - 1), label="tag")
+    tagged = encoded[:position] + tag_header(number) + encoded[position:]
+    error = expect_decode_error(Codec(), tagged, type(message), "malformed")
+    assert f"CBOR tag {number}" in error.detail
+
+
+def _item_starts(data: bytes) -> list[int]:
+    """The offset of every item header in a definite-length CBOR encoding (cbor2's output)."""
+    starts, pos, stack = [], 0, [1]
+    while stack:
+        starts.append(pos)
+        initial = data[pos]
+        major, info = initial >> 5, initial & 0x1F
+        width = 1 << (info - 24) if 24 <= info < 28 else 0
+        arg = int.from_bytes(data[pos + 1:pos + 1 + width], "big") if width else info
+        pos += 1 + width
+        due = 0
+        if major in (2, 3):
+            pos += arg
+        elif major in (4, 5):
+            due = arg * (2 if major == 5 else 1)
+        stack[-1] -= 1
+        if due:
+            stack.append(due)
+        while stack and stack[-1] == 0:
+            stack.pop()
+    return starts
+
+
+@given(value=st.integers(MAX_INT + 1, 10**4000) | st.integers(-(10**4000), -MAX_INT - 1),
+       where=st.sampled_from(["v", "attempt", "payload", "nested"]))
+@settings(max_examples=150)
+def test_json_integers_beyond_64_bits_are_big_int_wherever_they_are(value: int, where: str) -> None:
+    text = str(value).encode()
+    body = {"v": b'{"v":' + text + b"}", "attempt": b'{"v":1,"attempt":' + text + b"}",
+            "payload": b'{"payload":' + text + b"}",
+            "nested": b'{"payload":{"a":[1,{"b":' + text + b"}]}}"}[where]
+    expect_decode_error(Codec(), body, Task, "big-int")
+
+
+@given(topic=st.text(max_size=60), fmt=st.sampled_from(["cbor", "json"]))
+@settings(max_examples=300)
+def test_any_reply_to_decodes_only_if_mqtt_allows_it(topic: str, fmt: str) -> None:
+    codec = Codec(fmt)  # type: ignore[arg-type]
+    data = codec.encode_value(valid_task(reply_to=topic), codec.format)
+    try:
+        task = codec.decode(data, Task)
+    except DecodeError as error:
+        assert error.reason == "bad-reply-to", error
+        with pytest.raises(TopicError):
+            validate_publish_topic(topic)
+    else:
+        assert validate_publish_topic(task.reply_to) == topic
