@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import topics.codec as codec_module
 from topics.codec import DEFAULT_MAX_PAYLOAD, MAX_DEPTH, MAX_INT, Codec, EncodeError, scan_cbor, sniff_format
 from topics.errors import DecodeError, TopicError, WireError
 from topics.models import (
@@ -781,3 +782,33 @@ def test_any_reply_to_decodes_only_if_mqtt_allows_it(topic: str, fmt: str) -> No
             validate_publish_topic(topic)
     else:
         assert validate_publish_topic(task.reply_to) == topic
+
+
+def _json_truth(value: Any, depth: int = 1) -> tuple[int, int]:
+    """(values + empty containers, nesting) of a parsed JSON value: what the text count must give."""
+    if isinstance(value, list | dict):
+        children = list(value.values()) if isinstance(value, dict) else value
+        count = 1 + (len(value) if isinstance(value, dict) else 0) + (not value)
+        deepest = depth
+        for child in children:
+            items, nested = _json_truth(child, depth + 1)
+            count, deepest = count + items, max(deepest, nested)
+        return count, deepest
+    return 1, depth - 1
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10, 10) | st.text(alphabet='ab\\",:[]{}', max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(
+        st.text(alphabet='k\\",:[{', max_size=4), children, max_size=4),
+    max_leaves=30,
+)
+
+
+@given(value=json_values, chunk=st.sampled_from([1, 3, 64, 1 << 16]))
+@settings(max_examples=300)
+def test_json_values_are_counted_outside_strings_across_chunks(value: Any, chunk: int) -> None:
+    text = json.dumps({"p": value}).encode()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(codec_module, "_JSON_CHUNK", chunk)
+        assert codec_module._json_shape(text, 0) == _json_truth({"p": value})
