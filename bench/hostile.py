@@ -133,7 +133,8 @@ def _encoding(rng: random.Random, kind: Kind, tree: TopicTree) -> bytes:
 
 def random_bytes(rng: random.Random, kind: Kind, tree: TopicTree, limit: int) -> Hostile:
     head = rng.choice([b"", b"{", bytes([rng.randrange(0xA0, 0xC0)])])
-    return Hostile("random-bytes", kind, head + rng.randbytes(rng.randrange(0, 300)), None)
+    data = head + rng.randbytes(rng.randrange(0, 300))
+    return Hostile("random-bytes", kind, data or b"\x00", None)  # empty is a family of its own
 
 
 def truncated(rng: random.Random, kind: Kind, tree: TopicTree, limit: int) -> Hostile:
