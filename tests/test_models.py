@@ -9,7 +9,14 @@ from pydantic import ValidationError
 
 from topics.models import (
     ALL_MODELS,
+    MAX_COUNT,
+    MAX_DURATION,
+    MAX_ENTRIES,
+    MAX_POOLS,
+    MAX_QUEUE,
+    MAX_UNIX_TIME,
     SCHEMA_VERSION,
+    TOPIC_ERROR,
     DeadLetter,
     Heartbeat,
     Load,
@@ -198,3 +205,81 @@ def test_heartbeat_defaults_are_not_shared_between_instances() -> None:
     second = Heartbeat.model_validate(heartbeat_fields())
     assert first.load == Load() and first.capabilities == {} and first.pools == ()
     assert first.capabilities is not second.capabilities
+
+
+# Every number, string and container is bounded; topics are ones MQTT allows -------------------
+
+BAD_TOPICS = ["a/+/b", "a/#", "$SYS/x", "nul\x00", "ctl\x01", "c1\x85", "non\ufdd0", "non\uffff",
+              "non\U0010ffff", "lone\ud800", "a" + "/a" * 201, "", "r" * 1025]
+
+
+@pytest.mark.parametrize("topic", BAD_TOPICS, ids=repr)
+@pytest.mark.parametrize(("model", "field"), [(Task, "reply_to"), (Ping, "reply_to"), (DeadLetter, "topic")],
+                         ids=lambda v: getattr(v, "__name__", v))
+def test_topic_fields_refuse_what_mqtt_refuses(model: type[WireModel], field: str, topic: str) -> None:
+    if model is DeadLetter and topic.startswith("$"):
+        assert DeadLetter.model_validate({**MINIMAL[DeadLetter], field: topic}).topic == topic
+        return
+    with pytest.raises(ValidationError) as info:
+        model.model_validate({**MINIMAL[model], field: topic})
+    errors = info.value.errors()
+    assert [(err["loc"], err["type"]) for err in errors] == [((field,), TOPIC_ERROR)]
+
+
+@pytest.mark.parametrize(("model", "field", "limit"), [
+    (Heartbeat, "session", MAX_COUNT), (Heartbeat, "seq", MAX_COUNT), (NodeState, "session", MAX_COUNT),
+    (Ping, "nonce", MAX_COUNT), (Pong, "nonce", MAX_COUNT), (DeadLetter, "size", MAX_COUNT),
+    (Load, "queue_length", MAX_QUEUE), (Load, "queue_capacity", MAX_QUEUE), (Load, "in_flight", MAX_QUEUE),
+    (Load, "workers", 100_000), (Task, "attempt", 100), (Result, "attempt", 100), (Task, "stage", 1000),
+    (TaskCapability, "stages", 1000),
+])
+def test_every_integer_has_an_upper_bound(model: type[Any], field: str, limit: int) -> None:
+    fields = dict(MINIMAL.get(model, {}))
+    assert getattr(model.model_validate({**fields, field: limit}), field) == limit
+    for value in (limit + 1, 10**400):
+        with pytest.raises(ValidationError, match=field):
+            model.model_validate({**fields, field: value})
+
+
+@pytest.mark.parametrize(("model", "field", "limit"), [
+    (Task, "created", MAX_UNIX_TIME), (Task, "deadline", MAX_UNIX_TIME), (Heartbeat, "time", MAX_UNIX_TIME),
+    (NodeState, "time", MAX_UNIX_TIME), (DeadLetter, "time", MAX_UNIX_TIME),
+    (Result, "queue_wait", MAX_DURATION), (Result, "service_time", MAX_DURATION),
+])
+def test_times_and_durations_are_finite_and_bounded(model: type[WireModel], field: str, limit: float) -> None:
+    assert getattr(model.model_validate({**MINIMAL[model], field: limit}), field) == limit
+    for value in (limit * 1.0001, float("inf"), float("nan")):
+        with pytest.raises(ValidationError, match=field):
+            model.model_validate({**MINIMAL[model], field: value})
+
+
+@pytest.mark.parametrize(("model", "field"), [(Ping, "sent"), (Pong, "sent")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_clocks_are_finite(model: type[WireModel], field: str, value: float) -> None:
+    with pytest.raises(ValidationError, match=field):
+        model.model_validate({**MINIMAL[model], field: value})
+
+
+def test_strings_lists_and_maps_are_bounded() -> None:
+    names = [f"t{i}" for i in range(MAX_ENTRIES + 1)]
+    pools = [f"p{i}" for i in range(MAX_POOLS + 1)]
+    for fields in ({"capabilities": {n: {} for n in names}}, {"pools": pools},
+                   {"load": {"service_time": {n: 0.1 for n in names}}}):
+        assert Heartbeat.model_validate(heartbeat_fields(**{k: _trim(v) for k, v in fields.items()}))
+        with pytest.raises(ValidationError, match="at most"):
+            Heartbeat.model_validate(heartbeat_fields(**fields))
+    with pytest.raises(ValidationError, match="content_type"):
+        Task.model_validate(task_fields(content_type="c" * 256))
+    with pytest.raises(ValidationError, match="content_type"):
+        Result.model_validate({**MINIMAL[Result], "content_type": "c" * 256})
+    with pytest.raises(ValidationError, match="payload"):
+        DeadLetter.model_validate({**MINIMAL[DeadLetter], "payload": b"x" * 4097})
+
+
+def _trim(value: Any) -> Any:
+    """``value`` with one entry less: just inside its bound."""
+    if isinstance(value, dict):
+        if "service_time" in value:
+            return {"service_time": _trim(value["service_time"])}
+        return dict(list(value.items())[:-1])
+    return value[:-1]

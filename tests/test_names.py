@@ -11,6 +11,7 @@ from topics.names import (
     DEFAULT_PREFIX,
     MAX_NODE_ID_LENGTH,
     MAX_TOPIC_BYTES,
+    MAX_TOPIC_SLASHES,
     Kind,
     ParsedTopic,
     TopicTree,
@@ -19,6 +20,7 @@ from topics.names import (
     validate_filter,
     validate_node_id,
     validate_publish_topic,
+    validate_topic_name,
     wildcard_captures,
 )
 
@@ -132,6 +134,86 @@ def test_valid_publish_topics(topic: str) -> None:
 def test_invalid_publish_topics(topic: str) -> None:
     with pytest.raises(TopicError):
         validate_publish_topic(topic)
+
+
+# Everything Mosquitto refuses in a topic (it disconnects the publisher): C0 and C1 controls, lone
+# surrogates, the non-characters U+FDD0-FDEF and U+xFFFE/U+xFFFF of every plane.
+REFUSED_CHARACTERS = [
+    *(chr(code) for code in (0x00, 0x01, 0x09, 0x0A, 0x1B, 0x1F, 0x7F, 0x80, 0x85, 0x9F)),
+    "\ud800", "\udbff", "\udc00", "\udfff", "\ufdd0", "\ufdef", "\ufffe", "\uffff",
+    *(chr(plane << 16 | low) for plane in (1, 2, 14, 15, 16) for low in (0xFFFE, 0xFFFF)),
+]
+ALLOWED_CHARACTERS = [" ", "~", "\xa0", "\u00ff", "\ufdcf", "\ufdf0", "\ufffd", "\ue000",
+                      "\U0001fffd", "\U0010fffd", "\U0001f600", "$"]
+
+
+@pytest.mark.parametrize("character", REFUSED_CHARACTERS, ids=lambda c: f"U+{ord(c):04X}")
+def test_characters_mqtt_refuses_are_refused_everywhere(character: str) -> None:
+    topic = f"offload/v1/node/me/result{character}"
+    with pytest.raises(TopicError, match=f"U\\+{ord(character):04X} at index 25") as info:
+        validate_publish_topic(topic)
+    assert "\ud800" not in info.value.topic and info.value.topic.startswith("offload/v1")
+    with pytest.raises(TopicError):
+        validate_topic_name(topic)
+    with pytest.raises(TopicError):
+        validate_filter(f"a/+/{character}")
+
+
+@pytest.mark.parametrize("character", ALLOWED_CHARACTERS, ids=lambda c: f"U+{ord(c):04X}")
+def test_characters_mqtt_allows_are_allowed(character: str) -> None:
+    assert validate_publish_topic(f"a/b{character}c") == f"a/b{character}c"
+    assert validate_filter(f"+/b{character}c/#") == f"+/b{character}c/#"
+
+
+def test_at_most_201_levels_as_mosquitto_allows() -> None:
+    fits = "a" + "/a" * MAX_TOPIC_SLASHES
+    assert validate_publish_topic(fits) == fits
+    assert validate_filter(f"$share/g/{fits}") and validate_filter(fits.replace("/a", "/+"))
+    with pytest.raises(TopicError, match="more than 201 levels"):
+        validate_publish_topic(fits + "/a")
+    with pytest.raises(TopicError, match="more than 201 levels"):
+        validate_filter(fits + "/#")
+
+
+def test_topic_names_may_start_with_a_dollar_publish_topics_may_not() -> None:
+    assert validate_topic_name("$SYS/broker/uptime") == "$SYS/broker/uptime"
+    with pytest.raises(TopicError, match="must not start with"):
+        validate_publish_topic("$SYS/broker/uptime")
+    for bad in ("", "a/+", "a/#"):
+        with pytest.raises(TopicError):
+            validate_topic_name(bad)
+
+
+@pytest.mark.parametrize("value", [None, 42, b"a/b", ["a"]])
+def test_a_topic_that_is_not_a_string_is_a_topic_error(value: object) -> None:
+    with pytest.raises(TopicError, match="must be a"):
+        validate_publish_topic(value)  # type: ignore[arg-type]
+    with pytest.raises(TopicError, match="must be a"):
+        validate_filter(value)  # type: ignore[arg-type]
+
+
+def test_an_error_carries_at_most_200_characters_of_a_long_topic() -> None:
+    with pytest.raises(TopicError) as info:
+        validate_publish_topic("x" * 70_000 + "\x01")
+    assert len(info.value.topic) == 203 and info.value.topic.endswith("...")
+
+
+def _mqtt_allows(character: str) -> bool:
+    """The rule of MQTT 5 section 1.5.4 and Mosquitto's UTF-8 check, written out on its own."""
+    code = ord(character)
+    return not (code <= 0x1F or 0x7F <= code <= 0x9F or 0xD800 <= code <= 0xDFFF
+                or 0xFDD0 <= code <= 0xFDEF or code & 0xFFFE == 0xFFFE or character in "+#")
+
+
+@given(topic=st.text(min_size=1, max_size=40))
+def test_publish_topic_validation_agrees_with_the_mqtt_rules(topic: str) -> None:
+    expected = all(map(_mqtt_allows, topic)) and not topic.startswith("$")
+    try:
+        validate_publish_topic(topic)
+    except TopicError:
+        assert not expected
+    else:
+        assert expected
 
 
 def test_publish_topic_length_counts_utf8_bytes() -> None:

@@ -246,6 +246,15 @@ _NODE_PATTERN = "^[A-Za-z0-9_.:@-]+$"
 _TASK_PATTERN = "^[A-Za-z0-9_.:-]+$"
 
 
+def _bound(value: float) -> str:
+    """A schema bound as a person reads it: ``100000``, ``2^53``, ``10^9``, ``1e+11``."""
+    if isinstance(value, int) and value > 10**6 and value & (value - 1) == 0:
+        return f"2^{value.bit_length() - 1}"
+    if isinstance(value, int) and value > 10**6 and str(value).rstrip("0") == "1":
+        return f"10^{len(str(value)) - 1}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _describe(schema: dict[str, Any], schemas: dict[str, Any]) -> str:
     """A short human description of a JSON schema: type and constraints."""
     if "$ref" in schema:
@@ -266,31 +275,36 @@ def _describe(schema: dict[str, Any], schemas: dict[str, Any]) -> str:
     if kind is None:
         return "any"
     if kind == "string":
+        high = schema.get("maxLength")
         if schema.get("format") == "binary":
-            return "bytes"
+            return "bytes" if high is None else f"bytes, at most {high}"
+        if schema.get("format") == "mqtt-topic":
+            return f"[topic](#topic-names), 1-{high} chars"
         if schema.get("pattern") == _NODE_PATTERN:
             return "node id"
         if schema.get("pattern") == _TASK_PATTERN:
             return "task name"
-        low, high = schema.get("minLength"), schema.get("maxLength")
+        low = schema.get("minLength")
         if low is not None and high is not None:
             return f"string, {low}-{high} chars"
         return f"string, at most {high} chars" if high is not None else "string"
     if kind in ("integer", "number"):
         words = {"integer": "integer", "number": "number"}[kind]
-        bounds = [f">= {schema['minimum']:g}" for _ in [0] if "minimum" in schema]
-        bounds += [f"> {schema['exclusiveMinimum']:g}" for _ in [0] if "exclusiveMinimum" in schema]
-        bounds += [f"<= {schema['maximum']:g}" for _ in [0] if "maximum" in schema]
+        bounds = [f">= {_bound(schema['minimum'])}" for _ in [0] if "minimum" in schema]
+        bounds += [f"> {_bound(schema['exclusiveMinimum'])}" for _ in [0] if "exclusiveMinimum" in schema]
+        bounds += [f"<= {_bound(schema['maximum'])}" for _ in [0] if "maximum" in schema]
         return f"{words} {', '.join(bounds)}".strip()
     if kind == "array":
-        return f"list of {_describe(schema.get('items', {}), schemas)}"
+        most = f", at most {schema['maxItems']}" if "maxItems" in schema else ""
+        return f"list of {_describe(schema.get('items', {}), schemas)}{most}"
     if kind == "object":
+        most = f", at most {schema['maxProperties']}" if "maxProperties" in schema else ""
         values = schema.get("additionalProperties")
         if isinstance(values, dict):
-            return f"map of string to {_describe(values, schemas)}"
+            return f"map of string to {_describe(values, schemas)}{most}"
         pattern_values = list(schema.get("patternProperties", {}).values())
         if pattern_values:
-            return f"map of task name to {_describe(pattern_values[0], schemas)}"
+            return f"map of task name to {_describe(pattern_values[0], schemas)}{most}"
         return "map"
     return str(kind)
 

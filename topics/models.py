@@ -4,22 +4,82 @@ All models are frozen, reject unknown fields and carry the schema version ``v``.
 route a reply travels inside the message (``reply_to``), so the protocol works on MQTT 3.1.1 brokers.
 Times named ``*_time`` or ``created``/``deadline`` are Unix seconds on the sender's clock; durations are
 seconds.
+
+Every field is bounded: integers, floats (finite), strings, lists and maps. A topic taken from the wire
+(``reply_to``) must be one a client may publish to (:func:`topics.names.validate_publish_topic`); its
+error has the type :data:`TOPIC_ERROR`, which the codec reports as the reason ``bad-reply-to``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
+from pydantic_core import PydanticCustomError
+
+from topics.errors import TopicError
+from topics.names import validate_publish_topic, validate_topic_name
 
 SCHEMA_VERSION: Literal[1] = 1
 
+MAX_COUNT = 2**53
+"""Largest counter, session number or nonce: every integer up to it survives a JSON double."""
+MAX_QUEUE = 10**9
+"""Largest queue length, capacity or number of tasks in flight a node may report."""
+MAX_UNIX_TIME = 1e11
+"""Latest Unix time on the wire (year 5138): times are finite and bounded."""
+MAX_DURATION = 1e9
+"""Longest duration in seconds (about 31 years)."""
+MAX_TOPIC_LENGTH = 1024
+"""Longest topic, in characters, a message may name (``reply_to``, ``DeadLetter.topic``)."""
+MAX_ENTRIES = 1024
+"""Most entries of a map keyed by task name (capabilities, service times)."""
+MAX_POOLS = 256
+MAX_DEAD_LETTER_PAYLOAD = 4096
+TOPIC_ERROR = "bad_topic"
+"""Pydantic error type of a topic field whose value MQTT (or the protocol) does not allow."""
+
+
+def _topic_checker(validate: Callable[[str], str]) -> Callable[[str], str]:
+    """A pydantic validator: ``validate`` (a topics.names check) with its TopicError as TOPIC_ERROR."""
+
+    def check(value: str) -> str:
+        if not value or len(value) > MAX_TOPIC_LENGTH:
+            raise PydanticCustomError(TOPIC_ERROR, "a topic needs 1 to {limit} characters",
+                                      {"limit": MAX_TOPIC_LENGTH})
+        try:
+            return validate(value)
+        except TopicError as exc:
+            raise PydanticCustomError(TOPIC_ERROR, "{problem}", {"problem": str(exc)}) from None
+    return check
+
+
+def _topic_schema(rules: str) -> WithJsonSchema:
+    return WithJsonSchema({"type": "string", "minLength": 1, "maxLength": MAX_TOPIC_LENGTH,
+                           "format": "mqtt-topic", "$comment": rules})
+
+
 NodeId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@-]+$")]
 TaskName = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
-TopicName = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
-NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
-Count = Annotated[int, Field(ge=0)]
+TopicName = Annotated[str, AfterValidator(_topic_checker(validate_publish_topic)),
+                      _topic_schema("a topic a client may publish to: no wildcards, no leading $, no "
+                                    "control or non-characters, at most 201 levels")]
+"""A topic a node publishes to when a message says so (``reply_to``)."""
+ReceivedTopic = Annotated[str, AfterValidator(_topic_checker(validate_topic_name)),
+                          _topic_schema("an MQTT topic name: no wildcards, no control or "
+                                        "non-characters, at most 201 levels")]
+"""A topic something arrived on (a leading ``$`` allowed): only recorded, never published to."""
+UnixTime = Annotated[float, Field(ge=0.0, le=MAX_UNIX_TIME, allow_inf_nan=False)]
+Duration = Annotated[float, Field(ge=0.0, le=MAX_DURATION, allow_inf_nan=False)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+QueueCount = Annotated[int, Field(ge=0, le=MAX_QUEUE)]
+Attempt = Annotated[int, Field(ge=1, le=100)]
+TaskId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+ContentType = Annotated[str, StringConstraints(max_length=255)]
+Text = Annotated[str, StringConstraints(max_length=4096)]
 
 CONTENT_CBOR = "application/cbor"
 CONTENT_JSON = "application/json"
@@ -63,31 +123,31 @@ class WireModel(Record):
 class Task(WireModel):
     """A unit of work sent from a device to a server (or a pool of servers)."""
 
-    id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    id: TaskId
     task: TaskName
     sender: NodeId
     reply_to: TopicName
-    created: NonNegative
-    deadline: NonNegative | None = None
-    attempt: Annotated[int, Field(ge=1, le=100)] = 1
+    created: UnixTime
+    deadline: UnixTime | None = None
+    attempt: Attempt = 1
     payload: Any = None
-    content_type: str = CONTENT_CBOR
+    content_type: ContentType = CONTENT_CBOR
     stage: Annotated[int, Field(ge=0, le=1000)] | None = None
 
 
 class Result(WireModel):
     """The answer to one task, published to the task's ``reply_to``."""
 
-    task_id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    task_id: TaskId
     status: Status
     server: NodeId
     task: TaskName | None = None
     payload: Any = None
-    content_type: str = CONTENT_CBOR
-    error: Annotated[str, StringConstraints(max_length=4096)] | None = None
-    queue_wait: NonNegative = 0.0
-    service_time: NonNegative = 0.0
-    attempt: Annotated[int, Field(ge=1, le=100)] = 1
+    content_type: ContentType = CONTENT_CBOR
+    error: Text | None = None
+    queue_wait: Duration = 0.0
+    service_time: Duration = 0.0
+    attempt: Attempt = 1
 
 
 class TaskCapability(Record):
@@ -100,11 +160,12 @@ class TaskCapability(Record):
 class Load(Record):
     """A node's honest load at the time of a heartbeat."""
 
-    queue_length: Count = 0
-    queue_capacity: Count = 0
-    in_flight: Count = 0
+    queue_length: QueueCount = 0
+    queue_capacity: QueueCount = 0
+    in_flight: QueueCount = 0
     workers: Annotated[int, Field(ge=0, le=100_000)] = 1
-    service_time: dict[TaskName, NonNegative] = Field(default_factory=dict)
+    service_time: Annotated[dict[TaskName, Duration], Field(max_length=MAX_ENTRIES)] = Field(
+        default_factory=dict)
     cpu: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.0
 
 
@@ -113,30 +174,31 @@ class Heartbeat(WireModel):
 
     node: NodeId
     role: Role
-    session: Annotated[int, Field(ge=0)]
+    session: Count
     seq: Count
     interval: Annotated[float, Field(gt=0.0, le=3600.0, allow_inf_nan=False)]
-    time: NonNegative
-    capabilities: dict[TaskName, TaskCapability] = Field(default_factory=dict)
-    pools: tuple[NodeId, ...] = ()
+    time: UnixTime
+    capabilities: Annotated[dict[TaskName, TaskCapability], Field(max_length=MAX_ENTRIES)] = Field(
+        default_factory=dict)
+    pools: Annotated[tuple[NodeId, ...], Field(max_length=MAX_POOLS)] = ()
     load: Load = Field(default_factory=Load)
 
 
 class Ping(WireModel):
     """Round-trip probe. ``sent`` is the sender's monotonic clock, echoed back untouched."""
 
-    nonce: Annotated[int, Field(ge=0)]
+    nonce: Count
     sender: NodeId
     reply_to: TopicName
-    sent: float
+    sent: Finite
 
 
 class Pong(WireModel):
     """Answer to a :class:`Ping`, sent at once, ahead of any queued work."""
 
-    nonce: Annotated[int, Field(ge=0)]
+    nonce: Count
     responder: NodeId
-    sent: float
+    sent: Finite
 
 
 class NodeState(WireModel):
@@ -145,20 +207,20 @@ class NodeState(WireModel):
     node: NodeId
     role: Role
     status: Literal["online", "offline"]
-    session: Annotated[int, Field(ge=0)]
-    time: NonNegative
+    session: Count
+    time: UnixTime
 
 
 class DeadLetter(WireModel):
     """A copy of input a node rejected, with the reason, for whoever operates the fleet."""
 
     node: NodeId
-    topic: TopicName
+    topic: ReceivedTopic
     reason: Annotated[str, StringConstraints(min_length=1, max_length=64)]
-    detail: Annotated[str, StringConstraints(max_length=4096)] = ""
-    payload: bytes = b""
+    detail: Text = ""
+    payload: Annotated[bytes, Field(max_length=MAX_DEAD_LETTER_PAYLOAD)] = b""
     size: Count = 0
-    time: NonNegative
+    time: UnixTime
 
 
 ALL_MODELS: tuple[type[WireModel], ...] = (

@@ -23,8 +23,37 @@ from topics.errors import TopicError
 DEFAULT_PREFIX = "offload/v1"
 MAX_NODE_ID_LENGTH = 64
 MAX_TOPIC_BYTES = 65535
+MAX_TOPIC_SLASHES = 200
+"""Mosquitto refuses a topic with more than 200 ``/`` (and disconnects a client publishing to it)."""
 
 _NODE_ID = re.compile(r"[A-Za-z0-9_.:@-]+")
+# What MQTT (and Mosquitto, which disconnects the client) refuses in any topic: C0 and C1 control
+# characters, lone surrogates (not UTF-8 at all) and the Unicode non-characters.
+_BAD_CHARACTER = re.compile(
+    "[\\x00-\\x1f\\x7f-\\x9f\\ud800-\\udfff\\ufdd0-\\ufdef"
+    + "".join(f"\\U{plane:04X}FFFE\\U{plane:04X}FFFF" for plane in range(17)) + "]"
+)
+
+
+def _shown(topic: str) -> str:
+    """``topic`` as an error may carry it: lone surrogates escaped, at most 200 characters."""
+    short = topic if len(topic) <= 200 else topic[:200] + "..."
+    return short.encode("utf-8", "backslashreplace").decode()
+
+
+def _character_problem(topic: str) -> str | None:
+    """What is wrong with the first character MQTT refuses in ``topic``, or None."""
+    found = _BAD_CHARACTER.search(topic)
+    if found is None:
+        return None
+    code = ord(found.group())
+    if code <= 0x9F:
+        kind = "a NUL" if code == 0 else "a control character"
+    elif 0xD800 <= code <= 0xDFFF:
+        kind = "a lone surrogate (not UTF-8)"
+    else:
+        kind = "a Unicode non-character"
+    return f"{kind} U+{code:04X} at index {found.start()}"
 
 
 def _utf8_length(topic: str) -> int:
@@ -32,8 +61,7 @@ def _utf8_length(topic: str) -> int:
     try:
         return len(topic.encode("utf-8"))
     except UnicodeEncodeError as exc:
-        raise TopicError(f"topic is not valid UTF-8: {exc.reason}",
-                         topic=topic.encode("utf-8", "backslashreplace").decode()) from exc
+        raise TopicError(f"topic is not valid UTF-8: {exc.reason}", topic=_shown(topic)) from exc
 
 
 class Kind(str, Enum):
@@ -68,30 +96,59 @@ def validate_node_id(node_id: str, *, what: str = "node id") -> str:
     return node_id
 
 
-def validate_publish_topic(topic: str) -> str:
-    """Return ``topic`` if a client may publish to it: no wildcards, no leading ``$``, not empty."""
+def validate_topic_name(topic: str, *, what: str = "topic") -> str:
+    """Return ``topic`` if it is an MQTT topic name a broker accepts, else raise :class:`TopicError`.
+
+    Refused: not a string, empty, ``+`` or ``#``, control characters (U+0000-001F, U+007F-009F),
+    lone surrogates, Unicode non-characters (U+FDD0-FDEF, U+xFFFE, U+xFFFF), more than 65,535 UTF-8
+    bytes or more than 200 ``/``. Empty levels (``a//b``) and a leading ``$`` are allowed.
+    """
+    if not isinstance(topic, str):
+        raise TopicError(f"{what} must be a string, not {type(topic).__name__}")
     if not topic:
-        raise TopicError("publish topic is empty", topic=topic)
+        raise TopicError(f"{what} is empty", topic=topic)
     if "+" in topic or "#" in topic:
-        raise TopicError("publish topic must not contain wildcards", topic=topic)
+        raise TopicError(f"{what} must not contain wildcards", topic=_shown(topic))
+    problem = _character_problem(topic)
+    if problem is not None:
+        raise TopicError(f"{what} has {problem}", topic=_shown(topic))
+    if len(topic) * 4 > MAX_TOPIC_BYTES and _utf8_length(topic) > MAX_TOPIC_BYTES:
+        raise TopicError(f"{what} is too long: over {MAX_TOPIC_BYTES} UTF-8 bytes", topic=_shown(topic))
+    if topic.count("/") > MAX_TOPIC_SLASHES:
+        raise TopicError(f"{what} has more than {MAX_TOPIC_SLASHES + 1} levels", topic=_shown(topic))
+    return topic
+
+
+def validate_publish_topic(topic: str) -> str:
+    """Return ``topic`` if a client may publish to it: a valid topic name not starting with ``$``.
+
+    Everything published goes through this (both transports call it), and so does every topic taken
+    from the wire before anything is sent there (``reply_to``): a broker disconnects a client that
+    publishes to a topic it refuses, and a QoS 1 message would be resent after every reconnect.
+    """
+    validate_topic_name(topic, what="publish topic")
     if topic.startswith("$"):
-        raise TopicError("publish topic must not start with '$'", topic=topic)
-    if "\x00" in topic or _utf8_length(topic) > MAX_TOPIC_BYTES:
-        raise TopicError("publish topic has a NUL or is too long", topic=topic)
+        raise TopicError("publish topic must not start with '$'", topic=_shown(topic))
     return topic
 
 
 def validate_filter(topic_filter: str) -> str:
     """Return ``topic_filter`` if it is a valid MQTT subscription filter (``$share/g/...`` allowed)."""
-    if not topic_filter or "\x00" in topic_filter:
-        raise TopicError("subscription filter is empty or has a NUL", topic=topic_filter)
+    if not isinstance(topic_filter, str) or not topic_filter:
+        raise TopicError("subscription filter must be a non-empty string", topic=str(topic_filter))
+    problem = _character_problem(topic_filter)
+    if problem is not None:
+        raise TopicError(f"subscription filter has {problem}", topic=_shown(topic_filter))
     if _utf8_length(topic_filter) > MAX_TOPIC_BYTES:
-        raise TopicError("subscription filter is too long", topic=topic_filter[:100])
+        raise TopicError("subscription filter is too long", topic=_shown(topic_filter))
     levels = topic_filter.split("/")
     if levels[0] == "$share":
         if len(levels) < 3 or not levels[1] or "+" in levels[1] or "#" in levels[1]:
             raise TopicError("shared subscription needs $share/<group>/<filter>", topic=topic_filter)
         levels = levels[2:]
+    if len(levels) > MAX_TOPIC_SLASHES + 1:
+        raise TopicError(f"subscription filter has more than {MAX_TOPIC_SLASHES + 1} levels",
+                         topic=_shown(topic_filter))
     for index, level in enumerate(levels):
         if "#" in level and (level != "#" or index != len(levels) - 1):
             raise TopicError("'#' must be a whole, last level", topic=topic_filter)
