@@ -28,7 +28,7 @@ from edge_agent.config import EdgeConfig
 from edge_agent.records import TaskRecord
 from topics.brokers import MosquittoBroker
 from topics.codec import Codec
-from topics.models import Heartbeat, Load, NodeState, Pong, Result, Role, Status, TaskCapability
+from topics.models import MAX_COUNT, Heartbeat, Load, NodeState, Pong, Result, Role, Status, TaskCapability
 from topics.mqtt import MqttTransport
 from topics.names import TopicTree
 from topics.transport import ConnectError, Message, TlsConfig, TransportConfig
@@ -250,8 +250,9 @@ def test_a_device_cannot_speak_as_a_server(fleet: Fleet) -> None:
     impostor = fleet.client("cam2")
     impostor.connect()
     session = srv1_view(fleet.edge).session
-    death = NodeState(node="srv1", role=Role.SERVER, status="offline", session=2**62, time=0.0)
-    beat = Heartbeat(node="srv1", role=Role.SERVER, session=2**62, seq=1, interval=1.0, time=0.0,
+    newest = MAX_COUNT  # the highest session a receiver accepts: it would outrank any real one
+    death = NodeState(node="srv1", role=Role.SERVER, status="offline", session=newest, time=0.0)
+    beat = Heartbeat(node="srv1", role=Role.SERVER, session=newest, seq=1, interval=1.0, time=0.0,
                      capabilities={"square": TaskCapability()}, load=Load(queue_length=10**6))
     pong = Pong(nonce=1, responder="srv1", sent=0.0)
     impostor.publish(TREE.state("srv1"), CODEC.encode(death), qos=1, retain=True)
