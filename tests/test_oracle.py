@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 from collections import Counter
@@ -13,9 +14,10 @@ from typing import Any
 import pytest
 
 import sim.des
+from sim.cli import main
 from sim.des import run_des
 from sim.oracle import ORACLE, Choice, LocalTruth, Pool, Reach, ServerTruth, TaskTruth, choose
-from sim.report import OK, UNFINISHED, TaskRecord, summarize
+from sim.report import OK, UNFINISHED, TaskRecord, format_table, summarize, with_oracle_ratios
 from sim.scenario import CrashEvent, Scenario, load_scenario, parse_scenario
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "sim" / "scenarios"
@@ -266,3 +268,46 @@ def test_no_policy_beats_the_oracle_at_p95_on_a_shipped_scenario(path: Path) -> 
         other = summarize(run_des(scenario, policy).records)
         assert other.p95 is None or other.p95 >= oracle.p95, policy
         assert other.completed <= oracle.completed, policy
+
+
+# --- the oracle in every comparison ------------------------------------------------------------------
+
+def test_the_table_gives_each_p95_as_a_ratio_to_the_oracle() -> None:
+    scenario = load_scenario(SCENARIOS / "near_overloaded.toml")
+    summaries = [summarize(run_des(scenario, policy).records, name=policy) for policy in ("local", ORACLE)]
+    table = format_table(summaries)
+    header = table.splitlines()[0].split()
+    assert header[header.index("p95") + 2] == "p95/oracle"
+    rows = {line.split()[0]: line for line in table.splitlines()[2:4]}
+    local_ratio = summaries[0].p95 / summaries[1].p95  # type: ignore[operator]
+    assert f"{local_ratio:.2f}x" in rows["local"] and "1.00x" in rows[ORACLE]
+    assert "oracle: the limit" in table
+    assert "p95/oracle" not in format_table(summaries[:1])     # no oracle (emulation): no column
+    ratios = with_oracle_ratios(summaries)
+    assert ratios[0].p95_vs_oracle == pytest.approx(local_ratio) and ratios[1].p95_vs_oracle == 1.0
+
+
+def test_des_runs_add_the_oracle_unless_told_not_to(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    scenario = str(SCENARIOS / "old_proxy.toml")
+    assert main(["run", scenario, "--mode", "des", "--policies", "ect", "--out", str(tmp_path / "a"),
+                 "--quiet", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "p95/oracle" in out and any(line.startswith(f"{ORACLE} ") for line in out.splitlines())
+    written = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert [row["name"] for row in written] == ["ect", ORACLE]
+    assert written[1]["p95_vs_oracle"] == 1.0 and written[0]["p95_vs_oracle"] >= 1.0
+    assert "p95/oracle" in (tmp_path / "a" / "summary.txt").read_text()
+
+    assert main(["run", scenario, "--mode", "des", "--policies", "ect", "--no-oracle",
+                 "--out", str(tmp_path / "b"), "--quiet", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "p95/oracle" not in out and not any(line.startswith(ORACLE) for line in out.splitlines())
+
+
+def test_emulation_leaves_the_oracle_out_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(SCENARIOS / "old_proxy.toml"), "--policies", "oracle"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.strip() == ("oracle: only available in discrete-event mode (--mode des); "
+                                    "left out of this emulation")
+    assert captured.err.count("\n") == 1 and "no policy left" in captured.err
