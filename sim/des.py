@@ -19,7 +19,9 @@ loop):
   counted and dropped. Every task ends with exactly one outcome.
 
 The ``oracle`` policy (:mod:`sim.oracle`) decides on the true state instead; the simulation keeps that
-state current on its events (sends, arrivals, local admissions, slowdowns, crashes, link changes).
+state current on its events (sends, arrivals, local admissions, slowdowns, crashes, link changes). Its
+attempts follow the same timeouts and retries, except that tried servers stay options: it knows the
+truth.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ The simulator hands it the true state through the small types below and keeps th
 * :class:`ServerTruth` - a server's accepted pool, the tasks on the wire to it (sent, not yet arrived,
   with their true arrival times) and the pool projected with them in arrival order; alive or crashed;
   speed and current slowdown factor;
-* :class:`Reach` - a group of servers as one device sees it: true one-way delay and bandwidth of the
-  link, speed, whether they run the task;
+* :class:`Reach` - the servers of one group that run the task, as a device reaches them: the link's
+  true one-way delay and bandwidth, their speed and lowest slowdown factor;
 * :class:`LocalTruth` - the device's own pool and speed; :class:`TaskTruth` - the task's true work,
   sizes, deadline and the device's uplink backlog.
 
