@@ -1,16 +1,19 @@
 """Discrete-event simulator speed: simulated tasks per wall-clock second on one core.
 
-Runs the ``ect`` policy on a synthetic fleet (100 servers, Poisson devices) at 1,000 and 10,000 devices
-and prints tasks/s, the ratio to the 40,000 tasks/s goal (issue 5) and to PureEdgeSim's *reported*
-19,500 tasks/s (1.13 million tasks for 10,000 devices in 58 s, from its paper; not measured here).
-Rates are per CPU second of the run (``time.process_time``), so other processes on a shared machine
-inflate them less than wall time would. Each device sees ``--known`` servers (its neighbourhood);
-``--known 0`` gives every device all 100.
+Runs the ``ect`` policy (or ``--policy a,b,...``, ``oracle`` among them) on a synthetic fleet (100
+servers, Poisson devices) at 1,000 and 10,000 devices and prints tasks/s, the ratio to the 40,000
+tasks/s goal (issue 5) and to PureEdgeSim's *reported* 19,500 tasks/s (1.13 million tasks for 10,000
+devices in 58 s, from its paper; not measured here). Rates are per CPU second of the run
+(``time.process_time``), so other processes on a shared machine inflate them less than wall time
+would. Each device sees ``--known`` servers (its neighbourhood); ``--known 0`` gives every device all
+100.
 Each run is bounded by its task count (about ``--tasks`` tasks), well under 20 s on a 2-core machine.
 
     python bench/des_bench.py [--tasks 150000] [--known 10] [--rate 1.0] [--policy ect] [--spread-k K]
+    python bench/des_bench.py --known 0 --policy ect,oracle      # the cost of the oracle, and its p95
 
 ``--known 0 --spread-k K`` shows herding: every device sees the same (stale) loads of all 100 servers.
+With ``oracle`` in ``--policy``, each row also gives its p95 over the oracle's at that size.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import argparse
 from typing import Any
 
 from sim.des import run_des
-from sim.report import summarize
+from sim.report import PolicySummary, summarize, with_oracle_ratios
 from sim.scenario import Scenario, parse_scenario
 
 GOAL = 40_000.0
@@ -54,30 +57,39 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=150_000, help="approximate tasks per run")
     parser.add_argument("--servers", type=int, default=100)
     parser.add_argument("--known", type=int, default=10, help="servers each device sees (0 = all)")
-    parser.add_argument("--policy", default="ect")
+    parser.add_argument("--policy", default="ect", help="a policy, or several separated by commas")
     parser.add_argument("--rate", type=float, default=1.0, help="tasks per second per device")
     parser.add_argument("--repeat", type=int, default=2, help="runs per size; the fastest is shown")
     parser.add_argument("--spread-k", type=int, default=None,
                         help="PolicyConfig.spread_k (default: the policy's own, 2)")
     args = parser.parse_args()
     known = args.known or None
+    policies = [name.strip() for name in args.policy.split(",") if name.strip()]
     spread = "" if args.spread_k is None else f", spread_k {args.spread_k}"
-    print(f"policy {args.policy}{spread}, {args.servers} servers, each device sees "
+    print(f"policy {', '.join(policies)}{spread}, {args.servers} servers, each device sees "
           f"{known or args.servers} of them, {args.rate:g} tasks/s per device; one core")
-    print(f"{'devices':>8} {'tasks':>8} {'ok %':>6} {'p95 ms':>7} {'retries':>8} {'events':>9} {'cpu s':>7} "
-          f"{'tasks/s':>9} {'vs goal':>8} {'vs PureEdgeSim (reported)':>26}")
+    print(f"{'policy':<8} {'devices':>8} {'tasks':>8} {'ok %':>6} {'p95 ms':>7} {'/oracle':>7} "
+          f"{'retries':>8} {'events':>9} {'cpu s':>7} {'tasks/s':>9} {'vs goal':>8} "
+          f"{'vs PureEdgeSim (reported)':>26}")
     for devices in (1_000, 10_000):
         overrides = {} if args.spread_k is None else {"spread_k": args.spread_k}
         scenario = fleet(devices, args.servers, args.tasks, known, args.rate, overrides)
-        result = min((run_des(scenario, args.policy) for _ in range(max(args.repeat, 1))),
-                     key=lambda run: run.cpu_seconds)
-        rate = result.tasks_per_second
-        summary = summarize(result.records)
-        ok = summary.completed / max(summary.tasks, 1)
-        p95 = f"{summary.p95 * 1000:.1f}" if summary.p95 is not None else "-"
-        print(f"{devices:>8} {len(result.records):>8} {ok * 100:>6.1f} {p95:>7} {summary.retries:>8} "
-              f"{result.events:>9} {result.cpu_seconds:>7.2f} {rate:>9.0f} {rate / GOAL:>7.2f}x "
-              f"{rate / PUREEDGESIM_REPORTED:>25.2f}x")
+        rows: list[tuple[str, float, int, float, int]] = []
+        summaries: list[PolicySummary] = []
+        for policy in policies:
+            result = min((run_des(scenario, policy) for _ in range(max(args.repeat, 1))),
+                         key=lambda run: run.cpu_seconds)
+            rows.append((policy, result.tasks_per_second, result.events, result.cpu_seconds,
+                         len(result.records)))
+            summaries.append(summarize(result.records, name=policy))
+        for (policy, rate, events, cpu, tasks), summary in zip(rows, with_oracle_ratios(summaries),
+                                                                strict=True):
+            ok = summary.completed / max(summary.tasks, 1)
+            p95 = f"{summary.p95 * 1000:.1f}" if summary.p95 is not None else "-"
+            ratio = "-" if summary.p95_vs_oracle is None else f"{summary.p95_vs_oracle:.2f}x"
+            print(f"{policy:<8} {devices:>8} {tasks:>8} {ok * 100:>6.1f} {p95:>7} {ratio:>7} "
+                  f"{summary.retries:>8} {events:>9} {cpu:>7.2f} {rate:>9.0f} {rate / GOAL:>7.2f}x "
+                  f"{rate / PUREEDGESIM_REPORTED:>25.2f}x")
     print(f"goal {GOAL:.0f} tasks/s (issue 5); PureEdgeSim {PUREEDGESIM_REPORTED:.0f} tasks/s is its "
           "published figure, not measured here")
 

@@ -1,7 +1,7 @@
 """``offload-sim``: run a scenario under several policies and compare them; the demo.
 
     offload-sim run sim/scenarios/heterogeneous.toml            # emulation on the embedded broker
-    offload-sim run herding --mode des                           # discrete-event mode
+    offload-sim run herding --mode des                           # discrete-event mode, with the oracle
     offload-sim run server_crash --broker mosquitto              # spawn a Mosquitto for the run
     offload-sim run near_overloaded --broker mqtt://10.0.0.5     # a broker you run
     offload-sim validate my.toml
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.policy import POLICIES
+from sim.oracle import ORACLE
 from sim.report import (
     RunResult,
     format_table,
@@ -67,11 +68,25 @@ def _policies(text: str | None, scenario: Scenario) -> list[str]:
         return list(scenario.policies)
     chosen = [name.strip() for name in text.split(",") if name.strip()]
     for name in chosen:
-        if name not in POLICIES:
-            raise CliError(f"unknown policy {name!r}; valid: {', '.join(POLICIES)}", EXIT_USAGE)
+        if name not in POLICIES and name != ORACLE:
+            raise CliError(f"unknown policy {name!r}; valid: {', '.join(POLICIES)}, "
+                           f"{ORACLE} (discrete-event mode)", EXIT_USAGE)
     if not chosen:
         raise CliError("--policies is empty", EXIT_USAGE)
     return chosen
+
+
+def with_oracle(policies: Sequence[str], mode: str, oracle: bool) -> list[str]:
+    """The policies to run: in discrete-event mode the oracle last, as the limit (unless ``oracle`` is
+    false); in emulation never the oracle, and one line says so."""
+    others = [name for name in policies if name != ORACLE]
+    if mode == "des":
+        return [*others, ORACLE] if oracle else others
+    if oracle:
+        print(f"{ORACLE}: only available in discrete-event mode (--mode des); left out of this emulation")
+    if not others:
+        raise CliError(f"no policy left to emulate without the {ORACLE}", EXIT_USAGE)
+    return others
 
 
 @contextlib.contextmanager
@@ -162,7 +177,7 @@ def run_scenario(args: argparse.Namespace) -> int:
         scenario = scenario.model_copy(update={"duration": args.duration})
     if args.seed is not None:
         scenario = scenario.model_copy(update={"seed": args.seed})
-    policies = _policies(args.policies, scenario)
+    policies = with_oracle(_policies(args.policies, scenario), args.mode, not args.no_oracle)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path(args.out) if args.out else Path("results") / f"{scenario.name}-{args.mode}-{stamp}"
     results: list[RunResult] = []
@@ -261,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--broker", default="embedded",
                      help="embedded (amqtt, default), mosquitto (spawn one) or mqtt://host:port")
     run.add_argument("--protocol", choices=["3.1.1", "5"], default="3.1.1", help="MQTT version")
-    run.add_argument("--policies", help=f"comma-separated subset of {', '.join(POLICIES)}")
+    run.add_argument("--policies", help=f"comma-separated subset of {', '.join(POLICIES)}, {ORACLE}")
+    run.add_argument("--no-oracle", action="store_true",
+                     help=f"leave out the {ORACLE}, which --mode des adds to every comparison as the limit")
     run.add_argument("--seed", type=int, help="replace the scenario's seed")
     run.add_argument("--duration", type=float, help="replace the scenario's duration (s)")
     run.add_argument("--out", help="results folder (default results/<scenario>-<mode>-<time>)")

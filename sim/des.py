@@ -17,6 +17,11 @@ loop):
   timeouts and ``rejected-busy`` are retried on the next best option (tried servers excluded) up to
   ``max_attempts``; a crashed server loses its queue and running tasks. Late and duplicate results are
   counted and dropped. Every task ends with exactly one outcome.
+
+The ``oracle`` policy (:mod:`sim.oracle`) decides on the true state instead; the simulation keeps that
+state current on its events (sends, arrivals, local admissions, slowdowns, crashes, link changes). Its
+attempts follow the same timeouts and retries, except that tried servers stay options: it knows the
+truth.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from edge_agent.policy import (
     check_policy,
     decide,
 )
+from sim.oracle import ORACLE, LocalTruth, Pool, Reach, ServerTruth, TaskTruth, choose
 from sim.report import (
     EXPIRED,
     NO_OPTION,
@@ -166,7 +172,8 @@ class _Simulation:
 
     def __init__(self, scenario: Scenario, policy: str, config: PolicyConfig, seed: int) -> None:
         self.scenario = scenario
-        self.policy = check_policy(policy)
+        self.oracle = policy == ORACLE
+        self.policy = policy if self.oracle else check_policy(policy)
         self.threshold = policy == "threshold"  # the only policy that reads the local arrival rate
         self.config = config
         self.seed = seed
@@ -219,6 +226,44 @@ class _Simulation:
             views = self.views[device.group]
             device.entries = [views[index] for index in device.known]
             device.capacity = device.spec.workers + device.spec.local_queue_size
+        self.truths: list[ServerTruth] = []
+        self.local_truths: list[LocalTruth] = []
+        self.device_reach: list[list[Reach]] = []
+        self.reaches: list[tuple[int, int, Reach]] = []
+        """``(device group, server group, reach)`` of every :class:`Reach`, for link and slowdown events."""
+        if self.oracle:
+            self._init_oracle()
+
+    def _init_oracle(self) -> None:
+        """The true state the oracle decides on: one truth per server and device, and what each device
+        reaches (devices that know the same servers share one list)."""
+        self.truths = [ServerTruth(server.index, server.node, server.workers, server.queue_size, server.speed)
+                       for server in self.servers]
+        self.local_truths = [LocalTruth(Pool(device.spec.workers), device.spec.speed)
+                             for device in self.devices]
+        shared: dict[tuple[int, tuple[int, ...]], list[Reach]] = {}
+        for device in self.devices:
+            key = (device.group, tuple(device.known))
+            reach = shared.get(key)
+            if reach is None:
+                reach = shared[key] = self._reach(device.group, device.known)
+            self.device_reach.append(reach)
+
+    def _reach(self, group: int, known: list[int]) -> list[Reach]:
+        """The capable server groups among ``known``, as devices of ``group`` reach them."""
+        task = self.device_groups[group].task
+        members: dict[int, list[ServerTruth]] = {}
+        for index in known:
+            server = self.servers[index]
+            if server.capabilities is None or task in server.capabilities:
+                members.setdefault(server.group, []).append(self.truths[index])
+        reach: list[Reach] = []
+        for server_group, truths in members.items():
+            delay, _jitter, _loss, bandwidth = self.links[group][server_group]
+            entry = Reach(delay, bandwidth, self.server_groups[server_group].speed, truths)
+            self.reaches.append((group, server_group, entry))
+            reach.append(entry)
+        return reach
 
     @staticmethod
     def _link_tuple(link: LinkSpec) -> tuple[float, float, float, float]:
@@ -306,6 +351,8 @@ class _Simulation:
         return table
 
     def add_failure(self, device: _Device, server: int, now: float) -> None:
+        if self.oracle:
+            return  # failures only steer the device's own policy (and shorten its timeouts)
         record = device.failures.get(server)
         if record is None:
             device.failures[server] = [1.0, now]
@@ -345,23 +392,13 @@ class _Simulation:
         if time_left is not None and time_left <= 0.0 and not first:
             self.finish(job, self.deadline_outcome(job), now)
             return
-        task = TaskInfo(record.task, job.payload_bytes, time_left)
-        local = device.local
-        if local is None:
-            spec = device.spec
-            local = device.local = LocalInfo(spec.capable, len(device.queue), device.busy, spec.workers,
-                                             device.service, len(device.window))
-        table = self.server_table(device, now)
-        decision: Decision = decide(self.policy, task, local, table, now=now, rng=self.decide_rng,
-                                    previous=device.previous, exclude=job.tried, config=self.config)
+        decision = self.decision(job, time_left, now)
         target = decision.target
         if target is None:
             if device.spec.capable and len(device.queue) + device.busy >= device.capacity:
                 # As the edge agent does: the local queue is full, so the best server instead, if any.
                 self.count("local_full")
-                decision = decide(self.policy, task, local, table, now=now, rng=self.decide_rng,
-                                  previous=device.previous, exclude=job.tried, allow_local=False,
-                                  config=self.config)
+                decision = self.decision(job, time_left, now, allow_local=False)
                 target = decision.target
                 if target is None:
                     self.finish(job, REJECTED, now)
@@ -380,6 +417,9 @@ class _Simulation:
             device.previous = LOCAL
             job.server = -1
             record.sent = None
+            if self.oracle:
+                self.local_truths[device.index].pool.admit(
+                    now, self.costs[record.task] * job.work / device.spec.speed, job.deadline)
             if device.busy < device.spec.workers:
                 self.start_local(job, now)
             else:
@@ -434,7 +474,46 @@ class _Simulation:
             delay += jitter * (2.0 * random() - 1.0)
             if delay < 0.0:
                 delay = 0.0
-        heappush(heap, (start + transfer + delay, next(order), _SRV_RECV, (job, server), attempt))
+        arrival = start + transfer + delay
+        if self.oracle:
+            self.truths[index].send(arrival, self.costs[record.task] * job.work, job.deadline)
+        heappush(heap, (arrival, next(order), _SRV_RECV, (job, server), attempt))
+
+    def decision(self, job: _Job, time_left: float | None, now: float, allow_local: bool = True
+                 ) -> Decision:
+        """Where the next attempt of ``job`` goes: the policy's :func:`decide` on what the device knows,
+        or the oracle's pick on the true state."""
+        if self.oracle:
+            return self.oracle_decision(job, now)  # it never offers a full local queue
+        device = job.device
+        local = device.local
+        if local is None:
+            spec = device.spec
+            local = device.local = LocalInfo(spec.capable, len(device.queue), device.busy, spec.workers,
+                                             device.service, len(device.window))
+        return decide(self.policy, TaskInfo(job.record.task, job.payload_bytes, time_left), local,
+                      self.server_table(device, now), now=now, rng=self.decide_rng,
+                      previous=device.previous, exclude=job.tried, allow_local=allow_local,
+                      config=self.config)
+
+    def oracle_decision(self, job: _Job, now: float) -> Decision:
+        """The :func:`sim.oracle.choose` pick for ``job``, as a :class:`Decision` for the attempt."""
+        device = job.device
+        spec = device.spec
+        local = None
+        if spec.capable and len(device.queue) + device.busy < device.capacity:
+            local = self.local_truths[device.index]
+        name = job.record.task
+        task = TaskTruth(now, self.costs[name] * job.work, job.payload_bytes, self.result_bytes[name],
+                         job.deadline, device.uplink_free)
+        choice = choose(task, local, self.device_reach[device.index], self.decide_rng)
+        if choice is None:
+            return Decision(ORACLE, None, "no-option", (), False)  # given up: nothing would complete it
+        target = None if choice.server is None else choice.server.node
+        expected = choice.completion - now
+        reason = "true-fastest" if choice.meets_deadline else "true-fastest-late"
+        return Decision(ORACLE, target, reason, ((target or LOCAL, expected),), choice.meets_deadline,
+                        expected)
 
     def start_local(self, job: _Job, now: float) -> None:
         device = job.device
@@ -475,6 +554,8 @@ class _Simulation:
         if not server.alive:
             self.count("sent_to_dead_server")
             return
+        if self.oracle:
+            self.truths[server.index].receive(now, self.costs[job.record.task] * job.work, job.deadline)
         if job.deadline is not None and now > job.deadline:
             self.reply(server, job, attempt, _ST_EXPIRED, now)
         elif server.busy < server.workers:
@@ -623,13 +704,20 @@ class _Simulation:
             for views in self.views:
                 for entry in views:
                     entry[0] = -_INF
+            for group, server_group, reach in self.reaches:
+                if group in devices and server_group in servers:
+                    reach.delay, reach.bandwidth = event.delay, event.bandwidth
             return
         server = self.servers[self.server_index[event.server]]
         if isinstance(event, SlowdownEvent):
             server.factor = event.factor
+            if self.oracle:
+                self.reprice(server, now)
             return
         if not server.alive:
             return
+        if self.oracle:
+            self.truths[server.index].crash()
         server.alive = False
         server.epoch += 1
         if event.will:
@@ -642,6 +730,19 @@ class _Simulation:
         self.invalidate(server.index)
         for views in self.views:
             views[server.index][0] = -_INF
+
+    def reprice(self, server: _Server, now: float) -> None:
+        """After a slowdown: the server's truth from its running tasks' end times (the pending events;
+        this scan is once per slowdown) and its queue, and the new lowest factor of its group."""
+        if server.alive:
+            running = [when for when, _, kind, subject, epoch in self.heap
+                       if kind == _SRV_DONE and subject[0] is server and epoch == server.epoch]
+            queued = [(self.costs[job.record.task] * job.work, job.deadline) for job, _ in server.queue]
+            self.truths[server.index].reprice(server.factor, now, running, queued)
+        lowest = min(other.factor for other in self.servers if other.group == server.group)
+        for _group, server_group, reach in self.reaches:
+            if server_group == server.group:
+                reach.min_factor = lowest
 
     # --- main loop -----------------------------------------------------------------------------------
 

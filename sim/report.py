@@ -2,21 +2,25 @@
 
 Both modes produce :class:`TaskRecord` rows (one per task, with exactly one outcome) and a
 :class:`RunResult` per policy; this module turns them into a CSV trace, a summary per policy, a plain
-text comparison table and PNG plots.
+text comparison table and PNG plots. When the runs include the discrete-event mode's oracle
+(:mod:`sim.oracle`), it is the limit: every summary gives its p95 as a ratio to the oracle's.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sim.oracle import ORACLE
+
 __all__ = [
-    "OUTCOMES", "PolicySummary", "RunResult", "TaskRecord", "format_table", "summarize", "write_plots",
-    "write_queue_csv", "write_trace_csv",
+    "OUTCOMES", "PolicySummary", "RunResult", "TaskRecord", "format_table", "summarize", "with_oracle_ratios",
+    "write_plots", "write_queue_csv", "write_trace_csv",
 ]
 
 OK = "ok"
@@ -142,6 +146,8 @@ class PolicySummary:
     """Fraction of consecutive decisions of one device that changed target."""
     retries: int
     """Attempts beyond the first, over all tasks."""
+    p95_vs_oracle: float | None = None
+    """This p95 over the oracle's p95 in the same comparison (``None`` without an oracle there)."""
 
 
 def _percentile(ordered: Sequence[float], q: float) -> float | None:
@@ -195,21 +201,43 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.1f}"
 
 
+def with_oracle_ratios(summaries: Sequence[PolicySummary]) -> list[PolicySummary]:
+    """``summaries`` with :attr:`PolicySummary.p95_vs_oracle` set when one of them is the oracle."""
+    oracle = next((summary for summary in summaries if summary.name == ORACLE), None)
+    if oracle is None:
+        return list(summaries)
+    limit = oracle.p95
+    return [dataclasses.replace(summary, p95_vs_oracle=None if summary.p95 is None or not limit
+                                else summary.p95 / limit) for summary in summaries]
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
 def format_table(summaries: Sequence[PolicySummary]) -> str:
-    """A plain-text table comparing policies, then the failures by outcome and the busiest server."""
-    header = ("policy", "tasks", "ok", "failed", "missed", "p50 ms", "p95 ms", "p99 ms", "tasks/s",
-              "local %", "top server %", "switch %", "retries")
+    """A plain-text table comparing policies, then the failures by outcome and the busiest server.
+
+    With the oracle among them, a ``p95/oracle`` column gives each p95 as a ratio to the oracle's.
+    """
+    summaries = with_oracle_ratios(summaries)
+    limit = any(summary.name == ORACLE for summary in summaries)
+    header = ("policy", "tasks", "ok", "failed", "missed", "p50 ms", "p95 ms",
+              *(("p95/oracle",) if limit else ()), "p99 ms", "tasks/s", "local %", "top server %",
+              "switch %", "retries")
     rows = [header]
     for summary in summaries:
         top = max(summary.share_by_server.items(), key=lambda item: item[1], default=None)
         rows.append((
             summary.name, str(summary.tasks), str(summary.completed), str(sum(summary.failed.values())),
-            str(summary.deadline_misses), _ms(summary.p50), _ms(summary.p95), _ms(summary.p99),
+            str(summary.deadline_misses), _ms(summary.p50), _ms(summary.p95),
+            *((_ratio(summary.p95_vs_oracle),) if limit else ()), _ms(summary.p99),
             f"{summary.throughput:.1f}", f"{summary.share_local * 100:.1f}",
             f"{top[1] * 100:.1f} {top[0]}" if top else "-", f"{summary.switch_rate * 100:.1f}",
             str(summary.retries)))
+    left = {0, header.index("top server %")}
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) if i in (0, 10) else cell.rjust(width)
+    lines = ["  ".join(cell.ljust(width) if i in left else cell.rjust(width)
                        for i, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip()
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
@@ -217,6 +245,9 @@ def format_table(summaries: Sequence[PolicySummary]) -> str:
         if summary.failed:
             detail = ", ".join(f"{outcome} {count}" for outcome, count in summary.failed.items())
             lines.append(f"{summary.name} failed: {detail}")
+    if limit:
+        lines.append(f"{ORACLE}: the limit, decides on the true state (discrete-event mode only); "
+                     "p95/oracle: each p95 over the oracle's")
     return "\n".join(lines)
 
 
@@ -287,13 +318,17 @@ def write_plots(results: Sequence[RunResult], out_dir: str | Path, *, max_lines:
     panel.legend(fontsize="small")
     paths.append(_save(figure, out / "local_throughput.png", plt))
 
-    # Latency CDF per policy.
+    # Latency CDF per policy; the oracle, the limit, dashed black.
     figure, panel = plt.subplots(figsize=(7, 4))
     for result in results:
         latencies = sorted(latency * 1000 for r in result.records if (latency := r.latency) is not None)
-        if latencies:
-            panel.plot(latencies, [(i + 1) / len(latencies) for i in range(len(latencies))],
-                       label=result.name)
+        if not latencies:
+            continue
+        fractions = [(i + 1) / len(latencies) for i in range(len(latencies))]
+        if result.name == ORACLE:
+            panel.plot(latencies, fractions, color="black", linestyle="--", label=f"{result.name} (limit)")
+        else:
+            panel.plot(latencies, fractions, label=result.name)
     panel.set_xscale("log")
     panel.set_xlabel("latency (ms, log)")
     panel.set_ylabel("fraction of completed tasks")
@@ -342,8 +377,9 @@ def _save(figure: object, path: Path, plt: object) -> Path:
 
 
 def summaries_of(results: Sequence[RunResult]) -> list[PolicySummary]:
-    """One summary per result, named by its label."""
-    return [summarize(result.records, name=result.name, duration=result.duration) for result in results]
+    """One summary per result, named by its label; with the oracle's ratios when it is there."""
+    return with_oracle_ratios([summarize(result.records, name=result.name, duration=result.duration)
+                               for result in results])
 
 
 def counters_line(results: Mapping[str, Mapping[str, int]]) -> str:

@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_agent.policy import POLICIES, PolicyConfig
+from sim.oracle import ORACLE
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -234,6 +235,9 @@ class Scenario(_Model):
     @model_validator(mode="after")
     def _consistent(self) -> Scenario:
         for index, name in enumerate(self.policies):
+            if name == ORACLE:
+                raise _FieldError(f"policies[{index}]", f"{ORACLE!r} is not a device policy: offload-sim "
+                                  "adds it to every discrete-event comparison by itself")
             if name not in POLICIES:
                 raise _FieldError(f"policies[{index}]",
                                   f"unknown policy {name!r}; valid: {', '.join(POLICIES)}")

@@ -81,6 +81,7 @@ def test_errors_name_the_field_and_the_file() -> None:
     assert "devices[0].task: 'segment' is not in [tasks]" in bad(scenario_with(devices=devices))
 
     assert "policies[1]: unknown policy 'fastest'" in bad(scenario_with(policies=["ect", "fastest"]))
+    assert "policies[0]: 'oracle' is not a device policy" in bad(scenario_with(policies=["oracle"]))
     assert "policy: PolicyConfig.spread_k" in bad(scenario_with(policy={"spread_k": 0}))
     assert "policy: " in bad(scenario_with(policy={"spread": 2}))
     assert "events[0].server: no server named 'edge-7'" in bad(
