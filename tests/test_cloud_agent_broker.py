@@ -152,9 +152,14 @@ def test_round_trip_and_status_paths(broker: BrokerEndpoint, make_agent: AgentFa
     assert device.result_of(device.send("block", deadline=time.time() - 5)).status == "expired"
     first = device.send("block", "once", task_id="dup")
     assert device.result_of(first).payload == "once"
-    device.send("block", "twice", task_id="dup")
+    device.send("block", "once", task_id="dup")  # a retry: the same content under the same id
     wait_for(lambda: len([r for r in device.results() if r.task_id == "dup"]) == 2, 5.0)
     assert [r.payload for r in device.results() if r.task_id == "dup"] == ["once", "once"]
+    device.send("block", "twice", task_id="dup")  # the id reused for other work: never "once"
+    wait_for(lambda: len([r for r in device.results() if r.task_id == "dup"]) == 3, 5.0)
+    reused = [r for r in device.results() if r.task_id == "dup"][2]
+    assert reused.status == "error" and "already used" in (reused.error or "")
+    assert reused.payload is None
     assert gate.calls == 1
 
 
