@@ -101,8 +101,9 @@ class MemoryTransport:
 
     _ids = itertools.count(1)
 
-    def __init__(self, broker: MemoryBroker, client_id: str = "") -> None:
+    def __init__(self, broker: MemoryBroker, client_id: str = "", *, dispatch_queue: int = 10_000) -> None:
         self._broker = broker
+        self._dispatch_queue = dispatch_queue
         self._client_id = client_id or f"memory-{next(self._ids)}"
         self._connected = False
         self._will: Message | None = None
@@ -129,7 +130,7 @@ class MemoryTransport:
         if not self._broker.online:
             raise ConnectError("memory broker is offline")
         if self._dispatcher is None:
-            self._dispatcher = Dispatcher(self._client_id)
+            self._dispatcher = Dispatcher(self._client_id, capacity=self._dispatch_queue)
         self._broker.register(self)
         self._connected = True
         for topic_filter, (handler, qos) in self._filters.items():
