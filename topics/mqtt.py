@@ -521,7 +521,7 @@ class MqttTransport:
                 rc = MQTTErrorCode.MQTT_ERR_UNKNOWN
             if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 if self._stopping.is_set() and not self._connected:
-                    return  # a first try that got no CONNACK: connect() gave up on it
+                    return  # connect() gave up on a first try that got no CONNACK, or abort()
                 if (next_delay is not None and self._connected
                         and time.monotonic() - self._connected_since > _STABLE_AFTER):
                     next_delay, failures = None, 0  # a fresh backoff once a connection proved stable
@@ -554,8 +554,9 @@ class MqttTransport:
                                 self._name, self.config.url, failures, exc)
 
     def _reading_paused(self) -> bool:
-        """Stop reading while the dispatcher holds ``dispatch_queue`` unacknowledged messages (a
-        broker without an in-flight window, e.g. amqtt), unless a publisher waits for our acks."""
+        """Stop reading while the dispatcher holds ``dispatch_queue`` unacknowledged messages, unless
+        a publisher waits for acknowledgements. Brokers' in-flight windows are no bound: amqtt has
+        none, Mosquitto 2.0.11 keeps sending while acknowledgements trickle in."""
         dispatcher = self._dispatcher
         return (dispatcher is not None and self._connected and not self._outbox.waiting
                 and dispatcher.unacknowledged >= dispatcher.capacity)
