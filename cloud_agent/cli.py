@@ -30,7 +30,7 @@ log = logging.getLogger("cloud_agent")
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
-_LIST_FIELDS = ("tasks", "pools")
+_LIST_FIELDS = ("tasks", "pools", "reply_allowlist")
 
 
 class UsageError(Exception):

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from topics.codec import DEFAULT_MAX_PAYLOAD, Format
-from topics.names import DEFAULT_PREFIX, TopicTree, validate_node_id
+from topics.names import DEFAULT_PREFIX, TopicTree, validate_filter, validate_node_id
 from topics.transport import ProtocolVersion, TlsConfig, TransportConfig
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -71,7 +71,17 @@ class CloudConfig(BaseModel):
     result_cache_bytes: Annotated[int, Field(ge=0)] = Field(
         default=64 * 1024 * 1024, description="bytes of encoded results kept for duplicates")
     bad_input_log_interval: Annotated[float, Field(gt=0.0)] = Field(
-        default=10.0, description="log each kind of bad input at most once per this many seconds")
+        default=10.0, description="log each kind of bad input (and of overload, unsent results, "
+        "failing tasks) at most once per this many seconds")
+    reply_allowlist: list[str] = Field(
+        default_factory=list, description="MQTT filters a result or pong may also go to, beyond the "
+        "sender's own <prefix>/node/<sender>/... topics; '{sender}' stands for the sender's node id")
+    reconnect_max_delay: Annotated[float, Field(gt=0.0, le=3600.0)] = Field(
+        default=1.0, description="cap of the reconnect backoff in seconds (full jitter): after a "
+        "broker outage the agent is back within about this long of the broker answering")
+    publish_wait: Annotated[float, Field(ge=0.0, le=3600.0)] = Field(
+        default=5.0, description="seconds a result waits for room in the outgoing queue (backpressure) "
+        "before it is counted as not sent")
     http_base_url: str | None = Field(default=None, description="enable the built-in 'http' task, forwarding "
                                       "to this local base URL only")
     http_timeout: Annotated[float, Field(gt=0.0, le=600.0)] = Field(
@@ -92,6 +102,16 @@ class CloudConfig(BaseModel):
             validate_node_id(pool, what="pool name")
         return list(dict.fromkeys(value))
 
+    @field_validator("reply_allowlist")
+    @classmethod
+    def _check_reply_allowlist(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            topic_filter = pattern.replace("{sender}", "node")
+            validate_filter(topic_filter)
+            if topic_filter.startswith("$"):
+                raise ValueError(f"reply_allowlist filter {pattern!r} must not start with '$'")
+        return list(dict.fromkeys(value))
+
     @field_validator("prefix")
     @classmethod
     def _check_prefix(cls, value: str) -> str:
@@ -104,7 +124,10 @@ class CloudConfig(BaseModel):
         if url is None:
             raise ValueError("no broker URL configured")
         overrides: dict[str, object] = {"protocol": self.protocol, "client_id": self.id,
-                                        "keepalive": self.keepalive}
+                                        "keepalive": self.keepalive,
+                                        "reconnect_max_delay": self.reconnect_max_delay,
+                                        "reconnect_min_delay": min(0.1, self.reconnect_max_delay),
+                                        "publish_wait": self.publish_wait}
         if self.username is not None:
             overrides["username"] = self.username
         if self.password is not None:

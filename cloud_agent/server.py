@@ -14,6 +14,7 @@ alive after a clean shutdown (``ThreadPoolExecutor`` threads would be joined at 
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 import logging
@@ -29,7 +30,9 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from cloud_agent.badinput import BadInputLog
+from pydantic import TypeAdapter, ValidationError
+
+from cloud_agent.badinput import BadInputLog, RateLimitedLog
 from cloud_agent.config import CloudConfig
 from cloud_agent.http_adapter import HttpForwarder
 from cloud_agent.registry import TaskRegistry, TaskSpec, run_spec
@@ -48,8 +51,9 @@ from topics.models import (
     Role,
     Status,
     Task,
+    TaskName,
 )
-from topics.names import Kind, TopicTree, validate_publish_topic
+from topics.names import Kind, TopicTree, topic_matches, validate_node_id, validate_publish_topic
 from topics.transport import Message, NotConnectedError, Transport, TransportError
 
 log = logging.getLogger(__name__)
@@ -57,6 +61,9 @@ log = logging.getLogger(__name__)
 DEAD_LETTER_PAYLOAD = 4096
 EWMA_ALPHA = 0.2
 _NOT_REPLY_KINDS = frozenset({Kind.TASK, Kind.PING, Kind.STATE, Kind.HEARTBEAT, Kind.DEAD_LETTER})
+_ANSWERABLE = frozenset({"schema", "version"})  # decode failures whose mapping may name id and reply_to
+_TASK_NAME: TypeAdapter[str] = TypeAdapter(TaskName)
+_DIGEST_CODEC = Codec("cbor", max_payload=1 << 40)
 
 
 class BadInput(ValueError):
@@ -68,6 +75,47 @@ class BadInput(ValueError):
         self.detail = detail
 
 
+class ReplyRules:
+    """Where this server may publish a reply (a Result or a Pong) for a given sender.
+
+    Only to the sender's own topics, ``{prefix}/node/{sender}/...``, or to a topic matching one of
+    ``allowlist`` (MQTT filters; ``{sender}`` stands for the sender's node id). Never to a topic with
+    wildcards or a leading ``$``, nor to any task, ping, state, heartbeat or dead-letter topic of
+    the fleet, whatever the allowlist says.
+    """
+
+    def __init__(self, tree: TopicTree, allowlist: list[str]) -> None:
+        self._tree = tree
+        self._allowlist = tuple(allowlist)
+
+    def check(self, topic: str, sender: str) -> str:
+        """Return ``topic``, or raise :class:`BadInput` (``bad-reply-to``, ``reply-to-not-allowed``)."""
+        try:
+            validate_publish_topic(topic)
+        except TopicError as exc:
+            raise BadInput("bad-reply-to", str(exc)) from None
+        parsed = self._tree.parse(topic)
+        if parsed is not None and parsed.kind in _NOT_REPLY_KINDS:
+            raise BadInput("bad-reply-to", f"reply_to {topic[:200]!r} is a {parsed.kind.value} topic")
+        if topic.startswith(f"{self._tree.prefix}/node/{sender}/"):
+            return topic
+        if any(topic_matches(pattern.replace("{sender}", sender), topic) for pattern in self._allowlist):
+            return topic
+        raise BadInput("reply-to-not-allowed",
+                       f"reply_to {topic[:200]!r} is not one of {sender!r}'s own topics "
+                       f"({self._tree.prefix}/node/{sender}/...) nor in reply_allowlist")
+
+
+def content_digest(task: Task) -> bytes:
+    """What makes a retry the same task: name, payload, stage and reply_to (not attempt or times)."""
+    fields = [task.task, task.reply_to, task.stage, task.payload]
+    try:
+        data = _DIGEST_CODEC.encode_value(fields, "cbor")
+    except EncodeError:
+        data = repr(fields).encode("utf-8", "backslashreplace")
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
 @dataclass(eq=False)
 class _Job:
     """One admitted task from admission to its (single) answer."""
@@ -76,6 +124,7 @@ class _Job:
     spec: TaskSpec
     codec: Codec
     key: tuple[str, str]
+    digest: bytes
     accepted: float
     deadline: float | None  # monotonic
     state: str = "queued"  # queued -> running -> finished; queued -> dropped (answered in the queue)
@@ -85,16 +134,18 @@ class _Job:
 
 
 class _ResultCache:
-    """Finished results by (sender, task id): bounded LRU (count and encoded bytes) with a TTL."""
+    """Finished results by (sender, task id) with the content digest of the task they answer:
+    bounded LRU (count and encoded bytes) with a TTL."""
 
     def __init__(self, capacity: int, ttl: float, max_bytes: int) -> None:
         self._capacity = capacity
         self._ttl = ttl
         self._max_bytes = max_bytes
         self._bytes = 0
-        self._items: OrderedDict[tuple[str, str], tuple[float, Result, int]] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str], tuple[float, Result, int, bytes]] = OrderedDict()
 
-    def get(self, key: tuple[str, str], now: float) -> Result | None:
+    def entry(self, key: tuple[str, str], now: float) -> tuple[Result, bytes] | None:
+        """The cached result of ``key`` and the digest of the task it answered, or None."""
         item = self._items.get(key)
         if item is None:
             return None
@@ -102,13 +153,18 @@ class _ResultCache:
             self._pop(key)
             return None
         self._items.move_to_end(key)
-        return item[1]
+        return item[1], item[3]
+
+    def get(self, key: tuple[str, str], now: float) -> Result | None:
+        found = self.entry(key, now)
+        return None if found is None else found[0]
 
     def _pop(self, key: tuple[str, str]) -> None:
-        _, _, size = self._items.pop(key)
+        _, _, size, _ = self._items.pop(key)
         self._bytes -= size
 
-    def put(self, key: tuple[str, str], result: Result, now: float, size: int = 0) -> None:
+    def put(self, key: tuple[str, str], result: Result, now: float, size: int = 0,
+            digest: bytes = b"") -> None:
         if self._capacity <= 0:
             return
         if size > self._max_bytes:  # too large to keep: keep the answer without its payload
@@ -117,7 +173,7 @@ class _ResultCache:
             size = 0
         if key in self._items:
             self._pop(key)
-        self._items[key] = (now, result, size)
+        self._items[key] = (now, result, size, digest)
         self._bytes += size
         while len(self._items) > self._capacity or self._bytes > self._max_bytes:
             self._pop(next(iter(self._items)))
@@ -151,7 +207,12 @@ class CloudAgent:
                                       max_response=config.http_max_response)
             self._registry.add(TaskSpec("http", (forwarder,), "thread",
                                         description="forward to the local HTTP service"))
-        self.bad_input = BadInputLog(log, interval=config.bad_input_log_interval)
+        interval = config.bad_input_log_interval
+        self.bad_input = BadInputLog(log, interval=interval)
+        self._unsent = RateLimitedLog(log, label="result not sent", interval=interval)
+        self._failures = RateLimitedLog(log, label="task raised", interval=interval, level=logging.ERROR)
+        self._overload = RateLimitedLog(log, label="load", interval=interval, level=logging.INFO)
+        self._replies = ReplyRules(self._tree, config.reply_allowlist)
         self._lock = threading.Lock()
         self._work_ready = threading.Condition(self._lock)
         self._idle = threading.Condition(self._lock)
@@ -284,7 +345,8 @@ class CloudAgent:
                         service_time=dict(self._ewma), cpu=self._cpu_share)
 
     def stats(self) -> dict[str, Any]:
-        """Counters: received, completed by status, bad input by reason, duplicates, pings..."""
+        """Counters (every key is listed in docs/cloud-agent.md): received, completed by status,
+        bad input by reason, results not sent by reason, duplicates, pings..."""
         with self._lock:
             counters = dict(self._counters)
             queued, running, cached = len(self._queue), self._running, len(self._cache)
@@ -292,6 +354,7 @@ class CloudAgent:
                      if key.startswith("completed:")}
         plain = {key: value for key, value in counters.items() if ":" not in key}
         return {**plain, "completed": completed, "bad_input": self.bad_input.snapshot(),
+                "unsent": self._unsent.snapshot(), "task_errors": self._failures.snapshot(),
                 "queue_length": queued, "in_flight": running, "cached_results": cached,
                 "transport": self._transport.stats()}
 
@@ -317,6 +380,8 @@ class CloudAgent:
         interval = self.config.heartbeat_interval
         while not self._stopping.is_set():
             self._publish_heartbeat()
+            for summary in (self.bad_input, self._unsent, self._failures, self._overload):
+                summary.flush()
             if self._stopping.wait(interval * self._rng.uniform(0.9, 1.1)):
                 return
 
@@ -354,16 +419,6 @@ class CloudAgent:
         except (TransportError, EncodeError) as exc:
             log.debug("%s dead letter not sent: %s", self.node_id, exc)
 
-    def _check_reply_to(self, topic: str) -> str:
-        try:
-            validate_publish_topic(topic)
-        except TopicError as exc:
-            raise BadInput("bad-reply-to", str(exc)) from None
-        parsed = self._tree.parse(topic)
-        if parsed is not None and parsed.kind in _NOT_REPLY_KINDS:
-            raise BadInput("bad-reply-to", f"reply_to {topic[:200]!r} is a {parsed.kind.value} topic")
-        return topic
-
     def _decode(self, message: Message, model: type[Task] | type[Ping]) -> tuple[Any, Codec]:
         fmt = sniff_format(message.payload) or self.config.format
         codec = self._codecs[fmt]
@@ -373,7 +428,7 @@ class CloudAgent:
         """Answer a ping at once, on the dispatch thread, ahead of any queued work."""
         try:
             ping, codec = self._decode(message, Ping)
-            self._check_reply_to(ping.reply_to)
+            self._replies.check(ping.reply_to, ping.sender)
         except (DecodeError, BadInput) as exc:
             self._reject(message, exc)
             return
@@ -408,35 +463,81 @@ class CloudAgent:
             task, codec = self._decode(message, Task)
         except (DecodeError, BadInput) as exc:
             self._reject(message, exc)
+            if isinstance(exc, DecodeError) and exc.reason in _ANSWERABLE:
+                self._answer_invalid(message, exc)
             return
         try:
-            self._check_reply_to(task.reply_to)
+            self._replies.check(task.reply_to, task.sender)
         except BadInput as exc:
             self._reject(message, exc, task_id=task.id)
             return
         self._admit(task, codec)
 
+    def _answer_invalid(self, message: Message, error: DecodeError) -> None:
+        """An ``error`` Result for a task that failed validation, when its mapping names a usable
+        ``id``, ``sender`` and ``reply_to`` (the reply rules apply): the client need not time out."""
+        codec = self._codecs[sniff_format(message.payload) or self.config.format]
+        try:
+            fields = codec.decode_mapping(message.payload, topic=message.topic)
+        except DecodeError:
+            return
+        task_id, sender, reply_to = fields.get("id"), fields.get("sender"), fields.get("reply_to")
+        if not (isinstance(task_id, str) and 0 < len(task_id) <= 128 and isinstance(sender, str)
+                and isinstance(reply_to, str)):
+            return
+        try:
+            self._replies.check(reply_to, validate_node_id(sender))
+        except (BadInput, TopicError):
+            return
+        name = fields.get("task")
+        try:
+            name = _TASK_NAME.validate_python(name)
+        except ValidationError:
+            name = None
+        attempt = fields.get("attempt")
+        result = Result(task_id=task_id, status=Status.ERROR, server=self.node_id, task=name,
+                        error=f"invalid task ({error.reason}): {error.detail}"[:4096],
+                        attempt=attempt if type(attempt) is int and 1 <= attempt <= 100 else 1,
+                        content_type=_content_type(codec))
+        self._count("invalid_answered")
+        self._publish_result(result, reply_to, codec)
+
     def _admit(self, task: Task, codec: Codec) -> None:
         key = (task.sender, task.id)
+        digest = content_digest(task)
         now = self._monotonic()
         spec: TaskSpec | None = None
+        cached: Result | None = None
+        reused = False
         with self._lock:
-            cached = self._cache.get(key, now)
-            if cached is not None:
-                self._counters["duplicates"] += 1
-            else:
-                running = self._in_progress.get(key)
-                if running is not None:  # a retry while the first is queued or running
+            entry = self._cache.entry(key, now)
+            running = self._in_progress.get(key) if entry is None else None
+            if entry is not None:
+                cached, reused = entry[0], entry[1] != digest
+            elif running is not None:  # a retry while the first is queued or running
+                reused = running.digest != digest
+                if not reused:
                     running.waiters.append((task.reply_to, codec, task.attempt))
                     self._counters["duplicates"] += 1
                     return
+            else:
                 spec = self._registry.get(task.task) if task.task in self._registry else None
                 if spec is not None and not self._draining and self._has_room():
-                    job = self._new_job(task, spec, codec, key, now)
+                    job = self._new_job(task, spec, codec, key, digest, now)
                     self._queue.append(job)
                     self._in_progress[key] = job
                     self._work_ready.notify()
                     return
+            if reused:
+                self._counters["id_reused"] += 1
+            elif cached is not None:
+                self._counters["duplicates"] += 1
+        if reused:
+            self._reply_now(task, codec, Status.ERROR,
+                            f"task id {task.id!r} was already used by {task.sender!r} for a different "
+                            "task (name, payload, stage or reply_to differ): send new work under a "
+                            "new id", cache=False)
+            return
         if cached is not None:
             self._publish_result(cached.model_copy(update={"attempt": task.attempt}),
                                  task.reply_to, codec)
@@ -444,22 +545,24 @@ class CloudAgent:
         if spec is None:
             self._reply_now(task, codec, Status.UNKNOWN_TASK,
                             f"unknown task {task.task!r}; this server runs "
-                            f"{', '.join(self._registry.names())}")
+                            f"{', '.join(self._registry.names())}", digest=digest)
         else:
             reason = "server is shutting down" if self._draining else (
                 f"queue full ({self.config.queue_size} waiting, {self.config.workers} running)")
+            self._overload.record("rejected-busy", f"tasks answered rejected-busy: {reason}")
             self._reply_now(task, codec, Status.REJECTED_BUSY, reason)
 
     def _has_room(self) -> bool:
         """Room for one more task: ``queue_size`` waiting beyond the workers (caller holds the lock)."""
         return len(self._queue) + self._running < self.config.queue_size + self.config.workers
 
-    def _new_job(self, task: Task, spec: TaskSpec, codec: Codec, key: tuple[str, str],
+    def _new_job(self, task: Task, spec: TaskSpec, codec: Codec, key: tuple[str, str], digest: bytes,
                  now: float) -> _Job:
         deadline = None
         if task.deadline is not None:
             deadline = now + (task.deadline - self._clock())
-        job = _Job(task=task, spec=spec, codec=codec, key=key, accepted=now, deadline=deadline)
+        job = _Job(task=task, spec=spec, codec=codec, key=key, digest=digest, accepted=now,
+                   deadline=deadline)
         if deadline is not None:
             with self._watch:
                 heapq.heappush(self._deadlines, (deadline, next(self._deadline_seq), job))
@@ -467,13 +570,15 @@ class CloudAgent:
                     self._watch.notify()
         return job
 
-    def _reply_now(self, task: Task, codec: Codec, status: Status, error: str) -> None:
+    def _reply_now(self, task: Task, codec: Codec, status: Status, error: str, *,
+                   cache: bool = True, digest: bytes = b"") -> None:
+        """Answer at once; cached (under ``digest``) unless rejected-busy or ``cache`` is False."""
         result = Result(task_id=task.id, status=status, server=self.node_id, task=task.task,
                         error=error, attempt=task.attempt, content_type=_content_type(codec))
         self._count(f"completed:{Status(status).value}")
-        if status is not Status.REJECTED_BUSY:
+        if cache and status is not Status.REJECTED_BUSY:
             with self._lock:
-                self._cache.put((task.sender, task.id), result, self._monotonic())
+                self._cache.put((task.sender, task.id), result, self._monotonic(), digest=digest)
         self._publish_result(result, task.reply_to, codec)
 
     # ------------------------------------------------------------------ execution
@@ -528,9 +633,10 @@ class CloudAgent:
                 value = self._run_in_process(job.spec, task.payload, start)
             else:
                 value = run_spec(job.spec, task.payload, start)
-        except Exception as exc:  # the handler's failure is the device's answer, not ours
+        except Exception as exc:  # noqa: BLE001 - the handler's failure is the device's answer
             service = self._monotonic() - began
-            log.error("%s task %s (%s) raised", self.node_id, task.id, task.task, exc_info=True)
+            self._failures.record(task.task, f"task {task.id[:128]!r}: {type(exc).__name__}: "
+                                  f"{str(exc)[:300]}", exc_info=True)
             self._answer(job, Status.ERROR, error=f"{type(exc).__name__}: {exc}"[:4096],
                          service_time=service)
             return
@@ -541,8 +647,8 @@ class CloudAgent:
                 previous + EWMA_ALPHA * (service - previous))
         if job.answered:
             self._count("late_results")
-            log.info("%s task %s returned %.3fs after it was answered expired", self.node_id, task.id,
-                     service)
+            self._overload.record("late-result", f"task {task.id[:128]!r} returned {service:.3f}s "
+                                  "after it was answered expired")
             return
         self._answer(job, Status.OK, payload=value, service_time=service)
 
@@ -588,21 +694,31 @@ class CloudAgent:
         with self._lock:
             self._counters[f"completed:{Status(result.status).value}"] += 1
             if result.status != Status.REJECTED_BUSY.value:
-                self._cache.put(job.key, result, now, len(data))
+                self._cache.put(job.key, result, now, len(data), job.digest)
         self._publish_result(result, task.reply_to, job.codec, data)
         for reply_to, codec, attempt in waiters:
             self._publish_result(result.model_copy(update={"attempt": attempt}), reply_to, codec)
 
     def _publish_result(self, result: Result, reply_to: str, codec: Codec,
                         data: bytes | None = None) -> None:
+        """Publish one answer (QoS 1); waits for room (``publish_wait``) when the outgoing queue is
+        full; a result that still cannot go is counted by reason and logged once per interval."""
         try:
             if data is None:
                 data = codec.encode(result.model_copy(update={"content_type": _content_type(codec)}))
             self._transport.publish(reply_to, data, qos=1)
-        except (NotConnectedError, TransportError, EncodeError) as exc:
-            self._count("results_not_sent")
-            log.warning("%s result of task %s not sent to %s: %s", self.node_id, result.task_id,
-                        reply_to, exc)
+            return
+        except NotConnectedError as exc:
+            kind, detail = "not-connected", str(exc)
+        except TransportError as exc:
+            kind, detail = "transport", str(exc)
+        except EncodeError as exc:
+            kind, detail = "unencodable", str(exc)
+        except TopicError as exc:
+            kind, detail = "bad-topic", str(exc)
+        self._count("results_not_sent")
+        self._unsent.record(kind, f"result of task {result.task_id[:128]!r} to {reply_to[:200]!r}: "
+                            f"{detail[:300]}")
 
     def _watchdog_loop(self) -> None:
         """Answer ``expired`` at each task's deadline unless it was answered already."""

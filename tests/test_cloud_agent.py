@@ -21,7 +21,7 @@ from topics.codec import Codec
 from topics.memory import MemoryBroker, MemoryTransport
 from topics.models import DeadLetter, Heartbeat, NodeState, Ping, Pong, Result, Task
 from topics.names import TopicTree
-from topics.transport import Message
+from topics.transport import Message, TransportError
 
 PREFIX = "t/cloud"
 TREE = TopicTree(PREFIX)
@@ -537,3 +537,226 @@ def test_result_cache_bounds() -> None:
     cache.put(("d", "big"), result, 0.0, 1000)  # too large: kept without the payload
     kept = cache.get(("d", "big"), 1.0)
     assert kept is not None and kept.payload is None and kept.status == "error"
+
+
+def test_results_only_to_the_senders_own_topics(agent: CloudAgent, device: Device,
+                                                memory_broker: MemoryBroker) -> None:
+    outside = MemoryTransport(memory_broker, "watcher")
+    seen: list[Message] = []
+    outside.subscribe("#", seen.append)
+    outside.connect()
+    try:
+        base = Task(id="r1", task="echo", sender="dev1", reply_to="homeassistant/switch/pump/set",
+                    created=1.0, payload="on")
+        for reply_to in ("homeassistant/switch/pump/set", TREE.result_inbox("dev2"), "t/cloudy/x"):
+            task = base.model_copy(update={"reply_to": reply_to, "id": f"r-{len(reply_to)}"})
+            device.transport.publish(TREE.task_inbox("srv1"), CBOR.encode(task), qos=1)
+        ping = Ping(nonce=1, sender="dev1", reply_to=TREE.pong("dev2"), sent=1.0)
+        device.transport.publish(TREE.ping("srv1"), CBOR.encode(ping))
+        wait_for(lambda: agent.stats()["bad_input"].get("reply-to-not-allowed") == 4, 5.0)
+        own = device.send("echo", "mine")
+        assert device.result_of(own).payload == "mine"
+        letters = [d for d in device.dead_letters() if d.reason == "reply-to-not-allowed"]
+        assert len(letters) == 4 and "dev1" in letters[0].detail
+        published = {m.topic for m in seen}
+        assert "homeassistant/switch/pump/set" not in published
+        assert TREE.result_inbox("dev2") not in published and TREE.pong("dev2") not in published
+        assert agent.stats()["completed"] == {"ok": 1}
+    finally:
+        outside.close()
+
+
+def test_reply_allowlist_with_sender_placeholder(memory_broker: MemoryBroker, blocker: Blocker,
+                                                 device: Device) -> None:
+    agent = start_agent(memory_broker, blocker, reply_allowlist=["apps/{sender}/#"])
+    extra: list[Message] = []
+    device.transport.subscribe("apps/#", extra.append)
+    try:
+        task = Task(id="a1", task="echo", sender="dev1", reply_to="apps/dev1/answers", created=1.0,
+                    payload=5)
+        device.transport.publish(TREE.task_inbox("srv1"), CBOR.encode(task), qos=1)
+        wait_for(lambda: extra, 5.0, message="the result on the allowed topic")
+        assert CBOR.decode(extra[0].payload, Result).payload == 5
+        other = task.model_copy(update={"id": "a2", "reply_to": "apps/dev2/answers"})
+        device.transport.publish(TREE.task_inbox("srv1"), CBOR.encode(other), qos=1)
+        wait_for(lambda: agent.stats()["bad_input"] == {"reply-to-not-allowed": 1}, 5.0)
+        inbox = task.model_copy(update={"id": "a3", "reply_to": TREE.task_inbox("srv2")})
+        device.transport.publish(TREE.task_inbox("srv1"), CBOR.encode(inbox), qos=1)
+        wait_for(lambda: agent.stats()["bad_input"].get("bad-reply-to") == 1, 5.0)
+        assert len(extra) == 1
+    finally:
+        agent.stop(grace=1.0)
+    with pytest.raises(ValueError):
+        config(reply_allowlist=["a/#/b"])
+    with pytest.raises(ValueError):
+        config(reply_allowlist=["$SYS/#"])
+
+
+def test_an_id_reused_for_other_work_gets_an_error_never_the_first_result(
+        agent: CloudAgent, device: Device, blocker: Blocker) -> None:
+    assert device.result_of(device.send("echo", {"x": 3}, task_id="same")).payload == {"x": 3}
+    device.send("echo", {"x": 5}, task_id="same")
+    wait_for(lambda: len([r for r in device.results() if r.task_id == "same"]) == 2, 5.0)
+    second = [r for r in device.results() if r.task_id == "same"][1]
+    assert second.status == "error" and second.payload is None
+    assert "already used" in (second.error or "")
+    device.send("echo", {"x": 3}, task_id="same", attempt=2)  # a true retry still gets the result
+    wait_for(lambda: len([r for r in device.results() if r.task_id == "same"]) == 3, 5.0)
+    third = [r for r in device.results() if r.task_id == "same"][2]
+    assert (third.status, third.payload, third.attempt) == ("ok", {"x": 3}, 2)
+    device.send("block", "first", task_id="running")  # reused while the first still runs
+    assert blocker.started.acquire(timeout=5.0)
+    device.send("block", "other", task_id="running")
+    wait_for(lambda: any(r.task_id == "running" for r in device.results()), 5.0)
+    assert [r.status for r in device.results() if r.task_id == "running"] == ["error"]
+    blocker.release.set()
+    wait_for(lambda: len([r for r in device.results() if r.task_id == "running"]) == 2, 5.0)
+    assert [r.payload for r in device.results() if r.task_id == "running"] == [None, "first"]
+    assert agent.stats()["id_reused"] == 2 and agent.stats()["duplicates"] == 1
+
+
+def test_another_device_cannot_read_or_forge_a_result(agent: CloudAgent, device: Device,
+                                                      memory_broker: MemoryBroker) -> None:
+    thief = Device(memory_broker, "dev2")
+    try:
+        victim_id = device.send("echo", {"secret": 1}, task_id="dev1-000007")
+        assert device.result_of(victim_id).payload == {"secret": 1}
+        # Claiming to be dev1 does not let the answer go to dev2's topics...
+        stolen = Task(id=victim_id, task="echo", sender="dev1", reply_to=TREE.result_inbox("dev2"),
+                      created=1.0, payload={"secret": 1})
+        thief.transport.publish(TREE.task_inbox("srv1"), CBOR.encode(stolen), qos=1)
+        # ... and dev2's own task under the same id is dev2's, run afresh.
+        mine = stolen.model_copy(update={"sender": "dev2", "payload": {"other": 2}})
+        thief.transport.publish(TREE.task_inbox("srv1"), CBOR.encode(mine), qos=1)
+        assert thief.result_of(victim_id).payload == {"other": 2}
+        # A forgery planted under the victim's next id is never given to the victim.
+        planted = Task(id="dev1-000008", task="echo", sender="dev1",
+                       reply_to=TREE.result_inbox("dev1"), created=1.0, payload={"forged": True})
+        thief.transport.publish(TREE.task_inbox("srv1"), CBOR.encode(planted), qos=1)
+        wait_for(lambda: any(r.task_id == "dev1-000008" for r in device.results()), 5.0)
+        device.send("echo", {"real": 8}, task_id="dev1-000008")
+        wait_for(lambda: len([r for r in device.results() if r.task_id == "dev1-000008"]) == 2, 5.0)
+        real = [r for r in device.results() if r.task_id == "dev1-000008"][1]
+        assert real.status == "error" and real.payload is None
+        assert agent.stats()["bad_input"] == {"reply-to-not-allowed": 1}
+        assert [r.task_id for r in thief.results()] == [victim_id]
+    finally:
+        thief.transport.close()
+
+
+@pytest.mark.parametrize(("fields", "named"), [
+    ({"colour": "red"}, "colour"),
+    ({"created": None}, "created"),
+    ({"attempt": 0}, "attempt"),
+    ({"v": 2}, "version"),
+])
+def test_an_invalid_task_with_a_usable_id_and_reply_to_gets_an_error_result(
+        agent: CloudAgent, device: Device, fields: dict[str, Any], named: str) -> None:
+    task: dict[str, Any] = {"v": 1, "id": "bad-1", "task": "echo", "sender": "dev1",
+                            "reply_to": TREE.result_inbox("dev1"), "created": 1.0, "payload": 1}
+    task.update(fields)
+    task = {key: value for key, value in task.items() if value is not None}
+    device.transport.publish(TREE.task_inbox("srv1"), json.dumps(task).encode(), qos=1)
+    wait_for(lambda: device.on(TREE.result_inbox("dev1")), 5.0, message="the error result")
+    answer = JSON.decode(device.on(TREE.result_inbox("dev1"))[0].payload, Result)
+    assert (answer.task_id, answer.status, answer.server, answer.task) == ("bad-1", "error", "srv1",
+                                                                           "echo")
+    assert named in (answer.error or "") and answer.content_type == "application/json"
+    wait_for(lambda: len(device.dead_letters()) == 1, 5.0)
+    reason = "version" if named == "version" else "schema"
+    assert device.dead_letters()[0].reason == reason
+    assert agent.stats()["bad_input"] == {reason: 1} and agent.stats()["invalid_answered"] == 1
+    assert agent.stats()["completed"] == {}
+
+
+@pytest.mark.parametrize("fields", [
+    {"reply_to": "homeassistant/switch/pump/set"},   # not the sender's: never published there
+    {"reply_to": "a/+/b"},
+    {"sender": "not a node"},
+    {"id": ""},
+    {"id": 7},
+])
+def test_an_invalid_task_without_a_usable_reply_gets_only_a_dead_letter(
+        agent: CloudAgent, device: Device, memory_broker: MemoryBroker, fields: dict[str, Any]) -> None:
+    outside = MemoryTransport(memory_broker, "watcher")
+    seen: list[Message] = []
+    outside.subscribe("homeassistant/#", seen.append)
+    outside.connect()
+    try:
+        task: dict[str, Any] = {"v": 1, "id": "bad-2", "task": "echo", "sender": "dev1",
+                                "reply_to": TREE.result_inbox("dev1"), "colour": "red"}
+        task.update(fields)
+        device.transport.publish(TREE.task_inbox("srv1"), json.dumps(task).encode(), qos=1)
+        wait_for(lambda: len(device.dead_letters()) == 1, 5.0)
+        assert device.result_of(device.send("echo", "next")).payload == "next"
+        assert [r.task_id for r in device.results()] == ["dev1-1"]
+        assert agent.stats().get("invalid_answered", 0) == 0 and seen == []
+    finally:
+        outside.close()
+
+
+def test_failing_tasks_and_busy_rejections_are_logged_once_per_interval(
+        memory_broker: MemoryBroker, blocker: Blocker, device: Device,
+        caplog: pytest.LogCaptureFixture) -> None:
+    agent = start_agent(memory_broker, blocker, workers=1, queue_size=0)
+    try:
+        with caplog.at_level("INFO", logger="cloud_agent.server"):
+            ids = [device.send("boom", n) for n in range(20)]
+            assert all(device.result_of(i).status in ("error", "rejected-busy") for i in ids)
+            device.send("block", task_id="hold")
+            assert blocker.started.acquire(timeout=5.0)
+            busy = [device.send("echo", n) for n in range(20)]
+            assert all(device.result_of(i).status == "rejected-busy" for i in busy)
+        raised = [r for r in caplog.records if "task raised [boom]" in r.getMessage()]
+        assert len(raised) == 1 and raised[0].exc_info is not None
+        assert len([r for r in caplog.records if "load [rejected-busy]" in r.getMessage()]) == 1
+        assert agent.stats()["task_errors"]["boom"] == agent.stats()["completed"]["error"]
+    finally:
+        blocker.release.set()
+        agent.stop(grace=1.0)
+
+
+class _RefusingTransport(MemoryTransport):
+    """Refuses every publish to a result topic, as a full outgoing queue would."""
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False) -> None:
+        if topic.endswith("/result"):
+            raise TransportError("outgoing queue full (3 messages)", topic=topic)
+        super().publish(topic, payload, qos=qos, retain=retain)
+
+
+def test_results_that_cannot_be_sent_are_counted_and_logged_once_per_interval(
+        memory_broker: MemoryBroker, blocker: Blocker, device: Device,
+        caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config()
+    agent = CloudAgent(cfg, _RefusingTransport(memory_broker, cfg.id), make_registry(blocker))
+    agent.start()
+    try:
+        with caplog.at_level("WARNING", logger="cloud_agent.server"):
+            for n in range(30):
+                device.send("echo", n)
+            wait_for(lambda: agent.stats().get("results_not_sent") == 30, 5.0)
+        assert agent.stats()["unsent"] == {"transport": 30}
+        assert len([r for r in caplog.records if "result not sent" in r.getMessage()]) == 1
+    finally:
+        agent.stop(grace=1.0)
+
+
+def test_rate_limited_log_flushes_a_burst_that_stopped(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from cloud_agent.badinput import RateLimitedLog
+
+    now = [0.0]
+    summary = RateLimitedLog(logging.getLogger("t.flush"), label="x", interval=10.0,
+                             clock=lambda: now[0])
+    with caplog.at_level("WARNING", logger="t.flush"):
+        for _ in range(5):
+            summary.record("k", "detail")
+        summary.flush()  # within the interval: nothing yet
+        now[0] = 11.0
+        summary.flush()
+        summary.flush()  # nothing new: silent
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["x [k] detail", "x [k] 4 more in the last 10s (5 in all)"]
+    assert summary.snapshot() == {"k": 5}

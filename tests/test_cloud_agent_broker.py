@@ -152,9 +152,14 @@ def test_round_trip_and_status_paths(broker: BrokerEndpoint, make_agent: AgentFa
     assert device.result_of(device.send("block", deadline=time.time() - 5)).status == "expired"
     first = device.send("block", "once", task_id="dup")
     assert device.result_of(first).payload == "once"
-    device.send("block", "twice", task_id="dup")
+    device.send("block", "once", task_id="dup")  # a retry: the same content under the same id
     wait_for(lambda: len([r for r in device.results() if r.task_id == "dup"]) == 2, 5.0)
     assert [r.payload for r in device.results() if r.task_id == "dup"] == ["once", "once"]
+    device.send("block", "twice", task_id="dup")  # the id reused for other work: never "once"
+    wait_for(lambda: len([r for r in device.results() if r.task_id == "dup"]) == 3, 5.0)
+    reused = [r for r in device.results() if r.task_id == "dup"][2]
+    assert reused.status == "error" and "already used" in (reused.error or "")
+    assert reused.payload is None
     assert gate.calls == 1
 
 
@@ -254,3 +259,45 @@ def test_will_marks_killed_agent_offline(broker: BrokerEndpoint, make_device: De
             process.stderr.close()
     will = device.states("srv1")[-1]
     assert will.session == session
+
+
+@pytest.mark.mosquitto
+def test_back_within_the_reconnect_cap_after_every_broker_restart(
+        broker_factory: Callable[..., BrokerEndpoint], make_device: DeviceFactory,
+        topic_prefix: str) -> None:
+    """The broker goes down long enough for the backoff to reach its cap (four failed attempts),
+    comes back on the same port: the agent is re-subscribed within the cap (plus scheduling slack)
+    every time, and answers a task."""
+    restarts, slack = 5, 1.0
+    target = broker_factory("mosquitto-3.1.1")
+    config = CloudConfig(id="srv1", prefix=topic_prefix, workers=2, queue_size=3,
+                         heartbeat_interval=0.2, reconnect_max_delay=1.0)
+    transport = MqttTransport(config.transport_config(target.url).model_copy(
+        update={"client_id": f"srv1-{topic_prefix[-8:]}"}))
+    back: list[float] = []
+    transport.add_connect_listener(lambda: back.append(time.monotonic()))
+    agent = CloudAgent(config, transport, registry_with(Gate()))
+    agent.start()
+    device = make_device(target)
+    delays: list[float] = []
+    try:
+        wait_for(lambda: len(back) == 1, 5.0, message="the first connect")
+        assert device.result_of(device.send("echo", -1)).payload == -1
+        for n in range(restarts):
+            target.broker.stop()
+            wait_for(lambda: not transport.connected, 5.0, message="the agent noticing the outage")
+            failed = transport.stats()["reconnect_failures"]
+            wait_for(lambda f=failed: transport.stats()["reconnect_failures"] >= f + 4, 15.0,
+                     message="the backoff escalating during the outage")
+            target.broker.start()
+            answering = time.monotonic()
+            wait_for(lambda k=n: len(back) == k + 2, config.reconnect_max_delay + 5.0,
+                     message=f"the agent back after restart {n + 1}")
+            delays.append(back[-1] - answering)
+            wait_for(lambda: device.transport.connected, 10.0, message="the test device back")
+            assert device.result_of(device.send("echo", n), timeout=15.0).payload == n
+    finally:
+        agent.stop(grace=1.0)
+    print(f"\nback after each restart (s): {', '.join(f'{d:.3f}' for d in delays)}")
+    assert max(delays) <= config.reconnect_max_delay + slack, delays
+    assert transport.stats()["reconnects"] == restarts

@@ -158,3 +158,21 @@ def test_embedded_broker_serves_a_task(topic_prefix: str) -> None:
             process.communicate()
     states = [Codec().decode(m.payload, NodeState) for m in got if m.topic == tree.state("solo")]
     assert states[0].status == "online"
+
+
+def test_reply_allowlist_and_reconnect_settings_from_flags_and_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloud_agent.cli import _overrides, build_parser
+    from cloud_agent.config import CloudConfig
+    from cloud_agent.settings import load_settings
+
+    monkeypatch.setenv("CLOUD_AGENT_RECONNECT_MAX_DELAY", "0.5")
+    monkeypatch.setenv("CLOUD_AGENT_PUBLISH_WAIT", "2")
+    args = build_parser().parse_args(["run", "--id", "s", "--reply-allowlist", "apps/{sender}/#",
+                                      "--reply-allowlist", "ui/{sender}/+"])
+    config = load_settings(CloudConfig, env_prefix="CLOUD_AGENT_", overrides=_overrides(args))
+    assert config.reply_allowlist == ["apps/{sender}/#", "ui/{sender}/+"]
+    transport = config.transport_config("mqtt://127.0.0.1:1883")
+    assert (transport.reconnect_max_delay, transport.reconnect_min_delay, transport.publish_wait) == (
+        0.5, 0.1, 2.0)
+    assert CloudConfig(id="d").transport_config("mqtt://h").reconnect_max_delay == 1.0

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 import pytest
+from brokers_support import wait_for
 
 from topics.errors import TopicError
 from topics.memory import MemoryBroker, MemoryTransport
@@ -330,3 +331,52 @@ def test_client_ids_are_unique_by_default() -> None:
     broker = MemoryBroker()
     assert MemoryTransport(broker).client_id != MemoryTransport(broker).client_id
     assert MemoryTransport(broker, "named").client_id == "named"
+
+
+def test_a_full_dispatcher_drops_qos0_but_never_qos1(broker: MemoryBroker, connect: Connect,
+                                                     clients: list[MemoryTransport]) -> None:
+    publisher = connect()
+    stuck = MemoryTransport(broker, "stuck", dispatch_queue=2)
+    clients.append(stuck)
+    stuck.connect()
+    release = threading.Event()
+    got: list[bytes] = []
+
+    def blocking(message: Message) -> None:
+        got.append(message.payload)
+        release.wait(WAIT)
+
+    stuck.subscribe("reliable", blocking, qos=1)
+    stuck.subscribe("lossy", blocking, qos=0)
+    try:
+        publisher.publish("reliable", b"first", qos=1)
+        wait_for(lambda: got == [b"first"], WAIT, message="the handler to block")
+        for index in range(5):  # lossy: QoS 1 on a QoS 0 subscription, i.e. at most once
+            publisher.publish("lossy", f"l{index}".encode(), qos=1)
+            publisher.publish("reliable", f"r{index}".encode(), qos=1)
+    finally:
+        release.set()
+    # Queue of 2: l0 fits, r0 always does, then every lossy message finds it full.
+    wait_for(lambda: len(got) == 7, WAIT, message="every message that was kept")
+    assert got == [b"first", b"l0"] + [f"r{index}".encode() for index in range(5)]
+    assert stuck.stats()["dropped_dispatch_full"] == 4
+
+
+def test_failing_handlers_are_counted_and_logged_once_per_interval(
+        connect: Connect, caplog: pytest.LogCaptureFixture) -> None:
+    publisher, subscriber = connect(), connect()
+    inbox = Inbox()
+
+    def explode(message: Message) -> None:
+        if message.payload != b"last":
+            raise RuntimeError("handler bug")
+        inbox(message)
+
+    subscriber.subscribe("work", explode)
+    with caplog.at_level(logging.ERROR, logger="topics.transport"):
+        for _ in range(20):
+            publisher.publish("work", b"bad")
+        publisher.publish("work", b"last")
+        assert inbox.get().payload == b"last"
+    assert subscriber.stats()["handler_errors"] == 20
+    assert len([r for r in caplog.records if "handler failed" in r.getMessage()]) == 1

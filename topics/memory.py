@@ -2,7 +2,8 @@
 
 Messages still travel as encoded bytes, filters use real MQTT matching (``+``, ``#``, ``$share``
 groups served round-robin), retained messages and Wills work; delivery goes through the same
-:class:`~topics.transport.Dispatcher` as the real transport.
+:class:`~topics.transport.Dispatcher` as the real transport, with the same rule: a QoS 1/2 message
+on a QoS 1/2 subscription is never dropped, QoS 0 may be when the dispatcher is full.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class _Subscription:
     topic_filter: str
     handler: Handler
     group: str | None
+    qos: int = 1
 
 
 @dataclass
@@ -63,7 +65,7 @@ class MemoryBroker:
                 chosen.append(members[index % len(members)])
         delivered = Message(message.topic, message.payload, message.qos, retain=False)
         for sub in chosen:
-            sub.transport._deliver(sub.handler, delivered)
+            sub.transport._deliver(sub.handler, delivered, reliable=delivered.qos > 0 and sub.qos > 0)
 
     def add(self, sub: _Subscription) -> None:
         with self._lock:
@@ -74,7 +76,7 @@ class MemoryBroker:
             retained = [] if sub.group else [m for t, m in self.retained.items()
                                              if topic_matches(sub.topic_filter, t)]
         for message in retained:
-            sub.transport._deliver(sub.handler, message)
+            sub.transport._deliver(sub.handler, message, reliable=message.qos > 0 and sub.qos > 0)
 
     def remove(self, transport: MemoryTransport, topic_filter: str | None = None) -> None:
         with self._lock:
@@ -99,8 +101,9 @@ class MemoryTransport:
 
     _ids = itertools.count(1)
 
-    def __init__(self, broker: MemoryBroker, client_id: str = "") -> None:
+    def __init__(self, broker: MemoryBroker, client_id: str = "", *, dispatch_queue: int = 10_000) -> None:
         self._broker = broker
+        self._dispatch_queue = dispatch_queue
         self._client_id = client_id or f"memory-{next(self._ids)}"
         self._connected = False
         self._will: Message | None = None
@@ -127,23 +130,23 @@ class MemoryTransport:
         if not self._broker.online:
             raise ConnectError("memory broker is offline")
         if self._dispatcher is None:
-            self._dispatcher = Dispatcher(self._client_id)
+            self._dispatcher = Dispatcher(self._client_id, capacity=self._dispatch_queue)
         self._broker.register(self)
         self._connected = True
-        for topic_filter, (handler, _qos) in self._filters.items():
-            self._broker.add(self._subscription(topic_filter, handler))
+        for topic_filter, (handler, qos) in self._filters.items():
+            self._broker.add(self._subscription(topic_filter, handler, qos))
         for listener in self._listeners:
             self._dispatcher.call(listener)
 
-    def _subscription(self, topic_filter: str, handler: Handler) -> _Subscription:
+    def _subscription(self, topic_filter: str, handler: Handler, qos: int) -> _Subscription:
         group = topic_filter.split("/")[1] if topic_filter.startswith("$share/") else None
-        return _Subscription(self, topic_filter, handler, group)
+        return _Subscription(self, topic_filter, handler, group, qos)
 
     def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1) -> None:
         validate_filter(topic_filter)
         self._filters[topic_filter] = (handler, qos)
         if self._connected:
-            self._broker.add(self._subscription(topic_filter, handler))
+            self._broker.add(self._subscription(topic_filter, handler, qos))
 
     def unsubscribe(self, topic_filter: str) -> None:
         self._filters.pop(topic_filter, None)
@@ -156,8 +159,12 @@ class MemoryTransport:
         self.counters["published"] += 1
         self._broker.route(Message(topic, bytes(payload), qos, retain))
 
-    def _deliver(self, handler: Handler, message: Message) -> None:
-        if self._dispatcher is not None and self._connected:
+    def _deliver(self, handler: Handler, message: Message, *, reliable: bool) -> None:
+        if self._dispatcher is None or not self._connected:
+            return
+        if reliable:
+            self._dispatcher.deliver_acked((handler,), message, None)
+        else:
             self._dispatcher.deliver(handler, message)
 
     def _drop(self, *, send_will: bool) -> None:

@@ -24,7 +24,9 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, MessageState, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from topics.names import topic_matches, validate_filter, validate_publish_topic
@@ -47,6 +49,9 @@ _RECONNECT_LOG_INTERVAL = 30.0  # at most one "still reconnecting" warning per i
 _STABLE_AFTER = 1.0  # a connection that lasted less than this keeps escalating the backoff
 _LINK_LOG_BURST = 10  # connect/disconnect lines logged freely before rate limiting kicks in
 _LINK_LOG_REFILL = 10.0  # seconds per extra connect/disconnect line once the burst is spent
+_PAUSE_POLL = 0.005  # while reading is paused: how often the loop writes and checks for room
+_STRIKES = 2  # a message in flight at this many connection losses in a row is dropped
+_DROP_LOG_INTERVAL = 10.0  # at most one "dropped a refused message" warning per interval
 
 # CONNACK reason codes (MQTT 5 numbering; paho maps 3.1.1 return codes onto them).
 _UNSUPPORTED_PROTOCOL = 132
@@ -57,7 +62,11 @@ _NOT_AUTHORISED_V3 = 5
 _UNSUPPORTED_PROTOCOL_V3 = 1
 
 _STAT_KEYS = ("published", "delivered", "dropped_dispatch_full", "handler_errors", "reconnects",
-              "disconnects", "publish_queue_full", "subscribe_refused", "network_errors")
+              "disconnects", "publish_queue_full", "publish_waited", "publish_dropped_refused",
+              "subscribe_refused", "network_errors", "acks_stale", "read_pauses",
+              "reconnect_failures")
+_IN_FLIGHT = frozenset({MessageState.MQTT_MS_WAIT_FOR_PUBACK, MessageState.MQTT_MS_WAIT_FOR_PUBREC,
+                        MessageState.MQTT_MS_WAIT_FOR_PUBCOMP, MessageState.MQTT_MS_RESEND_PUBREL})
 
 
 def _connack_problem(reason: ReasonCode | int, protocol: str) -> str:
@@ -70,6 +79,103 @@ def _connack_problem(reason: ReasonCode | int, protocol: str) -> str:
     if value in (_UNSUPPORTED_PROTOCOL, _UNSUPPORTED_PROTOCOL_V3):
         return f"the broker does not support MQTT {protocol} (amqtt speaks only 3.1.1)"
     return f"refused: {reason}"
+
+
+class _Outbox:
+    """paho's store of outgoing QoS 1/2 messages, seen from our side: room, forgetting, strikes.
+
+    paho keeps every unacknowledged QoS>0 message and resends it after each reconnect. A message the
+    broker refuses by closing the connection (Mosquitto does, for a malformed packet) would come back
+    after every reconnect: the oldest message in flight at a connection loss gets a strike, and one
+    with :data:`_STRIKES` strikes is dropped. paho has no public API for any of this, hence the
+    guarded private access (``_out_messages``, ``_out_message_mutex``).
+    """
+
+    def __init__(self, client: paho.Client) -> None:
+        self._client = client
+        self._room = threading.Condition(threading.Lock())
+        self._acknowledged = 0  # written by the network thread only
+        self._waiters = 0
+        self._strikes: dict[int, int] = {}
+
+    @property
+    def acknowledged(self) -> int:
+        """How many outgoing messages were acknowledged so far (a change means room)."""
+        return self._acknowledged
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a publisher waits for room (the network thread must keep reading acks)."""
+        return self._waiters > 0
+
+    def on_acknowledged(self, mid: int) -> None:
+        """On the network thread, for every PUBACK/PUBCOMP (and every QoS 0 send)."""
+        self._acknowledged += 1
+        if self._strikes:
+            self._strikes.pop(mid, None)
+        if self._waiters:
+            with self._room:
+                self._room.notify_all()
+
+    def wake(self) -> None:
+        """Wake every waiting publisher (the link dropped: they should fail fast)."""
+        with self._room:
+            self._room.notify_all()
+
+    def wait_for_room(self, seen: int, timeout: float, still_connected: Callable[[], bool]) -> bool:
+        """Wait until an acknowledgement arrives after ``seen`` was read; False on timeout or loss."""
+        end = time.monotonic() + timeout
+        with self._room:
+            self._waiters += 1
+            try:
+                while self._acknowledged == seen and still_connected():
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._room.wait(left)
+            finally:
+                self._waiters -= 1
+        return still_connected()
+
+    def _store(self) -> tuple[Any, dict[int, Any]] | None:
+        lock = getattr(self._client, "_out_message_mutex", None)
+        pending = getattr(self._client, "_out_messages", None)
+        if lock is None or not isinstance(pending, dict):
+            return None
+        return lock, pending
+
+    def forget(self, mid: int) -> None:
+        """Drop a message paho kept although the caller was told it was not sent."""
+        store = self._store()
+        if store is None:
+            return
+        with store[0]:
+            store[1].pop(mid, None)
+        self._strikes.pop(mid, None)
+
+    def strike(self) -> str | None:
+        """At a connection loss: strike the oldest message in flight; drop it at the last strike.
+
+        Returns the topic of the dropped message, or None.
+        """
+        store = self._store()
+        if store is None:
+            return None
+        lock, pending = store
+        with lock:
+            oldest = next((message for message in pending.values()
+                           if getattr(message, "state", None) in _IN_FLIGHT), None)
+            if oldest is None:
+                return None
+            mid = int(oldest.mid)
+            strikes = self._strikes.get(mid, 0) + 1
+            if strikes < _STRIKES:
+                self._strikes[mid] = strikes
+                return None
+            pending.pop(mid, None)
+        self._strikes.pop(mid, None)
+        topic: str = oldest.topic
+        return topic
 
 
 class MqttTransport:
@@ -87,6 +193,7 @@ class MqttTransport:
             protocol=self._protocol,
             clean_session=None if config.protocol == "5" else True,
             reconnect_on_failure=False,  # we reconnect ourselves, with jitter
+            manual_ack=True,  # a QoS 1/2 message is acknowledged once its handlers returned
         )
         self._client.max_queued_messages_set(config.max_queued_messages)
         self._client.connect_timeout = config.connect_timeout
@@ -112,6 +219,8 @@ class MqttTransport:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_publish = self._on_publish
+        self._outbox = _Outbox(self._client)
 
         self._lock = threading.RLock()
         self._filters: dict[str, tuple[Handler, int]] = {}
@@ -132,6 +241,12 @@ class MqttTransport:
         self._connected = False
         self._established = False
         self._closed = False
+        self._link = 0  # changes at every connect and loss: acknowledgements of older links are void
+        self._link_at_connect = 0
+        self._ack_lock = threading.Lock()
+        self._struck_link = -1
+        self._last_drop_log = -_DROP_LOG_INTERVAL
+        self._drops_unlogged = 0
 
     # ----------------------------------------------------------------------------------- properties
     @property
@@ -180,8 +295,12 @@ class MqttTransport:
         self._stopping.clear()
         try:
             if self.config.protocol == "5":
+                properties = None
+                if self.config.receive_maximum is not None:
+                    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                    properties.ReceiveMaximum = self.config.receive_maximum
                 self._client.connect(self.config.host, self.config.port, self.config.keepalive,
-                                     clean_start=True)
+                                     clean_start=True, properties=properties)
             else:
                 self._client.connect(self.config.host, self.config.port, self.config.keepalive)
         except ssl.SSLCertVerificationError as exc:
@@ -259,35 +378,36 @@ class MqttTransport:
 
     # ---------------------------------------------------------------------------------- publish
     def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False) -> None:
-        """Send a message; :class:`NotConnectedError` when the link is down (nothing is queued)."""
-        validate_publish_topic(topic)
-        if not self._connected:
-            raise NotConnectedError(f"{self._name}: not connected to {self.config.url}", topic=topic)
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
-            self._count("published")
-        elif info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
-            self._count("publish_queue_full")
-            raise TransportError(f"{self._name}: outgoing queue full "
-                                 f"({self.config.max_queued_messages} messages)", topic=topic)
-        else:
-            self._forget(info.mid)
-            raise NotConnectedError(f"{self._name}: publish failed: {paho.error_string(info.rc)}",
-                                    topic=topic)
+        """Send a message; :class:`NotConnectedError` when the link is down (nothing is queued).
 
-    def _forget(self, mid: int) -> None:
-        """Drop a QoS>0 message paho refused with NO_CONN but kept for the next connection.
-
-        The caller was told it was not sent; a silent resend after the reconnect would duplicate
-        whatever the caller does next (retry elsewhere, run locally). paho has no public API for
-        this, hence the guarded private access.
+        A QoS 1/2 publish that finds ``max_queued_messages`` unacknowledged waits up to
+        ``publish_wait`` seconds for room (backpressure), then raises "outgoing queue full".
         """
-        lock = getattr(self._client, "_out_message_mutex", None)
-        pending = getattr(self._client, "_out_messages", None)
-        if lock is None or not isinstance(pending, dict):
-            return
-        with lock:
-            pending.pop(mid, None)
+        validate_publish_topic(topic)
+        waited = False
+        end = time.monotonic() + self.config.publish_wait
+        while True:
+            if not self._connected:
+                raise NotConnectedError(f"{self._name}: not connected to {self.config.url}",
+                                        topic=topic)
+            seen = self._outbox.acknowledged
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+            if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._count("published")
+                return
+            if info.rc != MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+                self._outbox.forget(info.mid)
+                raise NotConnectedError(f"{self._name}: publish failed: {paho.error_string(info.rc)}",
+                                        topic=topic)
+            left = end - time.monotonic()
+            if left <= 0 or threading.current_thread() is self._thread:
+                self._count("publish_queue_full")
+                raise TransportError(f"{self._name}: outgoing queue full "
+                                     f"({self.config.max_queued_messages} messages)", topic=topic)
+            if not waited:
+                waited = True
+                self._count("publish_waited")
+            self._outbox.wait_for_room(seen, left, lambda: self._connected)
 
     # ---------------------------------------------------------------------------------- shutdown
     def close(self, *, timeout: float = 5.0) -> None:
@@ -372,9 +492,22 @@ class MqttTransport:
         last_warning = 0.0
         failures = 0
         last_crash_log = -_RECONNECT_LOG_INTERVAL
+        paused_since: float | None = None
         while True:
             try:
-                rc = self._client.loop(_LOOP_TIMEOUT)
+                if self._reading_paused():
+                    now = time.monotonic()
+                    if paused_since is None:
+                        paused_since = now
+                        self._count("read_pauses")
+                    if now - paused_since < self.config.keepalive / 2:
+                        rc = self._loop_without_reading()
+                    else:  # read once in a while, or the missing PINGRESP would drop the link
+                        paused_since = now
+                        rc = self._client.loop(0.0)
+                else:
+                    paused_since = None
+                    rc = self._client.loop(_LOOP_TIMEOUT)
             except Exception:  # a malformed packet or a paho bug must not kill this thread
                 self._count("network_errors")
                 now = time.monotonic()
@@ -387,6 +520,8 @@ class MqttTransport:
                         sock.close()
                 rc = MQTTErrorCode.MQTT_ERR_UNKNOWN
             if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                if self._stopping.is_set() and not self._connected:
+                    return  # connect() gave up on a first try that got no CONNACK, or abort()
                 if (next_delay is not None and self._connected
                         and time.monotonic() - self._connected_since > _STABLE_AFTER):
                     next_delay, failures = None, 0  # a fresh backoff once a connection proved stable
@@ -400,6 +535,7 @@ class MqttTransport:
                     self._connack_problem = f"connection closed before CONNACK{hint}"
                 self._connack.set()
                 return
+            self._strike_in_flight()
             self._mark_disconnected("connection lost")
             if next_delay is None:
                 next_delay = backoff_delays(self.config.reconnect_min_delay,
@@ -410,11 +546,51 @@ class MqttTransport:
                 self._client.reconnect()
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 failures += 1
+                self._count("reconnect_failures")
                 now = time.monotonic()
                 if failures == 1 or now - last_warning > _RECONNECT_LOG_INTERVAL:
                     last_warning = now
                     log.warning("%s: reconnect to %s failed (%d attempts so far): %s",
                                 self._name, self.config.url, failures, exc)
+
+    def _reading_paused(self) -> bool:
+        """Stop reading while the dispatcher holds ``dispatch_queue`` unacknowledged messages, unless
+        a publisher waits for acknowledgements. Brokers' in-flight windows are no bound: amqtt has
+        none, Mosquitto 2.0.11 keeps sending while acknowledgements trickle in."""
+        dispatcher = self._dispatcher
+        return (dispatcher is not None and self._connected and not self._outbox.waiting
+                and dispatcher.unacknowledged >= dispatcher.capacity)
+
+    def _loop_without_reading(self) -> MQTTErrorCode:
+        """One turn of the loop that writes and keeps the link alive but reads nothing."""
+        if self._client.want_write():
+            rc = self._client.loop_write()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return rc
+        rc = self._client.loop_misc()
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._stopping.wait(_PAUSE_POLL)
+        return rc
+
+    def _strike_in_flight(self) -> None:
+        """Once per lost link: the oldest message in flight gets a strike; drop it at the last."""
+        if self._struck_link == self._link_at_connect:
+            return
+        self._struck_link = self._link_at_connect
+        topic = self._outbox.strike()
+        if topic is None:
+            return
+        self._count("publish_dropped_refused")
+        now = time.monotonic()
+        if now - self._last_drop_log < _DROP_LOG_INTERVAL:
+            self._drops_unlogged += 1
+            return
+        self._last_drop_log = now
+        more = f" ({self._drops_unlogged} more since the last report)" if self._drops_unlogged else ""
+        self._drops_unlogged = 0
+        log.warning("%s: dropped a QoS>0 message to %.200r: the connection was lost %d times in a "
+                    "row with it in flight (the broker refuses it?)%s", self._name, topic, _STRIKES,
+                    more)
 
     def _on_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         """Nothing to register: paho already woke our loop, whose select() watches for writability."""
@@ -436,6 +612,9 @@ class MqttTransport:
             return
         first = not self._established
         self._established = True
+        with self._ack_lock:
+            self._link += 1
+            self._link_at_connect = self._link
         self._connected = True
         self._connected_since = time.monotonic()
         if first:
@@ -484,14 +663,20 @@ class MqttTransport:
     def _mark_disconnected(self, why: str) -> None:
         if not self._connected:
             return
+        with self._ack_lock:
+            self._link += 1
         self._connected = False
+        self._outbox.wake()
         self._count("disconnects")
         self._log_link("%s: disconnected from %s: %s", self._name, self.config.url, why)
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
                        properties: Any) -> None:
         if self._stopping.is_set():
+            with self._ack_lock:
+                self._link += 1
             self._connected = False
+            self._outbox.wake()
             return
         self._mark_disconnected(str(reason))
 
@@ -505,14 +690,36 @@ class MqttTransport:
         if refused:
             log.warning("%s: broker refused %d subscription(s): %s", self._name, len(refused), refused[0])
 
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode,
+                    properties: Any) -> None:
+        self._outbox.on_acknowledged(mid)
+
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        dispatcher = self._dispatcher
-        if dispatcher is None:
-            return
+        """Hand a message to the dispatcher. QoS 0 (or a QoS 0 subscription) may be dropped when
+        the dispatcher is full; QoS 1/2 never is, and is acknowledged after its handlers ran."""
         topic = message.topic
         delivered = Message(topic, bytes(message.payload), message.qos, bool(message.retain))
         with self._lock:
-            handlers = [handler for topic_filter, (handler, _qos) in self._filters.items()
-                        if topic_matches(topic_filter, topic)]
-        for handler in handlers:
+            matched = [(handler, qos) for topic_filter, (handler, qos) in self._filters.items()
+                       if topic_matches(topic_filter, topic)]
+        dispatcher = self._dispatcher
+        reliable = message.qos > 0 and any(qos > 0 for _h, qos in matched)
+        if message.qos > 0 and (not reliable or dispatcher is None):
+            self._acknowledge(message.mid, message.qos, self._link)  # nothing waits for it
+        if dispatcher is None:
+            return
+        if reliable:
+            mid, qos, link = message.mid, message.qos, self._link
+            dispatcher.deliver_acked([handler for handler, _q in matched], delivered,
+                                     lambda: self._acknowledge(mid, qos, link))
+            return
+        for handler, _qos in matched:
             dispatcher.deliver(handler, delivered)
+
+    def _acknowledge(self, mid: int, qos: int, link: int) -> None:
+        """PUBACK/PUBCOMP ``mid``, unless the link it came on is gone (the id means nothing now)."""
+        with self._ack_lock:
+            if link != self._link:
+                self._count("acks_stale")
+                return
+            self._client.ack(mid, qos)

@@ -15,7 +15,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 from urllib.parse import unquote, urlsplit
@@ -53,6 +53,8 @@ class Message:
 
 Handler = Callable[[Message], None]
 ConnectListener = Callable[[], None]
+_Item = tuple[tuple[Handler, ...], Message, Callable[[], None] | None]
+_ERROR_LOG_INTERVAL = 10.0  # a failing handler's traceback is logged at most once per interval
 
 
 class TlsConfig(BaseModel):
@@ -81,9 +83,18 @@ class TransportConfig(BaseModel):
     keepalive: int = Field(10, ge=1, le=65535)
     connect_timeout: float = Field(10.0, gt=0)
     reconnect_min_delay: float = Field(0.1, gt=0)
-    reconnect_max_delay: float = Field(10.0, gt=0)
+    #: Cap of the reconnect backoff (full jitter: each wait is uniform in [min, ceiling]): after an
+    #: outage the transport is back within about this long of the broker answering again.
+    reconnect_max_delay: float = Field(1.0, gt=0, le=3600)
     max_queued_messages: int = Field(10_000, ge=0)
+    #: Seconds a QoS 1/2 publish waits for room when ``max_queued_messages`` are unacknowledged
+    #: (backpressure) before it raises "outgoing queue full"; 0 raises at once.
+    publish_wait: float = Field(0.0, ge=0, le=3600)
     dispatch_queue: int = Field(10_000, ge=1)
+    #: MQTT 5 Receive Maximum sent in CONNECT: QoS 1/2 messages the broker may send before we
+    #: acknowledge them. Unset: the broker's own limit (Mosquitto ``max_inflight_messages``, also for
+    #: MQTT 5 clients; 3.1.1 has no such field).
+    receive_maximum: int | None = Field(None, ge=1, le=65535)
     tcp_nodelay: bool = True
 
     @classmethod
@@ -132,33 +143,60 @@ def backoff_delays(
 
 
 class Dispatcher:
-    """Runs handlers on one thread, in order, off the network thread; bounded, drops counted.
+    """Runs handlers on one thread, in order, off the network thread.
 
-    The hand-off is a :class:`queue.SimpleQueue` (C, no Python-level condition variable: about 30
-    times cheaper per message than :class:`queue.Queue`). Messages are counted against
-    ``capacity``; connect callbacks and the stop marker are never refused.
+    Two kinds of delivery share one FIFO hand-off (a :class:`queue.SimpleQueue`: C, no Python-level
+    condition variable, about 30 times cheaper per message than :class:`queue.Queue`):
+
+    * :meth:`deliver` (QoS 0, or a subscription that asked for QoS 0): dropped when ``capacity``
+      messages are waiting, counted, logged at most once a second.
+    * :meth:`deliver_acked` (QoS 1/2 the transport has not acknowledged yet): never dropped; the
+      ``ack`` callback runs once every handler has returned, so the broker's in-flight window, not
+      this queue, bounds how many wait. :attr:`unacknowledged` tells the transport when to stop
+      reading from its socket (brokers without a window).
+
+    Connect callbacks and the stop marker are never refused.
     """
 
     def __init__(self, name: str, *, capacity: int = 10_000) -> None:
-        self._queue: queue.SimpleQueue[tuple[Handler, Message] | Callable[[], None] | None] = (
-            queue.SimpleQueue())
+        self._queue: queue.SimpleQueue[_Item | Callable[[], None] | None] = queue.SimpleQueue()
         self._capacity = capacity
         self.counters: Counter[str] = Counter()
+        self._handed = 0  # acked deliveries queued (written by the delivering thread only)
+        self._finished = 0  # ... and acknowledged (written by the dispatch thread only)
         self._last_drop_log = 0.0
+        self._last_error_log = -_ERROR_LOG_INTERVAL
+        self._errors_unlogged = 0
         self._thread = threading.Thread(target=self._run, name=f"dispatch-{name}", daemon=True)
         self._thread.start()
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def unacknowledged(self) -> int:
+        """Messages handed over with an ``ack`` whose handlers have not all returned yet."""
+        return self._handed - self._finished
 
     def deliver(self, handler: Handler, message: Message) -> None:
         """Queue a message for its handler; a full queue drops it (counted, logged once a second)."""
         if self._queue.qsize() < self._capacity:
-            self._queue.put((handler, message))
+            self._queue.put(((handler,), message, None))
             return
         self.counters["dropped_dispatch_full"] += 1
         now = time.monotonic()
         if now - self._last_drop_log > 1.0:
             self._last_drop_log = now
-            log.warning("dispatch queue full, dropped %d messages so far (latest on %s)",
+            log.warning("dispatch queue full, dropped %d QoS 0 messages so far (latest on %s)",
                         self.counters["dropped_dispatch_full"], message.topic)
+
+    def deliver_acked(self, handlers: Sequence[Handler], message: Message,
+                      ack: Callable[[], None] | None) -> None:
+        """Queue a message for every handler in ``handlers``, never dropped; then ``ack()``."""
+        if ack is not None:
+            self._handed += 1
+        self._queue.put((tuple(handlers), message, ack))
 
     def call(self, callback: Callable[[], None]) -> None:
         """Run a callback on the dispatch thread (connect listeners), never dropped."""
@@ -169,16 +207,42 @@ class Dispatcher:
             item = self._queue.get()
             if item is None:
                 return
+            if isinstance(item, tuple):
+                self._handle(*item)
+                continue
             try:
-                if isinstance(item, tuple):
-                    handler, message = item
-                    handler(message)
-                    self.counters["delivered"] += 1
-                else:
-                    item()
-            except Exception:
-                self.counters["handler_errors"] += 1
-                log.exception("handler failed")
+                item()
+            except Exception:  # noqa: BLE001 - counted, traceback logged rate-limited
+                self._failed()
+
+    def _handle(self, handlers: tuple[Handler, ...], message: Message,
+                ack: Callable[[], None] | None) -> None:
+        for handler in handlers:
+            try:
+                handler(message)
+                self.counters["delivered"] += 1
+            except Exception:  # noqa: BLE001 - counted, traceback logged rate-limited
+                self._failed()
+        if ack is None:
+            return
+        try:
+            ack()
+        except Exception:  # noqa: BLE001 - counted, traceback logged rate-limited
+            self._failed()
+        finally:
+            self._finished += 1
+
+    def _failed(self) -> None:
+        """Count a failed handler; log its traceback at most once per interval (a summary after)."""
+        self.counters["handler_errors"] += 1
+        now = time.monotonic()
+        if now - self._last_error_log < _ERROR_LOG_INTERVAL:
+            self._errors_unlogged += 1
+            return
+        self._last_error_log = now
+        more = f" ({self._errors_unlogged} more failures not logged)" if self._errors_unlogged else ""
+        self._errors_unlogged = 0
+        log.exception("handler failed%s", more)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Finish what is queued (waiting at most ``timeout``), then stop the thread."""
