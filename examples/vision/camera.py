@@ -251,6 +251,7 @@ class Camera:
         self._next_link_poll = now + LINK_POLL_S
         rtt: float | None = None
         bandwidth: float | None = None
+        workers = 1
         if self.agent is not None and self.agent.connected:
             policy = self.agent.config.policy_config
             usable = [view for view in self.agent.servers()
@@ -261,8 +262,9 @@ class Camera:
                 bytes_per_s = best.bandwidth if best.bandwidth is not None \
                     else policy.default_bandwidth
                 bandwidth = 8.0 * bytes_per_s
+                workers = max(1, best.load.workers)
         with self._lock:
-            self.controller.observe_link(rtt, bandwidth, now)
+            self.controller.observe_link(rtt, bandwidth, now, workers=workers)
 
     def _on_record(self, record: TaskRecord) -> None:
         """Agent callback: feed the server's service time of a frame to the controller."""
