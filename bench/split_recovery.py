@@ -11,6 +11,7 @@ the camera offloads. Once the split has settled, the server needs ``--delay`` s 
 ``controller.history``: the changes after the slowdown, and the time from the slowdown until the
 split reached all local (``never``: not within the run), in seconds and in controller windows.
 Also the time from the first slowed result the agent saw (the controller's first evidence).
+``--trace`` prints every evaluation (modelled fps per split) of runs slower than two windows.
 
 It reads only ``Camera``, ``CameraOptions`` and ``SplitController.history``/``split``, which older
 versions of the camera have too: run this file by path with ``PYTHONPATH`` at another checkout to
@@ -114,6 +115,8 @@ class Recovery:
     """First slowed result seen by the agent to that change (``inf``: never)."""
     window_s: float
     reason: str
+    decisions: list[str]
+    """Every evaluation from the slowdown to all local: time, split, modelled fps per split."""
 
     @property
     def windows(self) -> float:
@@ -139,6 +142,16 @@ def run_once(fleet: Fleet, *, slowdown: float, delay: float, window_s: float,
     if controller is None:
         raise RuntimeError("the camera built no controller in automatic mode")
     marks: dict[str, float] = {}
+    decisions: list[tuple[float, Any]] = []
+    update = controller.update
+
+    def recording_update(now: float) -> Any:  # every evaluation, for --trace
+        decision = update(now)
+        if decision is not None:
+            decisions.append((now, decision))
+        return decision
+
+    controller.update = recording_update  # type: ignore[method-assign]
 
     def on_frame(outcome: FrameOutcome) -> None:
         if outcome.frame == slow_at:
@@ -165,8 +178,12 @@ def run_once(fleet: Fleet, *, slowdown: float, delay: float, window_s: float,
     to_local = reached.time - slowed if reached else math.inf
     evidence = marks.get("evidence")
     from_evidence = reached.time - evidence if reached and evidence is not None else math.inf
+    until = reached.time if reached else math.inf
+    trace = [f"{now - slowed:+.2f} s: split {d.k}; " + " ".join(
+        f"{c.k}:{c.fps:.1f}" for c in d.candidates) for now, d in decisions
+        if slowed - window_s <= now <= until]
     return Recovery(target, int(marks["before"]), path, to_local, from_evidence, window_s,
-                    reached.reason if reached else (after[-1].reason if after else ""))
+                    reached.reason if reached else (after[-1].reason if after else ""), trace)
 
 
 def seconds(value: float) -> str:
@@ -179,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delay", type=float, default=0.2, help="extra server seconds per frame")
     parser.add_argument("--slowdown", type=float, default=40.0, help="device emulated this slower")
     parser.add_argument("--window", type=float, default=0.5, help="controller window, seconds")
+    parser.add_argument("--trace", action="store_true",
+                        help="print every evaluation of runs slower than two windows")
     args = parser.parse_args(argv)
     if mosquitto_binary() is None:
         print("mosquitto is not installed: nothing to measure", file=sys.stderr)
@@ -202,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{seconds(result.to_local_s)} s = {result.windows:.1f} windows "
                   f"({seconds(result.from_evidence_s)} s after the first slowed result); "
                   f"{result.reason[:90]!r}")
+            if args.trace and not result.windows <= 2.0:
+                for line in result.decisions:
+                    print(f"      {line}")
     to_local = [r.to_local_s for r in results]
     windows = [r.windows for r in results]
     steps = [len(r.path) for r in results]
