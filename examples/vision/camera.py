@@ -9,8 +9,8 @@ to the edge agent with ``stage=k`` and the ``remote`` policy, and up to ``--in-f
 outstanding at once. Outputs are delivered in frame order. A frame whose remote part fails or
 times out is finished locally from the value still held here, so no frame is lost and nothing
 hangs. In automatic mode (``--target-fps``) a :class:`~edge_agent.split.SplitController` is fed the
-stage times, intermediate sizes, the device's per-frame sending cost, the servers' service times
-and the agent's link estimates, and moves the split (and JPEG compression of the shipped value)
+stage times, intermediate sizes, the device's per-frame sending cost, the servers' service times,
+the agent's link estimates and the server's worker count, and moves the split (and JPEG compression of the shipped value)
 once per window; a fully local probe frame refreshes the times of offloaded stages now and then.
 
 ``--slowdown F`` emulates a device F times slower than this machine (a Raspberry Pi is several
