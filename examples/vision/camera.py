@@ -10,8 +10,9 @@ outstanding at once. Outputs are delivered in frame order. A frame whose remote 
 times out is finished locally from the value still held here, so no frame is lost and nothing
 hangs. In automatic mode (``--target-fps``) a :class:`~edge_agent.split.SplitController` is fed the
 stage times, intermediate sizes, the device's per-frame sending cost, the servers' service times,
-the agent's link estimates and the server's worker count, and moves the split (and JPEG compression of the shipped value)
-once per window; a fully local probe frame refreshes the times of offloaded stages now and then.
+the agent's link estimates and the server's worker count, and moves the split (and JPEG
+compression of the shipped value) once per window; a fully local probe frame refreshes the times
+of offloaded stages now and then.
 
 ``--slowdown F`` emulates a device F times slower than this machine (a Raspberry Pi is several
 times slower): every local stage is followed by a sleep of ``(F - 1)`` times the CPU time it took
