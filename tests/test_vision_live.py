@@ -7,6 +7,7 @@ so that offloading pays; the server runs at full speed, or slower when a test sa
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 import threading
 import time
@@ -26,6 +27,7 @@ from cloud_agent.registry import TaskRegistry
 from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
+from edge_agent.records import TaskRecord
 from examples.vision.ball import STAGES, BallVideo, track
 from examples.vision.camera import Camera, CameraOptions, FrameOutcome
 from topics.brokers import MosquittoBroker
@@ -34,6 +36,8 @@ from topics.mqtt import MqttTransport
 N = len(STAGES)
 SLOWDOWN = 40.0
 """The emulated device runs the vision stages this many times slower than this machine."""
+WORKERS = 2
+"""Worker threads of the cloud agent."""
 
 
 @dataclass
@@ -77,7 +81,7 @@ def make_fleet(topic_prefix: str) -> Iterator[FleetFactory]:
         suffix = uuid.uuid4().hex[:6]
         delay = ServerDelay()
         cloud = CloudConfig(id=f"srv-{suffix}", broker=target.url, protocol=target.protocol,
-                            prefix=topic_prefix, tasks=["examples.vision.ball"], workers=2,
+                            prefix=topic_prefix, tasks=["examples.vision.ball"], workers=WORKERS,
                             heartbeat_interval=0.3, grace_period=0.5)
         server = CloudAgent(cloud, MqttTransport(target.config(cloud.id)), server_registry(delay))
         edge = EdgeConfig(id=f"cam-{suffix}", broker=target.url, protocol=target.protocol,
@@ -132,12 +136,15 @@ def measure_fps(agent: EdgeAgent, split: int, slowdown: float, frames: int = 60)
 def reachable_target(agent: EdgeAgent) -> tuple[float, float]:
     """(all-local fps, a target above it that offloading from stage 2 reaches now).
 
-    Measured in the same run, so the test holds on a loaded machine as on an idle one.
+    Measured in the same run, so the test holds on a loaded machine as on an idle one. The
+    target is beyond all local's hysteresis band (within it, keeping everything local is the
+    controller's right answer), however little offloading gains on a loaded machine.
     """
     local_fps = measure_fps(agent, N, SLOWDOWN, frames=40)
     offloaded_fps = statistics.mean(measure_fps(agent, 2, SLOWDOWN, frames=60) for _ in range(2))
     assert offloaded_fps > 1.25 * local_fps, (local_fps, offloaded_fps)  # offloading pays
-    return local_fps, round(local_fps + 0.4 * (offloaded_fps - local_fps))
+    beyond_local = 1.02 * local_fps / (1.0 - CameraOptions(frames=1).hysteresis)
+    return local_fps, math.ceil(max(local_fps + 0.4 * (offloaded_fps - local_fps), beyond_local))
 
 
 def test_automatic_mode_meets_a_reachable_target_with_the_most_local_stages(
@@ -150,7 +157,9 @@ def test_automatic_mode_meets_a_reachable_target_with_the_most_local_stages(
     camera = Camera(fleet.agent, options)
     report = camera.run()
     assert camera.controller is not None
-    settled = [o for o in camera.outcomes if o.delivered_s > 1.5]
+    settled_at = report.splits[-1]["time_s"]  # the controller's last change
+    settled = [o for o in camera.outcomes if o.delivered_s > settled_at]
+    assert len(settled) >= 0.5 * len(camera.outcomes), report.splits  # it settled early
     tail_fps = len(settled) / (camera.outcomes[-1].delivered_s - settled[0].delivered_s)
     # Timing on a shared machine: the rate must beat the device alone and come near the target.
     assert tail_fps > max(0.75 * target, local_fps), (report.summary(), report.splits)
@@ -169,38 +178,55 @@ def test_automatic_mode_meets_a_reachable_target_with_the_most_local_stages(
 def test_automatic_mode_recovers_when_the_server_slows_down(mosquitto: BrokerEndpoint,
                                                             make_fleet: FleetFactory) -> None:
     fleet = make_fleet(mosquitto)
-    slowdown = SLOWDOWN
     local_fps, target = reachable_target(fleet.agent)
     frames = int(target * 3.5)
-    options = CameraOptions(frames=frames, target_fps=target, slowdown=slowdown, window_s=0.5,
+    delay = 0.2  # the server then needs 200 ms more per frame: WORKERS / 0.2 s = 10 fps at most
+    options = CameraOptions(frames=frames, target_fps=target, slowdown=SLOWDOWN, window_s=0.5,
                             probe_interval_s=2.0, frame_timeout=1.0)
     camera = Camera(fleet.agent, options)
-    assert camera.controller is not None
-    before: list[int] = []
+    controller = camera.controller
+    assert controller is not None
+    marks: dict[str, float] = {}
 
     def on_frame(outcome: FrameOutcome) -> None:
         if outcome.frame == frames // 2:
-            before.append(camera.controller.split if camera.controller else N)
-            fleet.delay.seconds = 0.2  # the server now needs 200 ms more per frame: 10 fps max
+            marks["split"] = controller.split
+            marks["slowed"] = time.monotonic()  # the camera's clock
+            fleet.delay.seconds = delay
 
-    report = camera.run(on_frame)
-    assert before and before[0] < N, report.splits
-    assert camera.controller.split == N, report.splits  # everything came back to the device
+    def on_record(record: TaskRecord) -> None:  # the first slowed result: the first evidence
+        if "slowed" in marks and "evidence" not in marks and record.service_time is not None \
+                and record.service_time >= delay:
+            marks["evidence"] = time.monotonic()
+
+    fleet.agent.add_record_listener(on_record)
+    try:
+        report = camera.run(on_frame)
+    finally:
+        fleet.agent.remove_record_listener(on_record)
+    assert marks["split"] < N, report.splits
+    assert controller.workers == WORKERS  # read from the server's heartbeat
+    after = [change for change in controller.history if change.time >= marks["slowed"]]
+    # Straight to all local, not a stage per window, and kept while the server stays slow.
+    assert [change.k for change in after] == [N], report.splits
+    windows = (after[0].time - marks["evidence"]) / options.window_s
+    assert windows <= 2.0, (windows, report.splits)
     assert report.frames == frames
     late = [o for o in camera.outcomes if o.frame > frames * 0.8]
+    span = late[-1].delivered_s - late[0].delivered_s
     # All local, but for a remote probe every probe interval to see if the server recovered.
-    assert sum(o.where != "local" for o in late) <= 2, [o.where for o in late]
-    rate = len(late) / (late[-1].delivered_s - late[0].delivered_s)
+    probes = math.ceil(span / options.probe_interval_s) + 1
+    assert sum(o.where != "local" for o in late) <= probes, [o.where for o in late]
+    rate = len(late) / span
     assert rate > 0.7 * local_fps, (rate, local_fps)
 
 
 def test_automatic_mode_falls_back_when_the_server_disappears(mosquitto: BrokerEndpoint,
                                                               make_fleet: FleetFactory) -> None:
     fleet = make_fleet(mosquitto)
-    slowdown = SLOWDOWN
     local_fps, target = reachable_target(fleet.agent)
     frames = int(target * 2.5)
-    options = CameraOptions(frames=frames, target_fps=target, slowdown=slowdown, window_s=0.5,
+    options = CameraOptions(frames=frames, target_fps=target, slowdown=SLOWDOWN, window_s=0.5,
                             probe_interval_s=2.0, frame_timeout=1.0)
     camera = Camera(fleet.agent, options)
     crashed = threading.Event()
@@ -215,7 +241,9 @@ def test_automatic_mode_falls_back_when_the_server_disappears(mosquitto: BrokerE
     elapsed = time.monotonic() - started
     assert crashed.is_set()
     assert report.frames == frames and [o.frame for o in camera.outcomes] == list(range(frames))
-    assert elapsed < frames / target + 4 * options.frame_timeout  # no hang
+    # No hang: every frame at 70% of the device's own rate at worst, plus one timeout for the
+    # frames in flight when the server died (they wait for it together).
+    assert elapsed < frames / (0.7 * local_fps) + 2 * options.frame_timeout
     assert camera.controller is not None and camera.controller.split == N, report.splits
     late = [o for o in camera.outcomes if o.frame > frames * 0.75]
     assert all(o.where == "local" for o in late)

@@ -9,9 +9,10 @@ to the edge agent with ``stage=k`` and the ``remote`` policy, and up to ``--in-f
 outstanding at once. Outputs are delivered in frame order. A frame whose remote part fails or
 times out is finished locally from the value still held here, so no frame is lost and nothing
 hangs. In automatic mode (``--target-fps``) a :class:`~edge_agent.split.SplitController` is fed the
-stage times, intermediate sizes, the device's per-frame sending cost, the servers' service times
-and the agent's link estimates, and moves the split (and JPEG compression of the shipped value)
-once per window; a fully local probe frame refreshes the times of offloaded stages now and then.
+stage times, intermediate sizes, the device's per-frame sending cost, the servers' service times,
+the agent's link estimates and the server's worker count, and moves the split (and JPEG
+compression of the shipped value) once per window; a fully local probe frame refreshes the times
+of offloaded stages now and then.
 
 ``--slowdown F`` emulates a device F times slower than this machine (a Raspberry Pi is several
 times slower): every local stage is followed by a sleep of ``(F - 1)`` times the CPU time it took
@@ -251,6 +252,7 @@ class Camera:
         self._next_link_poll = now + LINK_POLL_S
         rtt: float | None = None
         bandwidth: float | None = None
+        workers = 1
         if self.agent is not None and self.agent.connected:
             policy = self.agent.config.policy_config
             usable = [view for view in self.agent.servers()
@@ -261,8 +263,9 @@ class Camera:
                 bytes_per_s = best.bandwidth if best.bandwidth is not None \
                     else policy.default_bandwidth
                 bandwidth = 8.0 * bytes_per_s
+                workers = max(1, best.load.workers)
         with self._lock:
-            self.controller.observe_link(rtt, bandwidth, now)
+            self.controller.observe_link(rtt, bandwidth, now, workers=workers)
 
     def _on_record(self, record: TaskRecord) -> None:
         """Agent callback: feed the server's service time of a frame to the controller."""
