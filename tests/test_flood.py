@@ -55,8 +55,9 @@ def test_a_full_dispatcher_never_drops_qos1_and_pauses_reading(
     try:
         for index in range(12):
             publisher.publish(f"{topic_prefix}/work", str(index).encode(), qos=1)
+        wait_for(lambda: received == [b"0"], message="the handler blocked on the first message")
         wait_for(lambda: stuck.stats()["read_pauses"] >= 1, message="reading paused")
-        assert received == [b"0"]
+        assert received == [b"0"]  # the one dispatch thread is still held by the first
     finally:
         release.set()
     wait_for(lambda: len(received) == 12, timeout=10.0, message="every message after the pause")
