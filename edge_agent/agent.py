@@ -847,7 +847,7 @@ class EdgeAgent:
         try:
             reply_to = self._ping_replies.check(ping)
         except TopicError as exc:
-            self._bad.record("ping-bad-reply-to", f"{exc} (reply_to {ping.reply_to[:100]!r})",
+            self._bad.record("ping-reply-to-not-allowed", f"{exc} (reply_to {ping.reply_to[:100]!r})",
                              topic=message.topic)
             return
         try:

@@ -181,7 +181,7 @@ def test_ping_reply_allowlist(cleanup: Cleanup) -> None:
         prober.publish(tree.ping(edge.id), cbor2.dumps({"v": 1, "nonce": 2, "sender": "prober",
                                                          "reply_to": reply_to, "sent": 0.0}))
     wait_for(lambda: got == ["tools/x/pong"])
-    assert edge.stats()["bad_input"] == {"ping-bad-reply-to": 2}
+    assert edge.stats()["bad_input"] == {"ping-reply-to-not-allowed": 2}
 
 
 # ---------------------------------------------------------------- 2. absurd numbers, broken decisions
