@@ -21,7 +21,6 @@ measure that code (the imported modules are printed).
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import os
 import statistics
@@ -39,7 +38,7 @@ from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
 from edge_agent.records import TaskRecord
-from examples.vision.ball import STAGES
+from examples.vision.ball import STAGES, SlowingServer
 from examples.vision.camera import Camera, CameraOptions, FrameOutcome
 from topics.brokers import MosquittoBroker, mosquitto_binary
 from topics.mqtt import MqttTransport
@@ -48,35 +47,18 @@ from topics.transport import TransportConfig
 N = len(STAGES)
 
 
-class DelayedServer:
-    """The ball pipeline whose last stage first sleeps ``seconds`` (0 until told otherwise)."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        last = STAGES[-1]
-
-        @functools.wraps(last)
-        def slowed(value: Any) -> Any:
-            if self.seconds:
-                time.sleep(self.seconds)
-            return last(value)
-
-        self.registry = TaskRegistry()
-        self.registry.pipeline("ball", [*STAGES[:-1], slowed])
-
-
 @dataclass
 class Fleet:
     """One cloud agent and one edge agent on a broker, under a topic prefix of their own."""
 
     server: CloudAgent
     agent: EdgeAgent
-    delayed: DelayedServer
+    delayed: SlowingServer
 
     @classmethod
     def start(cls, url: str) -> Fleet:
         suffix, prefix = uuid.uuid4().hex[:6], f"bench/{uuid.uuid4().hex[:8]}"
-        delayed = DelayedServer()
+        delayed = SlowingServer()
         cloud = CloudConfig(id=f"srv-{suffix}", broker=url, prefix=prefix,
                             tasks=["examples.vision.ball"], workers=2, heartbeat_interval=0.3,
                             grace_period=0.5)

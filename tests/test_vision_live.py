@@ -6,7 +6,6 @@ so that offloading pays; the server runs at full speed, or slower when a test sa
 
 from __future__ import annotations
 
-import functools
 import math
 import statistics
 import threading
@@ -14,7 +13,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 
@@ -28,7 +26,7 @@ from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
 from edge_agent.records import TaskRecord
-from examples.vision.ball import STAGES, BallVideo, track
+from examples.vision.ball import STAGES, BallVideo, SlowingServer, track
 from examples.vision.camera import Camera, CameraOptions, FrameOutcome
 from topics.brokers import MosquittoBroker
 from topics.mqtt import MqttTransport
@@ -41,32 +39,11 @@ WORKERS = 2
 
 
 @dataclass
-class ServerDelay:
-    """Extra seconds the server spends on every task (a server that slows down)."""
-
-    seconds: float = 0.0
-
-
-def server_registry(delay: ServerDelay) -> TaskRegistry:
-    """The ball pipeline, whose last stage waits ``delay.seconds`` first."""
-    last = STAGES[-1]
-
-    @functools.wraps(last)
-    def slowed(value: Any) -> Any:
-        if delay.seconds:
-            time.sleep(delay.seconds)
-        return last(value)
-
-    registry = TaskRegistry()
-    registry.pipeline("ball", [*STAGES[:-1], slowed])
-    return registry
-
-
-@dataclass
 class Fleet:
     server: CloudAgent
+    server_link: MqttTransport
     agent: EdgeAgent
-    delay: ServerDelay
+    delay: SlowingServer
 
 
 FleetFactory = Callable[[BrokerEndpoint], Fleet]
@@ -79,16 +56,17 @@ def make_fleet(topic_prefix: str) -> Iterator[FleetFactory]:
 
     def make(target: BrokerEndpoint) -> Fleet:
         suffix = uuid.uuid4().hex[:6]
-        delay = ServerDelay()
+        delay = SlowingServer()
         cloud = CloudConfig(id=f"srv-{suffix}", broker=target.url, protocol=target.protocol,
                             prefix=topic_prefix, tasks=["examples.vision.ball"], workers=WORKERS,
                             heartbeat_interval=0.3, grace_period=0.5)
-        server = CloudAgent(cloud, MqttTransport(target.config(cloud.id)), server_registry(delay))
+        server_link = MqttTransport(target.config(cloud.id))
+        server = CloudAgent(cloud, server_link, delay.registry)
         edge = EdgeConfig(id=f"cam-{suffix}", broker=target.url, protocol=target.protocol,
                           prefix=topic_prefix, policy="remote", max_attempts=1,
                           probe_interval=0.3)
         agent = EdgeAgent(edge, MqttTransport(target.config(edge.id)), TaskRegistry())
-        fleet = Fleet(server, agent, delay)
+        fleet = Fleet(server, server_link, agent, delay)
         made.append(fleet)
         server.start()
         agent.start()
@@ -234,7 +212,7 @@ def test_automatic_mode_falls_back_when_the_server_disappears(mosquitto: BrokerE
     def on_frame(outcome: FrameOutcome) -> None:
         if outcome.frame == frames // 3 and not crashed.is_set():
             crashed.set()
-            fleet.server._transport.abort()  # a crash: the broker publishes its Will
+            fleet.server_link.abort()  # a crash: the broker publishes its Will
 
     started = time.monotonic()
     report = camera.run(on_frame)

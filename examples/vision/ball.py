@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import struct
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -509,6 +510,21 @@ registry = TaskRegistry()
 BALL = registry.pipeline("ball", STAGES, description="track a green ball: 7 OpenCV stages")
 
 
+class SlowingServer:
+    """The ``ball`` pipeline for a server that can slow down: its last stage first sleeps
+    ``seconds`` (0 until set, at any time). Experiments and tests of the split controller use it."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.registry = TaskRegistry()
+        self.registry.pipeline("ball", [*STAGES[:-1], self.annotate])
+
+    def annotate(self, value: Any) -> Any:
+        if self.seconds:
+            time.sleep(self.seconds)
+        return annotate(value)
+
+
 def track(frame: int, source: FrameSource | None = None, *, thumbnail: bool = False
           ) -> dict[str, Any]:
     """Run the whole pipeline for one frame on this machine and unwrap ``Done``."""
@@ -540,6 +556,7 @@ __all__ = [
     "BallMotion",
     "BallVideo",
     "FrameSource",
+    "SlowingServer",
     "StageInputError",
     "VideoCaptureSource",
     "annotate",
