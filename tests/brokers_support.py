@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +15,8 @@ from typing import Any
 import pytest
 
 from topics.brokers import EmbeddedBroker, MosquittoBroker, mosquitto_binary
-from topics.transport import ProtocolVersion, TransportConfig
+from topics.mqtt import MqttTransport
+from topics.transport import Message, ProtocolVersion, TransportConfig
 
 MOSQUITTO_MISSING = "mosquitto not installed: apt-get install -y mosquitto"
 
@@ -116,3 +118,21 @@ def make_test_certificates(directory: Path) -> TestCertificates:
     for command in commands:
         subprocess.run([str(part) for part in command], check=True, capture_output=True, timeout=30)
     return TestCertificates(ca_cert, cert, key)
+
+
+class MessageLog:
+    """Every message a transport receives on ``topic_filter`` (QoS 1), kept in arrival order."""
+
+    def __init__(self, transport: MqttTransport, topic_filter: str) -> None:
+        self.transport = transport
+        self.messages: list[Message] = []
+        self._lock = threading.Lock()
+        transport.subscribe(topic_filter, self._collect, qos=1)
+
+    def _collect(self, message: Message) -> None:
+        with self._lock:
+            self.messages.append(message)
+
+    def on(self, topic: str) -> list[Message]:
+        with self._lock:
+            return [m for m in self.messages if m.topic == topic]

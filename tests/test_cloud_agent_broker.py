@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from brokers_support import BrokerEndpoint, wait_for
+from brokers_support import BrokerEndpoint, MessageLog, wait_for
 
 from cloud_agent.config import CloudConfig
 from cloud_agent.registry import TaskRegistry
@@ -22,31 +22,19 @@ from topics.codec import Codec
 from topics.models import Heartbeat, NodeState, Result, Task
 from topics.mqtt import MqttTransport
 from topics.names import TopicTree
-from topics.transport import Message
 
 CBOR = Codec("cbor")
 JSON = Codec("json")
 
 
-class MqttDevice:
+class MqttDevice(MessageLog):
     """A device on a real broker: sends tasks, collects every message under the prefix."""
 
     def __init__(self, transport: MqttTransport, tree: TopicTree, name: str) -> None:
-        self.transport = transport
+        super().__init__(transport, f"{tree.prefix}/#")
         self.tree = tree
         self.name = name
-        self.messages: list[Message] = []
-        self._lock = threading.Lock()
         self._count = 0
-        transport.subscribe(f"{tree.prefix}/#", self._collect, qos=1)
-
-    def _collect(self, message: Message) -> None:
-        with self._lock:
-            self.messages.append(message)
-
-    def on(self, topic: str) -> list[Message]:
-        with self._lock:
-            return [m for m in self.messages if m.topic == topic]
 
     def results(self) -> list[Result]:
         return [CBOR.decode(m.payload, Result) for m in self.on(self.tree.result_inbox(self.name))]

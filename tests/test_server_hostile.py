@@ -5,14 +5,13 @@ and dead-letters what it refuses, publishes nothing where it must not, and serve
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import cbor2
 import pytest
-from brokers_support import BrokerEndpoint, wait_for
+from brokers_support import BrokerEndpoint, MessageLog, wait_for
 
 import topics.mqtt as mqtt_module
 from cloud_agent.config import CloudConfig
@@ -22,7 +21,6 @@ from topics.codec import Codec
 from topics.models import DeadLetter, NodeState, Ping, Result, Task
 from topics.mqtt import MqttTransport
 from topics.names import TopicTree
-from topics.transport import Message
 
 CBOR = Codec("cbor")
 JSON = Codec("json")
@@ -30,22 +28,8 @@ TransportFactory = Callable[..., MqttTransport]
 POISON = "\x01"  # a control character: Mosquitto disconnects a client that publishes to it
 
 
-class Watcher:
+class Watcher(MessageLog):
     """Collects every message on a filter (a plain client, like an attacker or an operator)."""
-
-    def __init__(self, transport: MqttTransport, topic_filter: str) -> None:
-        self.transport = transport
-        self.messages: list[Message] = []
-        self._lock = threading.Lock()
-        transport.subscribe(topic_filter, self._collect, qos=1)
-
-    def _collect(self, message: Message) -> None:
-        with self._lock:
-            self.messages.append(message)
-
-    def on(self, topic: str) -> list[Message]:
-        with self._lock:
-            return [m for m in self.messages if m.topic == topic]
 
     def results(self, topic: str) -> list[Result]:
         return [CBOR.decode(m.payload, Result) if m.payload[:1] != b"{" else
