@@ -68,11 +68,15 @@ def server_transport(target: BrokerEndpoint, tree: TopicTree, config: CloudConfi
 
 
 @pytest.fixture
-def agent(config: CloudConfig, server_transport: MqttTransport) -> Iterator[CloudAgent]:
+def agent(config: CloudConfig, server_transport: MqttTransport,
+          connects: list[float]) -> Iterator[CloudAgent]:
     registry = TaskRegistry()
     registry.task("square")(lambda payload: {"y": payload["x"] ** 2})
     server = CloudAgent(config, server_transport, registry)
     server.start()
+    # start() returns at CONNACK; the inbox is subscribed once the connect listeners run (as a
+    # device would, wait for that before sending: a device waits for the birth or a heartbeat).
+    wait_for(lambda: len(connects) >= 1, 10.0, message="the agent subscribed")
     yield server
     server.stop(grace=1.0)
 
@@ -129,7 +133,6 @@ def test_a_reply_topic_the_broker_refuses_costs_two_reconnects_not_the_server(
     resend the message after every reconnect; the transport drops it after the second loss, counts
     it, and the server goes on serving."""
     monkeypatch.setattr(mqtt_module, "validate_publish_topic", lambda topic: topic)
-    wait_for(lambda: len(connects) == 1, 10.0, message="the agent's first connect")
     server_transport.publish(f"{tree.result_inbox('dev1')}{POISON}", b"poison", qos=1)
     wait_for(lambda: agent.stats()["transport"]["publish_dropped_refused"] == 1, 15.0,
              message="the refused result dropped")

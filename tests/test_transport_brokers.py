@@ -236,6 +236,20 @@ def test_connect_listener_runs_on_the_dispatch_thread_after_connect(
         transport.set_will("x/will", b"late")
 
 
+def test_connect_returns_with_earlier_subscriptions_acknowledged(
+    broker: BrokerEndpoint, make_transport: TransportFactory, topic_prefix: str
+) -> None:
+    """A node that subscribes, connects and then announces itself gets what the announcement
+    brings in: connect() returned only after the broker acknowledged the subscription."""
+    got: list[bytes] = []
+    server = make_transport(broker, "inbox-owner", connect=False)
+    server.subscribe(f"{topic_prefix}/inbox", lambda m: got.append(m.payload), qos=1)
+    client = make_transport(broker, "sender")
+    server.connect()
+    client.publish(f"{topic_prefix}/inbox", b"right after connect", qos=1)
+    wait_for(lambda: got == [b"right after connect"], message="the first message")
+
+
 def test_handler_errors_are_counted_and_later_messages_still_delivered(
     broker: BrokerEndpoint, make_transport: TransportFactory, topic_prefix: str
 ) -> None:

@@ -238,6 +238,8 @@ class MqttTransport:
         self._stopping = threading.Event()
         self._connack = threading.Event()
         self._connack_problem: str | None = None
+        self._first_subscribed: threading.Event | None = None
+        """Set when the filters subscribed before the first connect are acknowledged."""
         self._connected = False
         self._established = False
         self._closed = False
@@ -282,7 +284,12 @@ class MqttTransport:
             self._listeners.append(listener)
 
     def connect(self, *, timeout: float | None = None) -> None:
-        """Connect, wait for CONNACK and start the network thread; :class:`ConnectError` on failure."""
+        """Connect, wait for CONNACK and start the network thread; :class:`ConnectError` on failure.
+
+        Filters subscribed before this call are subscribed now, and it returns once the broker
+        acknowledged them too (bounded by the same timeout), so a caller that announces itself
+        right after (a birth message) is ready for what that brings in.
+        """
         if self._closed:
             raise ConnectError(f"{self._name}: transport already closed; create a new one")
         if self._thread is not None:
@@ -326,6 +333,9 @@ class MqttTransport:
             problem = self._connack_problem or f"no CONNACK within {wait:.1f}s"
             self._shutdown_threads(timeout=wait)
             raise ConnectError(f"cannot connect to {url} as {self._client_id!r}: {problem}")
+        subscribed = self._first_subscribed
+        if subscribed is not None and not subscribed.wait(wait):
+            log.warning("%s: subscriptions not acknowledged within %.1fs of connecting", self._name, wait)
 
     def _set_connect_timeout(self, wait: float) -> None:
         """paho refuses to change the timeout while a failed attempt left its state "connecting";
@@ -639,6 +649,8 @@ class MqttTransport:
         else:
             waiter = resubscribed
             resubscribed.set()
+        if first:
+            self._first_subscribed = waiter
         dispatcher = self._dispatcher
         if dispatcher is not None:  # call() never blocks, even behind a stuck handler
             dispatcher.call(lambda: self._after_connect(waiter, listeners))
