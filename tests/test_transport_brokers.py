@@ -97,6 +97,7 @@ def test_handlers_run_on_the_dispatch_thread_and_a_slow_one_does_not_stall_the_n
     for index in range(5):
         publisher.publish(f"{topic_prefix}/work", str(index).encode(), qos=1)
     wait_for(lambda: len(others) == 5, message="the other subscriber's deliveries")
+    wait_for(lambda: seen == [b"0"], message="the slow handler holding the first message")
     assert seen == [b"0"]  # the slow transport is still inside its first handler
     done = threading.Event()
     threading.Timer(1.8, release.set).start()
