@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent_common.registry import TaskRegistry, load_tasks
 from bench.hostile import FAMILIES, FUZZ_NODE, hostile
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import TaskRegistry, load_tasks
 from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent, TaskRecord
 from edge_agent.config import EdgeConfig

@@ -27,10 +27,10 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
+from agent_common.registry import TaskRegistry, load_tasks
 from bench.common import Summary, print_comparison, ratio
 from bench.transport_rtt import RawPahoPair, amqtt_subprocess, mosquitto
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import TaskRegistry, load_tasks
 from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig

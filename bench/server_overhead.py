@@ -27,8 +27,8 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent_common.registry import load_tasks
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import load_tasks
 from cloud_agent.server import CloudAgent
 from topics.brokers import EmbeddedBroker, MosquittoBroker, mosquitto_binary
 from topics.codec import Codec

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any, NoReturn
 
+from agent_common.registry import RegistryError, load_tasks
+from agent_common.settings import SettingsError, load_settings
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import RegistryError, load_tasks
-from cloud_agent.settings import SettingsError, load_settings
 from topics.errors import WireError
 
 log = logging.getLogger("cloud_agent")

@@ -2,7 +2,7 @@
 
 ``cloud-agent run --workers 8`` == ``CLOUD_AGENT_WORKERS=8`` == ``workers = 8`` in the TOML file
 (flags win over the environment, which wins over the file). Load it with
-:func:`cloud_agent.settings.load_settings`.
+:func:`agent_common.settings.load_settings`.
 """
 
 from __future__ import annotations

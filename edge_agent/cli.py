@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any, NoReturn
 
-from cloud_agent.registry import RegistryError, TaskRegistry, UnknownTaskError, load_tasks
-from cloud_agent.settings import SettingsError
+from agent_common.registry import RegistryError, TaskRegistry, UnknownTaskError, load_tasks
+from agent_common.settings import SettingsError
 from edge_agent.config import ENV_PREFIX, EdgeConfig, load_edge_config
 from edge_agent.policy import POLICIES, UnknownPolicyError
 from edge_agent.records import TaskFailed

@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from cloud_agent.settings import load_settings
+from agent_common.settings import load_settings
 from edge_agent.policy import PolicyConfig, check_policy
 from topics.codec import DEFAULT_MAX_PAYLOAD
 from topics.errors import TopicError
@@ -225,7 +225,7 @@ def load_edge_config(config_file: Path | str | None = None, *, overrides: dict[s
                      environ: dict[str, str] | None = None) -> EdgeConfig:
     """Read the TOML file (optional), then ``EDGE_AGENT_*`` variables, then ``overrides``.
 
-    Raises :class:`cloud_agent.settings.SettingsError` with one clear line on any problem.
+    Raises :class:`agent_common.settings.SettingsError` with one clear line on any problem.
     """
     return load_settings(EdgeConfig, config_file=config_file, env_prefix=ENV_PREFIX, overrides=overrides,
                          environ=environ)

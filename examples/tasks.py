@@ -20,7 +20,7 @@ import math
 import time
 from typing import Any
 
-from cloud_agent.registry import TaskRegistry
+from agent_common.registry import TaskRegistry
 
 registry = TaskRegistry()
 

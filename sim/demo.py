@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from agent_common.registry import UnknownTaskError, load_tasks
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import UnknownTaskError, load_tasks
 from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from brokers_support import wait_for
 
+from agent_common.registry import TaskRegistry, UnknownTaskError, load_tasks
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import TaskRegistry, UnknownTaskError, load_tasks
 from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent, payload_size
 from edge_agent.config import EdgeConfig

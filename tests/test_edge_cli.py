@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from brokers_support import wait_for
 
+from agent_common.registry import load_tasks
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import load_tasks
 from cloud_agent.server import CloudAgent
 from edge_agent.cli import main
 from edge_agent.config import load_edge_config

@@ -24,8 +24,8 @@ import cbor2
 import pytest
 from brokers_support import BrokerEndpoint, wait_for
 
+from agent_common.registry import TaskRegistry, load_tasks
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import TaskRegistry, load_tasks
 from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent, attempt_timeout
 from edge_agent.config import EdgeConfig

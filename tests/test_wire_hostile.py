@@ -23,6 +23,7 @@ import cbor2
 import pytest
 from brokers_support import BrokerEndpoint, endpoint, wait_for
 
+from agent_common.registry import TaskRegistry, load_tasks
 from bench.hostile import (
     BAD_REPLY_TOPICS,
     FAMILIES,
@@ -36,7 +37,6 @@ from bench.hostile import (
     valid_fields,
 )
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import TaskRegistry, load_tasks
 from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig

@@ -39,8 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cloud_agent.badinput import BadInputLog
-from cloud_agent.registry import Done, TaskRegistry, TaskSpec
+from agent_common.badinput import BadInputLog
+from agent_common.registry import Done, TaskRegistry, TaskSpec
 from edge_agent.agent import EdgeAgent, payload_size
 from edge_agent.records import TaskFailed, TaskRecord
 from edge_agent.split import SplitController, SplitError, check_split
