@@ -8,14 +8,15 @@ lists and tables as JSON.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -59,18 +60,34 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise SettingsError(f"config file {path} is not valid TOML: {exc}") from exc
 
 
+def _closest(name: str, valid: list[str], spell: Callable[[str], str] = str) -> str:
+    """`` (did you mean X?)`` for the valid name nearest to ``name``, or an empty string."""
+    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    return f" (did you mean {spell(match[0])}?)" if match else ""
+
+
 def env_overrides(model: type[BaseModel], prefix: str,
                   environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Collect ``PREFIX_FIELD`` / ``PREFIX_FIELD__SUB`` variables that name fields of ``model``."""
+    """Collect ``PREFIX_FIELD`` / ``PREFIX_FIELD__SUB`` variables that name fields of ``model``.
+
+    A variable with the prefix that names no field is an error (a misspelt name would otherwise be
+    ignored in silence), with the closest valid name.
+    """
     environ = os.environ if environ is None else environ
     found: dict[str, Any] = {}
-    fields = set(model.model_fields)
+    fields = list(model.model_fields)
+    unknown: list[str] = []
     for name, raw in environ.items():
         if not name.startswith(prefix):
             continue
         path = [part.lower() for part in name[len(prefix):].split("__")]
-        if path and path[0] in fields:
+        if path[0] in fields:
             _set_path(found, path, _env_value(raw))
+        else:
+            unknown.append(f"environment variable {name} names no setting"
+                           + _closest(path[0], fields, lambda field: prefix + field.upper()))
+    if unknown:
+        raise SettingsError("; ".join(sorted(unknown)))
     return found
 
 
@@ -84,27 +101,70 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The nested model a validation error's location points into (through lists and optionals)."""
+    current: type[BaseModel] = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None
+        candidates = [field.annotation, *get_args(field.annotation)]
+        candidates += [inner for arg in get_args(field.annotation) for inner in get_args(arg)]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return None
+        current = nested[0]
+    return current
+
+
+def _describe(model: type[BaseModel], error: Any) -> str:
+    loc = tuple(error["loc"])
+    where = ".".join(str(part) for part in loc) or "<settings>"
+    if error["type"] == "extra_forbidden":
+        owner = _model_at(model, loc[:-1])
+        hint = _closest(str(loc[-1]), list(owner.model_fields)) if owner else ""
+        return f"setting {where}: unknown setting{hint}"
+    return f"setting {where}: {error['msg']}"
+
+
+def _read_secret(path: str) -> str:
+    try:
+        return Path(path).read_text().rstrip("\r\n")
+    except OSError as exc:
+        raise SettingsError(f"setting password_file: cannot read {path}: {exc.strerror}") from exc
+
+
 def load_settings(model: type[S], *, config_file: Path | str | None = None, env_prefix: str = "",
                   overrides: Mapping[str, Any] | None = None,
                   environ: Mapping[str, str] | None = None) -> S:
     """Build ``model`` from a TOML file, then the environment, then ``overrides`` (flags).
 
     ``overrides`` keys may be dotted (``"policy.spread_k"``); ``None`` values are ignored, so
-    unset command-line flags fall through to the file and the environment.
+    unset command-line flags fall through to the file and the environment. Secrets (fields typed
+    ``SecretStr``) are refused from ``overrides``: a flag shows in ``ps`` and the shell history.
+    ``password_file`` (when the model has it) supplies ``password`` unless that is set. Every
+    problem is named in the one :class:`SettingsError`, unknown names with the closest valid one.
     """
     data: dict[str, Any] = read_toml(Path(config_file)) if config_file else {}
     if env_prefix:
         data = _merge(data, env_overrides(model, env_prefix, environ))
     flags: dict[str, Any] = {}
     for key, value in (overrides or {}).items():
-        if value is not None:
-            _set_path(flags, key.split("."), value)
+        if value is None:
+            continue
+        field = model.model_fields.get(key)
+        if field is not None and SecretStr in (field.annotation, *get_args(field.annotation)):
+            raise SettingsError(f"{key} is a secret: set {env_prefix}{key.upper()} or {key}_file, "
+                                "not a command-line flag")
+        _set_path(flags, key.split("."), value)
     data = _merge(data, flags)
+    if "password_file" in model.model_fields and data.get("password_file") and not data.get("password"):
+        data["password"] = _read_secret(str(data["password_file"]))
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        where = ".".join(str(part) for part in first["loc"]) or "<settings>"
+        problems = [_describe(model, error) for error in exc.errors(include_url=False)]
         source = f" (from {config_file}, {env_prefix}* environment or flags)" if config_file else ""
-        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise SettingsError(f"setting {where}: {first['msg']}{source}{more}") from exc
+        raise SettingsError("; ".join(problems) + source) from exc

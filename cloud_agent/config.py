@@ -36,7 +36,9 @@ class CloudConfig(BaseModel):
         "(taken: any free port; 0: any free port)")
     protocol: ProtocolVersion = Field(default="3.1.1", description="MQTT protocol version: 3.1.1 or 5")
     username: str | None = Field(default=None, description="broker user name")
-    password: SecretStr | None = Field(default=None, description="broker password")
+    password: SecretStr | None = Field(default=None, description="broker password (environment only: "
+                                       "CLOUD_AGENT_PASSWORD, or password_file)")
+    password_file: str | None = Field(default=None, description="file holding the broker password")
     tls_ca_file: str | None = Field(default=None, description="CA bundle to verify the broker (mqtts://)")
     tls_cert_file: str | None = Field(default=None, description="client certificate (mutual TLS)")
     tls_key_file: str | None = Field(default=None, description="client key (mutual TLS)")

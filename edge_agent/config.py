@@ -122,6 +122,8 @@ class EdgeConfig(_Frozen):
     protocol: ProtocolVersion = "3.1.1"
     username: str | None = None
     password: SecretStr | None = None
+    password_file: str | None = None
+    """File holding the broker password (read when ``password`` is unset); never a flag."""
     tls: TlsConfig | None = None
     prefix: str = DEFAULT_PREFIX
     tasks: list[str] = Field(default_factory=list)

@@ -150,7 +150,7 @@ def test_embedded_broker_serves_a_task(topic_prefix: str) -> None:
         _, err = process.communicate(timeout=15.0)
         assert process.returncode == 0, err[-2000:]
         assert f"embedded broker on mqtt://127.0.0.1:{port}" in err
-        assert " [solo] " in err  # timestamps and the node id on every line
+        assert " node=solo " in err  # timestamps and the node id on every line (one log format)
     finally:
         device.close(timeout=1.0)
         if process.poll() is None:
