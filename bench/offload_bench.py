@@ -54,7 +54,7 @@ class OffloadPair:
                                                    "workers": workers, "queue_size": 4096,
                                                    "heartbeat_interval": 0.5})
         self.server = CloudAgent(cloud_config, MqttTransport(cloud_config.transport_config()),
-                                 load_tasks("examples.tasks"))
+                                 load_tasks("agent_common.demo_tasks"))
         self.server.start()
         edge_config = EdgeConfig.model_validate({"id": edge_id, "broker": url, "prefix": prefix,
                                                  "policy": "remote", "heartbeat_interval": 0.5,

@@ -118,7 +118,7 @@ def run_on(name: str, url_host: str, port: int, count: int) -> None:
                          heartbeat_interval=1.0, result_cache_size=count + 100)
     agent = CloudAgent(config, MqttTransport(TransportConfig.from_url(f"mqtt://{url_host}:{port}",
                                                                       client_id="bench-srv")),
-                       load_tasks("examples.tasks"))
+                       load_tasks("agent_common.demo_tasks"))
     agent.start()
     try:
         deadline = time.monotonic() + 5.0  # the birth comes after the agent's subscriptions

@@ -1,7 +1,7 @@
 """``cloud-agent``: run a server node from a TOML file, environment variables and flags.
 
     cloud-agent run --config server.toml
-    cloud-agent run --broker mqtt://127.0.0.1:1883 --id srv1 --tasks examples.tasks
+    cloud-agent run --broker mqtt://127.0.0.1:1883 --id srv1 --tasks agent_common.demo_tasks
 
 Without a broker URL the embedded broker (amqtt, MQTT 3.1.1) is started: on 1883 when free, else on
 a free port, and its URL is logged. SIGTERM/SIGINT drain the agent (new tasks get rejected-busy,
@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc).splitlines()[0]) from exc
     setup_logging(config.log_level, config.id)
     if not config.tasks:
-        raise UsageError("setting tasks: at least one tasks module is needed (--tasks examples.tasks)")
+        raise UsageError("setting tasks: at least one tasks module is needed "
+                         "(--tasks agent_common.demo_tasks)")
     try:
         registry = load_tasks(*config.tasks)
     except RegistryError as exc:

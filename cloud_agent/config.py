@@ -47,7 +47,7 @@ class CloudConfig(BaseModel):
     keepalive: Annotated[int, Field(ge=1, le=65535)] = Field(
         default=10, description="MQTT keepalive in seconds: the Will fires ~1.5x this after a crash")
     prefix: str = Field(default=DEFAULT_PREFIX, description="topic prefix shared by the fleet")
-    tasks: list[str] = Field(default_factory=lambda: ["examples.tasks"],
+    tasks: list[str] = Field(default_factory=lambda: ["agent_common.demo_tasks"],
                              description="importable task modules")
     pools: list[str] = Field(default_factory=list,
                              description="pool inboxes to share ($share/<pool>/..., needs MQTT 5 or "

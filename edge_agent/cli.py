@@ -1,7 +1,7 @@
 """``edge-agent``: run a device, or submit one task from the shell.
 
     edge-agent run --config /etc/offload/device.toml
-    edge-agent run --broker mqtt://127.0.0.1:1883 --id cam1 --tasks examples.tasks --policy ect
+    edge-agent run --broker mqtt://127.0.0.1:1883 --id cam1 --tasks agent_common.demo_tasks --policy ect
     edge-agent submit --broker mqtt://127.0.0.1:1883 square '{"x": 7}'
 
 Settings come from the TOML file, then ``EDGE_AGENT_<FIELD>`` variables, then flags. Logs go to

@@ -2,7 +2,7 @@
 
     id = "cam1"
     broker = "mqtt://127.0.0.1:1883"
-    tasks = ["examples.tasks"]
+    tasks = ["agent_common.demo_tasks"]
     policy = "ect"
 
     [policy_config]

@@ -424,7 +424,7 @@ def test_process_task(memory_broker: MemoryBroker, device: Device) -> None:
     from agent_common.registry import load_tasks
 
     cfg = config(process_workers=1)
-    agent = CloudAgent(cfg, MemoryTransport(memory_broker, "srv1"), load_tasks("examples.tasks"))
+    agent = CloudAgent(cfg, MemoryTransport(memory_broker, "srv1"), load_tasks("agent_common.demo_tasks"))
     agent.start()
     try:
         result = device.result_of(device.send("cpu_burn", {"n": 1000}), timeout=30.0)

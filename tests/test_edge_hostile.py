@@ -401,7 +401,7 @@ def _stack(endpoint: BrokerEndpoint, cleanup: Cleanup, prefix: str,
         "id": "phoenix", "broker": endpoint.url, "prefix": prefix, "heartbeat_interval": 0.5, "workers": 2,
         "grace_period": 0.0})
     server_transport = MqttTransport(endpoint.config("phoenix", reconnect_max_delay=0.5), name="phoenix")
-    registry = load_tasks("examples.tasks")
+    registry = load_tasks("agent_common.demo_tasks")
     registry.task("held")(gate.held)
     server = CloudAgent(server_config, server_transport, registry)
     server.start()

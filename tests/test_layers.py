@@ -65,3 +65,15 @@ def test_edge_agent_imports_cloud_agent_only_lazily() -> None:
             offenders += [f"{path.name}:{node.lineno}" for name in names
                           if name.split(".")[0] == "cloud_agent"]
     assert offenders == []
+
+
+def test_embedded_broker_without_the_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from topics.brokers import BrokerError, EmbeddedBroker
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "amqtt" else real(name, *args))
+    with pytest.raises(BrokerError, match=r"pip install 'mqtt-offload\[broker\]'"):
+        EmbeddedBroker(port=0).start()

@@ -285,7 +285,7 @@ def test_load_tasks_with_nothing_registered(module_dir: tuple[Path, str], monkey
 
 
 def test_load_the_example_tasks() -> None:
-    loaded = load_tasks("examples.tasks")
+    loaded = load_tasks("agent_common.demo_tasks")
     assert {"noop", "square"} <= set(loaded.names())
     result: Any = loaded.get("square").run({"x": 7})
     assert result == {"y": 49}

@@ -291,7 +291,7 @@ def _start_fleet(target: BrokerEndpoint, tree: TopicTree, stop: list[Callable[[]
     config = CloudConfig.model_validate({"id": "srv", "broker": target.url, "prefix": tree.prefix,
                                          "heartbeat_interval": 0.2, "workers": 2, "grace_period": 0.0})
     server_transport = MqttTransport(target.config(f"srv-{suffix}"), name="srv")
-    server = CloudAgent(config, server_transport, load_tasks("examples.tasks"))
+    server = CloudAgent(config, server_transport, load_tasks("agent_common.demo_tasks"))
     server.start()
     stop.append(lambda: server.stop(grace=0.0))
     device_config = EdgeConfig.model_validate({"id": "dev", "broker": target.url, "prefix": tree.prefix,
