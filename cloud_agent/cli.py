@@ -26,7 +26,7 @@ from pydantic import SecretStr
 from agent_common.cli import EXIT_USAGE, OneLineParser, UsageError, run_command, setup_logging
 from agent_common.registry import RegistryError, load_tasks
 from agent_common.settings import SettingsError, load_settings
-from cloud_agent.config import CloudConfig
+from cloud_agent.config import ENV_PREFIX, CloudConfig
 
 log = logging.getLogger("cloud_agent")
 
@@ -94,7 +94,7 @@ def _port_free(host: str, port: int) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        config = load_settings(CloudConfig, config_file=args.config, env_prefix="CLOUD_AGENT_",
+        config = load_settings(CloudConfig, config_file=args.config, env_prefix=ENV_PREFIX,
                                overrides=_overrides(args))
     except (SettingsError, ValueError) as exc:
         raise UsageError(str(exc).splitlines()[0]) from exc

@@ -16,6 +16,7 @@ from topics.codec import DEFAULT_MAX_PAYLOAD, Format
 from topics.names import DEFAULT_PREFIX, TopicTree, validate_filter, validate_node_id
 from topics.transport import ProtocolVersion, TlsConfig, TransportConfig
 
+ENV_PREFIX = "CLOUD_AGENT_"
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 

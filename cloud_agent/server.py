@@ -28,13 +28,15 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
 
 from agent_common.badinput import BadInputLog, RateLimitedLog
-from agent_common.registry import TaskRegistry, TaskSpec, run_spec
-from cloud_agent.config import CloudConfig
+from agent_common.registry import TaskRegistry, TaskSpec, load_tasks, run_spec
+from agent_common.settings import load_settings
+from cloud_agent.config import ENV_PREFIX, CloudConfig
 from cloud_agent.http_adapter import HttpForwarder
 from topics.codec import Codec, EncodeError, Format, sniff_format
 from topics.errors import DecodeError, TopicError
@@ -254,6 +256,31 @@ class CloudAgent:
     @property
     def registry(self) -> TaskRegistry:
         return self._registry
+
+    @classmethod
+    def from_config(cls, config: CloudConfig | str | Path, *,
+                    registry: TaskRegistry | None = None) -> CloudAgent:
+        """An agent on an MQTT transport to ``config.broker``: ``config`` is a :class:`CloudConfig`
+        or a TOML file (read with the ``CLOUD_AGENT_*`` environment over it); ``registry``
+        defaults to the config's ``tasks`` modules. Not started; ``with`` starts and stops it.
+
+        Raises :class:`agent_common.settings.SettingsError` for a bad file,
+        :class:`agent_common.registry.RegistryError` for bad task modules and ``ValueError``
+        without a broker URL (the embedded broker is the CLI's business).
+        """
+        from topics.mqtt import MqttTransport
+
+        if not isinstance(config, CloudConfig):
+            config = load_settings(CloudConfig, config_file=config, env_prefix=ENV_PREFIX)
+        tasks = registry if registry is not None else load_tasks(*config.tasks)
+        return cls(config, MqttTransport(config.transport_config(), name=config.id), tasks)
+
+    def __enter__(self) -> CloudAgent:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
 
     def start(self) -> None:
         """Set the Will, connect, subscribe, publish the birth and start the worker threads."""
