@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 
 def percentile(values: Sequence[float], fraction: float) -> float:
-    """The ``fraction`` quantile (0..1) by linear interpolation; raises on an empty sequence."""
+    """The ``fraction`` quantile (0..1) by linear interpolation (numpy's default); raises on no values."""
     if not values:
         raise ValueError("percentile of no values")
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be within 0..1, got {fraction}")
-    ordered = sorted(values)
-    position = fraction * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    return float(np.quantile(values, fraction, method="linear"))
 
 
 @dataclass(frozen=True)

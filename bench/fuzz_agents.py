@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent_common.registry import TaskRegistry, load_tasks
 from bench.hostile import FAMILIES, FUZZ_NODE, hostile
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import TaskRegistry, load_tasks
 from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent, TaskRecord
 from edge_agent.config import EdgeConfig
@@ -116,7 +116,7 @@ class Fleet:
             "queue_size": 1000, "heartbeat_interval": 0.5, "grace_period": 0.0, "max_payload": max_payload,
             "log_level": "warning"})
         self.server_transport = MqttTransport(self._config(f"srv-{suffix}"), name="srv")
-        self.server = CloudAgent(server_config, self.server_transport, load_tasks("examples.tasks"))
+        self.server = CloudAgent(server_config, self.server_transport, load_tasks("agent_common.demo_tasks"))
         self.server.start()
         self._stops.append(lambda: self.server.stop(grace=0.0))
         device_config = EdgeConfig.model_validate({

@@ -27,10 +27,10 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
+from agent_common.registry import TaskRegistry, load_tasks
 from bench.common import Summary, print_comparison, ratio
 from bench.transport_rtt import RawPahoPair, amqtt_subprocess, mosquitto
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import TaskRegistry, load_tasks
 from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
@@ -54,7 +54,7 @@ class OffloadPair:
                                                    "workers": workers, "queue_size": 4096,
                                                    "heartbeat_interval": 0.5})
         self.server = CloudAgent(cloud_config, MqttTransport(cloud_config.transport_config()),
-                                 load_tasks("examples.tasks"))
+                                 load_tasks("agent_common.demo_tasks"))
         self.server.start()
         edge_config = EdgeConfig.model_validate({"id": edge_id, "broker": url, "prefix": prefix,
                                                  "policy": "remote", "heartbeat_interval": 0.5,

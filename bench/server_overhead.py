@@ -27,8 +27,8 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent_common.registry import load_tasks
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import load_tasks
 from cloud_agent.server import CloudAgent
 from topics.brokers import EmbeddedBroker, MosquittoBroker, mosquitto_binary
 from topics.codec import Codec
@@ -118,7 +118,7 @@ def run_on(name: str, url_host: str, port: int, count: int) -> None:
                          heartbeat_interval=1.0, result_cache_size=count + 100)
     agent = CloudAgent(config, MqttTransport(TransportConfig.from_url(f"mqtt://{url_host}:{port}",
                                                                       client_id="bench-srv")),
-                       load_tasks("examples.tasks"))
+                       load_tasks("agent_common.demo_tasks"))
     agent.start()
     try:
         deadline = time.monotonic() + 5.0  # the birth comes after the agent's subscriptions

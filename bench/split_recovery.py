@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import edge_agent.split
+from agent_common.registry import TaskRegistry
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import TaskRegistry
 from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig

@@ -1,7 +1,7 @@
 """``cloud-agent``: run a server node from a TOML file, environment variables and flags.
 
     cloud-agent run --config server.toml
-    cloud-agent run --broker mqtt://127.0.0.1:1883 --id srv1 --tasks examples.tasks
+    cloud-agent run --broker mqtt://127.0.0.1:1883 --id srv1 --tasks agent_common.demo_tasks
 
 Without a broker URL the embedded broker (amqtt, MQTT 3.1.1) is started: on 1883 when free, else on
 a free port, and its URL is logged. SIGTERM/SIGINT drain the agent (new tasks get rejected-busy,
@@ -19,38 +19,34 @@ import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any, Literal, get_args, get_origin
 
-from cloud_agent.config import CloudConfig
-from cloud_agent.registry import RegistryError, load_tasks
-from cloud_agent.settings import SettingsError, load_settings
-from topics.errors import WireError
+from pydantic import SecretStr
+
+from agent_common.cli import EXIT_USAGE, OneLineParser, UsageError, run_command, setup_logging
+from agent_common.registry import RegistryError, load_tasks
+from agent_common.settings import SettingsError, load_settings
+from cloud_agent.config import ENV_PREFIX, CloudConfig
 
 log = logging.getLogger("cloud_agent")
 
-EXIT_RUNTIME = 1
-EXIT_USAGE = 2
 _LIST_FIELDS = ("tasks", "pools", "reply_allowlist")
-
-
-class UsageError(Exception):
-    """Bad arguments or configuration: exit 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports errors as one line and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _choices(annotation: Any) -> list[str] | None:
+    """The values of a ``Literal`` setting (``--protocol``, ``--format``, ``--log-level``), or None."""
+    if get_origin(annotation) is Literal:
+        return [str(value) for value in get_args(annotation)]
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="cloud-agent", description="Run offloaded tasks for edge devices over MQTT.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser = OneLineParser(prog="cloud-agent", description="Run offloaded tasks for edge devices over MQTT.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     run = commands.add_parser(
         "run", help="start a server node",
         description="Start a server node. Every setting is also CLOUD_AGENT_<NAME> in the environment "
@@ -58,7 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", "-c", metavar="FILE", help="TOML config file (see examples/server.toml)")
     for name, info in CloudConfig.model_fields.items():
         help_text = (info.description or name).replace("%", "%%")
-        if name in _LIST_FIELDS:
+        choices = _choices(info.annotation)
+        if SecretStr in (info.annotation, *get_args(info.annotation)):
+            # refused by load_settings with a pointer to the environment: a flag shows in ps
+            run.add_argument(_flag(name), dest=name, help=argparse.SUPPRESS)
+        elif choices:
+            listed = all(choice in help_text for choice in choices)
+            run.add_argument(_flag(name), dest=name, choices=choices,
+                             help=help_text if listed else f"{help_text} ({', '.join(choices)})")
+        elif name in _LIST_FIELDS:
             run.add_argument(_flag(name), dest=name, action="append", metavar="NAME",
                              help=f"{help_text} (repeat or comma-separate)")
         elif info.annotation is bool:
@@ -79,12 +83,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def _setup_logging(level: str, node_id: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr, level=getattr(logging, level.upper()),
-        format=f"%(asctime)s %(levelname)s [{node_id}] %(name)s: %(message)s", force=True)
-
-
 def _port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         try:
@@ -96,13 +94,14 @@ def _port_free(host: str, port: int) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        config = load_settings(CloudConfig, config_file=args.config, env_prefix="CLOUD_AGENT_",
+        config = load_settings(CloudConfig, config_file=args.config, env_prefix=ENV_PREFIX,
                                overrides=_overrides(args))
     except (SettingsError, ValueError) as exc:
         raise UsageError(str(exc).splitlines()[0]) from exc
-    _setup_logging(config.log_level, config.id)
+    setup_logging(config.log_level, config.id)
     if not config.tasks:
-        raise UsageError("setting tasks: at least one tasks module is needed (--tasks examples.tasks)")
+        raise UsageError("setting tasks: at least one tasks module is needed "
+                         "(--tasks agent_common.demo_tasks)")
     try:
         registry = load_tasks(*config.tasks)
     except RegistryError as exc:
@@ -159,21 +158,15 @@ def _summary(stats: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cloud-agent``; returns the exit code."""
     parser = build_parser()
-    try:
+
+    def body() -> int:
         args = parser.parse_args(argv)
         if args.command != "run":
             parser.print_help(sys.stderr)
             return EXIT_USAGE
         return run(args)
-    except UsageError as exc:
-        print(f"cloud-agent: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (WireError, OSError, RuntimeError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"cloud-agent: error: {message}", file=sys.stderr)
-        return EXIT_RUNTIME
-    except KeyboardInterrupt:
-        return EXIT_RUNTIME
+
+    return run_command("cloud-agent", body)
 
 
 __all__ = ["build_parser", "main"]

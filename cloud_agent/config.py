@@ -2,7 +2,7 @@
 
 ``cloud-agent run --workers 8`` == ``CLOUD_AGENT_WORKERS=8`` == ``workers = 8`` in the TOML file
 (flags win over the environment, which wins over the file). Load it with
-:func:`cloud_agent.settings.load_settings`.
+:func:`agent_common.settings.load_settings`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from topics.codec import DEFAULT_MAX_PAYLOAD, Format
 from topics.names import DEFAULT_PREFIX, TopicTree, validate_filter, validate_node_id
 from topics.transport import ProtocolVersion, TlsConfig, TransportConfig
 
+ENV_PREFIX = "CLOUD_AGENT_"
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
@@ -36,7 +37,9 @@ class CloudConfig(BaseModel):
         "(taken: any free port; 0: any free port)")
     protocol: ProtocolVersion = Field(default="3.1.1", description="MQTT protocol version: 3.1.1 or 5")
     username: str | None = Field(default=None, description="broker user name")
-    password: SecretStr | None = Field(default=None, description="broker password")
+    password: SecretStr | None = Field(default=None, description="broker password (environment only: "
+                                       "CLOUD_AGENT_PASSWORD, or password_file)")
+    password_file: str | None = Field(default=None, description="file holding the broker password")
     tls_ca_file: str | None = Field(default=None, description="CA bundle to verify the broker (mqtts://)")
     tls_cert_file: str | None = Field(default=None, description="client certificate (mutual TLS)")
     tls_key_file: str | None = Field(default=None, description="client key (mutual TLS)")
@@ -45,7 +48,7 @@ class CloudConfig(BaseModel):
     keepalive: Annotated[int, Field(ge=1, le=65535)] = Field(
         default=10, description="MQTT keepalive in seconds: the Will fires ~1.5x this after a crash")
     prefix: str = Field(default=DEFAULT_PREFIX, description="topic prefix shared by the fleet")
-    tasks: list[str] = Field(default_factory=lambda: ["examples.tasks"],
+    tasks: list[str] = Field(default_factory=lambda: ["agent_common.demo_tasks"],
                              description="importable task modules")
     pools: list[str] = Field(default_factory=list,
                              description="pool inboxes to share ($share/<pool>/..., needs MQTT 5 or "

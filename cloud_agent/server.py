@@ -28,14 +28,16 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
 
-from cloud_agent.badinput import BadInputLog, RateLimitedLog
-from cloud_agent.config import CloudConfig
+from agent_common.badinput import BadInputLog, RateLimitedLog
+from agent_common.registry import TaskRegistry, TaskSpec, load_tasks, run_spec
+from agent_common.settings import load_settings
+from cloud_agent.config import ENV_PREFIX, CloudConfig
 from cloud_agent.http_adapter import HttpForwarder
-from cloud_agent.registry import TaskRegistry, TaskSpec, run_spec
 from topics.codec import Codec, EncodeError, Format, sniff_format
 from topics.errors import DecodeError, TopicError
 from topics.models import (
@@ -53,7 +55,14 @@ from topics.models import (
     Task,
     TaskName,
 )
-from topics.names import Kind, TopicTree, topic_matches, validate_node_id, validate_publish_topic
+from topics.names import (
+    DELIVERY,
+    Kind,
+    TopicTree,
+    topic_matches,
+    validate_node_id,
+    validate_publish_topic,
+)
 from topics.transport import Message, NotConnectedError, Transport, TransportError
 
 log = logging.getLogger(__name__)
@@ -61,6 +70,7 @@ log = logging.getLogger(__name__)
 DEAD_LETTER_PAYLOAD = 4096
 EWMA_ALPHA = 0.2
 _NOT_REPLY_KINDS = frozenset({Kind.TASK, Kind.PING, Kind.STATE, Kind.HEARTBEAT, Kind.DEAD_LETTER})
+_STATE = DELIVERY[Kind.STATE]
 _ANSWERABLE = frozenset({"schema", "version"})  # decode failures whose mapping may name id and reply_to
 _TASK_NAME: TypeAdapter[str] = TypeAdapter(TaskName)
 _DIGEST_CODEC = Codec("cbor", max_payload=1 << 40)
@@ -247,6 +257,31 @@ class CloudAgent:
     def registry(self) -> TaskRegistry:
         return self._registry
 
+    @classmethod
+    def from_config(cls, config: CloudConfig | str | Path, *,
+                    registry: TaskRegistry | None = None) -> CloudAgent:
+        """An agent on an MQTT transport to ``config.broker``: ``config`` is a :class:`CloudConfig`
+        or a TOML file (read with the ``CLOUD_AGENT_*`` environment over it); ``registry``
+        defaults to the config's ``tasks`` modules. Not started; ``with`` starts and stops it.
+
+        Raises :class:`agent_common.settings.SettingsError` for a bad file,
+        :class:`agent_common.registry.RegistryError` for bad task modules and ``ValueError``
+        without a broker URL (the embedded broker is the CLI's business).
+        """
+        from topics.mqtt import MqttTransport
+
+        if not isinstance(config, CloudConfig):
+            config = load_settings(CloudConfig, config_file=config, env_prefix=ENV_PREFIX)
+        tasks = registry if registry is not None else load_tasks(*config.tasks)
+        return cls(config, MqttTransport(config.transport_config(), name=config.id), tasks)
+
+    def __enter__(self) -> CloudAgent:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
     def start(self) -> None:
         """Set the Will, connect, subscribe, publish the birth and start the worker threads."""
         if self._started:
@@ -256,16 +291,19 @@ class CloudAgent:
         self._draining = False
         self._session = int(self._clock() * 1000)
         self._transport.set_will(self._tree.state(self.node_id), self._state_payload("offline"),
-                                 qos=1, retain=True)
+                                 qos=_STATE.qos, retain=_STATE.retain)
         self._transport.add_connect_listener(self._on_connect)
         for index in range(self.config.workers):
             self._spawn(self._work_loop, f"{self.node_id}-worker-{index}")
         self._spawn(self._watchdog_loop, f"{self.node_id}-watchdog")
         try:
-            self._transport.subscribe(self._tree.task_inbox(self.node_id), self._on_task, qos=1)
-            self._transport.subscribe(self._tree.ping(self.node_id), self._on_ping, qos=0)
+            self._transport.subscribe(self._tree.task_inbox(self.node_id), self._on_task,
+                                      qos=DELIVERY[Kind.TASK].qos)
+            self._transport.subscribe(self._tree.ping(self.node_id), self._on_ping,
+                                      qos=DELIVERY[Kind.PING].qos)
             for pool in self.config.pools:
-                self._transport.subscribe(self._tree.pool_subscription(pool), self._on_task, qos=1)
+                self._transport.subscribe(self._tree.pool_subscription(pool), self._on_task,
+                                          qos=DELIVERY[Kind.TASK].qos)
             self._transport.connect()
         except BaseException:
             self._shutdown_threads()
@@ -305,7 +343,7 @@ class CloudAgent:
         self._shutdown_threads()
         try:
             self._transport.publish(self._tree.state(self.node_id), self._state_payload("offline"),
-                                    qos=1, retain=True)
+                                    qos=_STATE.qos, retain=_STATE.retain)
         except TransportError as exc:
             log.warning("%s could not publish its offline state: %s", self.node_id, exc)
         self._transport.close()
@@ -371,7 +409,7 @@ class CloudAgent:
     def _on_connect(self) -> None:
         try:
             self._transport.publish(self._tree.state(self.node_id), self._state_payload("online"),
-                                    qos=1, retain=True)
+                                    qos=_STATE.qos, retain=_STATE.retain)
             self._count("births")
         except TransportError as exc:
             log.warning("%s could not publish its birth: %s", self.node_id, exc)
@@ -399,7 +437,7 @@ class CloudAgent:
         self._seq += 1
         try:
             self._transport.publish(self._tree.heartbeat(self.node_id), self._codec.encode(heartbeat),
-                                    qos=0)
+                                    qos=DELIVERY[Kind.HEARTBEAT].qos)
             self._count("heartbeats")
         except TransportError as exc:
             self._count("heartbeats_failed")
@@ -415,7 +453,8 @@ class CloudAgent:
                             detail=detail[:4096], payload=message.payload[:DEAD_LETTER_PAYLOAD],
                             size=len(message.payload), time=max(0.0, self._clock()))
         try:
-            self._transport.publish(self._tree.dead_letter(self.node_id), self._codec.encode(letter))
+            self._transport.publish(self._tree.dead_letter(self.node_id), self._codec.encode(letter),
+                                    qos=DELIVERY[Kind.DEAD_LETTER].qos)
         except (TransportError, EncodeError) as exc:
             log.debug("%s dead letter not sent: %s", self.node_id, exc)
 
@@ -434,7 +473,7 @@ class CloudAgent:
             return
         pong = Pong(nonce=ping.nonce, responder=self.node_id, sent=ping.sent)
         try:
-            self._transport.publish(ping.reply_to, codec.encode(pong), qos=0)
+            self._transport.publish(ping.reply_to, codec.encode(pong), qos=DELIVERY[Kind.PONG].qos)
             self._count("pings")
         except TransportError as exc:
             log.debug("%s pong not sent: %s", self.node_id, exc)
@@ -706,7 +745,7 @@ class CloudAgent:
         try:
             if data is None:
                 data = codec.encode(result.model_copy(update={"content_type": _content_type(codec)}))
-            self._transport.publish(reply_to, data, qos=1)
+            self._transport.publish(reply_to, data, qos=DELIVERY[Kind.RESULT].qos)
             return
         except NotConnectedError as exc:
             kind, detail = "not-connected", str(exc)

@@ -29,6 +29,7 @@ import itertools
 import logging
 import random
 import secrets
+import sys
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -36,10 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from cloud_agent.badinput import BadInputLog
-from cloud_agent.registry import TaskRegistry, TaskSpec, UnknownTaskError, run_spec
+from agent_common.badinput import BadInputLog
+from agent_common.registry import TaskRegistry, TaskSpec, UnknownTaskError, run_spec
 from edge_agent.bridge import Bridge
 from edge_agent.config import EdgeConfig
 from edge_agent.policy import LOCAL, Decision, LocalInfo, PolicyConfig, TaskInfo, check_policy, decide
@@ -78,7 +77,8 @@ def payload_size(value: Any, _depth: int = 0) -> int:
     """A cheap estimate of a payload's encoded size in bytes (exact for bytes and arrays)."""
     if isinstance(value, bytes | bytearray | memoryview):
         return len(value)
-    if isinstance(value, np.ndarray):
+    np = sys.modules.get("numpy")  # an array exists only if numpy was imported: never load it here
+    if np is not None and isinstance(value, np.ndarray):
         return int(value.nbytes) + 32
     if isinstance(value, str):
         return len(value) + 1

@@ -19,8 +19,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from cloud_agent.badinput import BadInputLog
-from cloud_agent.registry import RegistryError
+from agent_common.badinput import BadInputLog
+from agent_common.registry import RegistryError
 from edge_agent.config import BridgeRoute, render_output
 from edge_agent.records import TaskFailed
 from topics.codec import Codec, EncodeError

@@ -1,7 +1,7 @@
 """``edge-agent``: run a device, or submit one task from the shell.
 
     edge-agent run --config /etc/offload/device.toml
-    edge-agent run --broker mqtt://127.0.0.1:1883 --id cam1 --tasks examples.tasks --policy ect
+    edge-agent run --broker mqtt://127.0.0.1:1883 --id cam1 --tasks agent_common.demo_tasks --policy ect
     edge-agent submit --broker mqtt://127.0.0.1:1883 square '{"x": 7}'
 
 Settings come from the TOML file, then ``EDGE_AGENT_<FIELD>`` variables, then flags. Logs go to
@@ -22,55 +22,27 @@ import time
 import uuid
 from collections.abc import Sequence
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any, get_args
 
-from cloud_agent.registry import RegistryError, TaskRegistry, UnknownTaskError, load_tasks
-from cloud_agent.settings import SettingsError
+from agent_common.cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    LOG_LEVELS,
+    OneLineParser,
+    UsageError,
+    run_command,
+    setup_logging,
+)
+from agent_common.registry import RegistryError, TaskRegistry, UnknownTaskError, load_tasks
+from agent_common.settings import SettingsError
 from edge_agent.config import ENV_PREFIX, EdgeConfig, load_edge_config
 from edge_agent.policy import POLICIES, UnknownPolicyError
 from edge_agent.records import TaskFailed
 from topics.codec import to_wire
-from topics.errors import WireError
+from topics.transport import ProtocolVersion
 
 log = logging.getLogger("edge_agent.cli")
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-class UsageError(Exception):
-    """Bad arguments or configuration: one line, exit 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
-
-
-class KeyValueFormatter(logging.Formatter):
-    """``ts=... level=info logger=... node=cam1 msg="..."``: greppable, one event per line."""
-
-    def __init__(self, node: str) -> None:
-        super().__init__()
-        self._node = node
-
-    def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        message = record.getMessage()
-        line = (f"ts={stamp}.{int(record.msecs):03d}Z level={record.levelname.lower()} "
-                f"logger={record.name} node={self._node} msg={json.dumps(message)}")
-        if record.exc_info:
-            line += f" exc={json.dumps(self.formatException(record.exc_info))}"
-        return line
-
-
-def setup_logging(level: str, node: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(KeyValueFormatter(node))
-    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
-
 
 # flag name -> (config field, type, help)
 _FLAGS: dict[str, tuple[str, Any, str]] = {
@@ -95,10 +67,20 @@ _FLAGS: dict[str, tuple[str, Any, str]] = {
 }
 
 
+_CHOICES: dict[str, tuple[str, ...]] = {"protocol": get_args(ProtocolVersion),
+                                        "format": get_args(EdgeConfig.model_fields["format"].annotation)}
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", metavar="FILE", help="TOML config file (see examples/device.toml)")
     for flag, (field, kind, help_text) in _FLAGS.items():
-        parser.add_argument(flag, dest=field, type=kind, metavar=field.upper(), help=help_text)
+        choices = _CHOICES.get(field)
+        if choices:
+            parser.add_argument(flag, dest=field, choices=choices, help=help_text)
+        else:
+            parser.add_argument(flag, dest=field, type=kind, metavar=field.upper(), help=help_text)
+    # no secrets on the command line (ps, shell history): refused with a pointer to the environment
+    parser.add_argument("--password", dest="password", help=argparse.SUPPRESS)
     parser.add_argument("--tasks", dest="tasks", action="append", metavar="MODULE",
                         help="importable module registering local tasks (repeat or comma-separate)")
     parser.add_argument("--serve", dest="serve", action=argparse.BooleanOptionalAction, default=None,
@@ -108,9 +90,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="edge-agent", description="Decide per task whether to run it here or offload it "
-                     "over MQTT to the server that finishes it soonest.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser = OneLineParser(prog="edge-agent", description="Decide per task whether to run it here or "
+                           "offload it over MQTT to the server that finishes it soonest.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     run = commands.add_parser("run", help="run the device agent until SIGTERM/SIGINT",
                               description=f"Run the device agent. Every setting is also {ENV_PREFIX}<FIELD> "
                               "in the environment and <field> in the TOML file; flags win.")
@@ -128,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     values: dict[str, Any] = {field: getattr(args, field, None) for field, _, _ in _FLAGS.values()}
+    values["password"] = getattr(args, "password", None)
     if args.tasks:
         values["tasks"] = [item.strip() for chunk in args.tasks for item in chunk.split(",") if item.strip()]
     values["serve"] = args.serve
@@ -288,7 +271,8 @@ def submit(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``edge-agent``; returns the exit code."""
     parser = build_parser()
-    try:
+
+    def body() -> int:
         args = parser.parse_args(argv)
         if args.command == "run":
             return run(args)
@@ -296,15 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return submit(args)
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    except UsageError as exc:
-        print(f"edge-agent: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (WireError, OSError, RuntimeError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"edge-agent: error: {message}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        return EXIT_FAILED
+
+    return run_command("edge-agent", body)
 
 
-__all__ = ["KeyValueFormatter", "build_parser", "main"]
+__all__ = ["build_parser", "main"]

@@ -2,7 +2,7 @@
 
     id = "cam1"
     broker = "mqtt://127.0.0.1:1883"
-    tasks = ["examples.tasks"]
+    tasks = ["agent_common.demo_tasks"]
     policy = "ect"
 
     [policy_config]
@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from cloud_agent.settings import load_settings
+from agent_common.settings import load_settings
 from edge_agent.policy import PolicyConfig, check_policy
 from topics.codec import DEFAULT_MAX_PAYLOAD
 from topics.errors import TopicError
@@ -122,6 +122,8 @@ class EdgeConfig(_Frozen):
     protocol: ProtocolVersion = "3.1.1"
     username: str | None = None
     password: SecretStr | None = None
+    password_file: str | None = None
+    """File holding the broker password (read when ``password`` is unset); never a flag."""
     tls: TlsConfig | None = None
     prefix: str = DEFAULT_PREFIX
     tasks: list[str] = Field(default_factory=list)
@@ -225,7 +227,7 @@ def load_edge_config(config_file: Path | str | None = None, *, overrides: dict[s
                      environ: dict[str, str] | None = None) -> EdgeConfig:
     """Read the TOML file (optional), then ``EDGE_AGENT_*`` variables, then ``overrides``.
 
-    Raises :class:`cloud_agent.settings.SettingsError` with one clear line on any problem.
+    Raises :class:`agent_common.settings.SettingsError` with one clear line on any problem.
     """
     return load_settings(EdgeConfig, config_file=config_file, env_prefix=ENV_PREFIX, overrides=overrides,
                          environ=environ)

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from agent_common.cli import OneLineParser, run_command, setup_logging
 from edge_agent.policy import POLICIES
 from sim.oracle import ORACLE
 from sim.report import (
@@ -263,11 +264,12 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="offload-sim", description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(prog="offload-sim", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", default="WARNING",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (stderr)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=OneLineParser)
 
     run = commands.add_parser("run", help="run a scenario under its policies and compare them")
     run.add_argument("scenario", help="a scenario TOML file, or the name of a shipped one")
@@ -306,15 +308,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        code: int = args.handler(args)
+
+    def body() -> int:
+        args = parser.parse_args(argv)
+        setup_logging(args.log_level, "sim")
+        try:
+            code: int = args.handler(args)
+        except CliError as exc:
+            print(f"offload-sim: error: {exc}", file=sys.stderr)
+            return exc.code
         return code
-    except CliError as exc:
-        print(f"offload-sim: error: {exc}", file=sys.stderr)
-        return exc.code
+
+    return run_command("offload-sim", body)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from agent_common.registry import UnknownTaskError, load_tasks
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import UnknownTaskError, load_tasks
 from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
@@ -30,7 +30,7 @@ def _say(text: str = "") -> None:
 
 
 def _offload_a_few(url: str, tasks: int) -> None:
-    registry = load_tasks("examples.tasks")
+    registry = load_tasks("agent_common.demo_tasks")
     config = TransportConfig.from_url(url)
     server = CloudAgent(CloudConfig(id="srv1", broker=url, workers=2, heartbeat_interval=0.5),
                         MqttTransport(config.model_copy(update={"client_id": "demo-srv1"})), registry)

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from agent_common.registry import TaskRegistry
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import TaskRegistry
 from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig, PolicySettings

@@ -12,7 +12,7 @@ import pytest
 from brokers_support import wait_for
 from pydantic import ValidationError
 
-from cloud_agent.registry import TaskRegistry
+from agent_common.registry import TaskRegistry
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import BridgeRoute, EdgeConfig, render_output
 from topics.errors import TopicError

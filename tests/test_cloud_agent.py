@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from brokers_support import wait_for
 
+from agent_common.registry import Done, TaskRegistry
 from cloud_agent.config import CloudConfig
 from cloud_agent.http_adapter import HttpAdapterError, HttpForwarder
-from cloud_agent.registry import Done, TaskRegistry
 from cloud_agent.server import CloudAgent
 from topics.codec import Codec
 from topics.memory import MemoryBroker, MemoryTransport
@@ -421,10 +421,10 @@ def test_stop_after_grace_answers_the_rest(memory_broker: MemoryBroker, device: 
 
 
 def test_process_task(memory_broker: MemoryBroker, device: Device) -> None:
-    from cloud_agent.registry import load_tasks
+    from agent_common.registry import load_tasks
 
     cfg = config(process_workers=1)
-    agent = CloudAgent(cfg, MemoryTransport(memory_broker, "srv1"), load_tasks("examples.tasks"))
+    agent = CloudAgent(cfg, MemoryTransport(memory_broker, "srv1"), load_tasks("agent_common.demo_tasks"))
     agent.start()
     try:
         result = device.result_of(device.send("cpu_burn", {"n": 1000}), timeout=30.0)
@@ -745,7 +745,7 @@ def test_results_that_cannot_be_sent_are_counted_and_logged_once_per_interval(
 def test_rate_limited_log_flushes_a_burst_that_stopped(caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
-    from cloud_agent.badinput import RateLimitedLog
+    from agent_common.badinput import RateLimitedLog
 
     now = [0.0]
     summary = RateLimitedLog(logging.getLogger("t.flush"), label="x", interval=10.0,

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from brokers_support import BrokerEndpoint, MessageLog, wait_for
 
+from agent_common.registry import TaskRegistry
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import TaskRegistry
 from cloud_agent.server import CloudAgent
 from topics.codec import Codec
 from topics.models import Heartbeat, NodeState, Result, Task
@@ -187,7 +187,7 @@ def _agent_process(target: BrokerEndpoint, prefix: str, *extra: str) -> subproce
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUD_AGENT_")}
     return subprocess.Popen(
         [sys.executable, "-m", "cloud_agent", "run", "--broker", target.url, "--id", "srv1",
-         "--prefix", prefix, "--protocol", target.protocol, "--tasks", "examples.tasks",
+         "--prefix", prefix, "--protocol", target.protocol, "--tasks", "agent_common.demo_tasks",
          "--heartbeat-interval", "0.2", "--log-level", "info", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 

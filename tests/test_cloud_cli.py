@@ -97,9 +97,9 @@ def test_wrong_password_exit_1(broker_factory: object) -> None:
 
 def test_config_file_env_and_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    memory_broker: MemoryBroker) -> None:
+    from agent_common.settings import load_settings
     from cloud_agent.cli import _overrides, build_parser
     from cloud_agent.config import CloudConfig
-    from cloud_agent.settings import load_settings
 
     path = tmp_path / "server.toml"
     path.write_text('id = "file"\nworkers = 3\nqueue_size = 5\npools = ["a"]\n')
@@ -150,7 +150,7 @@ def test_embedded_broker_serves_a_task(topic_prefix: str) -> None:
         _, err = process.communicate(timeout=15.0)
         assert process.returncode == 0, err[-2000:]
         assert f"embedded broker on mqtt://127.0.0.1:{port}" in err
-        assert " [solo] " in err  # timestamps and the node id on every line
+        assert " node=solo " in err  # timestamps and the node id on every line (one log format)
     finally:
         device.close(timeout=1.0)
         if process.poll() is None:
@@ -162,9 +162,9 @@ def test_embedded_broker_serves_a_task(topic_prefix: str) -> None:
 
 def test_reply_allowlist_and_reconnect_settings_from_flags_and_environment(
         monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent_common.settings import load_settings
     from cloud_agent.cli import _overrides, build_parser
     from cloud_agent.config import CloudConfig
-    from cloud_agent.settings import load_settings
 
     monkeypatch.setenv("CLOUD_AGENT_RECONNECT_MAX_DELAY", "0.5")
     monkeypatch.setenv("CLOUD_AGENT_PUBLISH_WAIT", "2")

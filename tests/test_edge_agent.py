@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from brokers_support import wait_for
 
+from agent_common.registry import TaskRegistry, UnknownTaskError, load_tasks
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import TaskRegistry, UnknownTaskError, load_tasks
 from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent, payload_size
 from edge_agent.config import EdgeConfig
@@ -522,7 +522,7 @@ def test_attempt_timeout_ignores_the_failure_penalty(memory_broker: MemoryBroker
     from edge_agent.policy import Decision
 
     agent = EdgeAgent(EdgeConfig(id="dev", policy="ect", default_timeout=0.1, timeout_factor=4.0),
-                      MemoryTransport(memory_broker, "dev"), load_tasks("examples.tasks"))
+                      MemoryTransport(memory_broker, "dev"), load_tasks("agent_common.demo_tasks"))
     agent._table.on_heartbeat(Heartbeat(node="s", role=Role.SERVER, session=1, seq=1, interval=1.0,
                                         time=0.0, capabilities={"square": TaskCapability()}), 0.0)
     for _ in range(4):

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from brokers_support import BrokerEndpoint, wait_for
 
+from agent_common.registry import TaskRegistry, load_tasks
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import TaskRegistry, load_tasks
 from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
@@ -44,7 +44,8 @@ def start_edge(endpoint: BrokerEndpoint, stack: Stack, prefix: str, *, registry:
     values.update(fields)
     config = EdgeConfig.model_validate(values)
     transport = MqttTransport(endpoint.config(config.id, reconnect_max_delay=0.5), name=config.id)
-    agent = EdgeAgent(config, transport, load_tasks("examples.tasks") if registry is None else registry)
+    agent = EdgeAgent(config, transport,
+                      load_tasks("agent_common.demo_tasks") if registry is None else registry)
     agent.start()
     stack.append(agent.stop)
     return agent
@@ -56,7 +57,7 @@ def start_cloud(endpoint: BrokerEndpoint, stack: Stack, prefix: str, node: str, 
     values.update(fields)
     config = CloudConfig.model_validate(values)
     transport = MqttTransport(endpoint.config(node, reconnect_max_delay=0.5), name=node)
-    agent = CloudAgent(config, transport, load_tasks("examples.tasks"))
+    agent = CloudAgent(config, transport, load_tasks("agent_common.demo_tasks"))
     agent.start()
     stack.append(lambda: agent.stop(grace=0.0))
     return agent
@@ -93,7 +94,7 @@ def test_sigkilled_server_process_every_task_gets_one_outcome(mosquitto_broker: 
     endpoint = BrokerEndpoint("mosquitto", mosquitto_broker.url, "3.1.1", mosquitto_broker)
     server = subprocess.Popen(
         [sys.executable, "-m", "cloud_agent", "run", "--broker", mosquitto_broker.url, "--id", "victim",
-         "--tasks", "examples.tasks", "--prefix", topic_prefix, "--heartbeat-interval", "0.2",
+         "--tasks", "agent_common.demo_tasks", "--prefix", topic_prefix, "--heartbeat-interval", "0.2",
          "--keepalive", "1", "--workers", "2", "--log-level", "warning"],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE)

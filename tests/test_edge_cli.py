@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from brokers_support import wait_for
 
+from agent_common.registry import load_tasks
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import load_tasks
 from cloud_agent.server import CloudAgent
 from edge_agent.cli import main
 from edge_agent.config import load_edge_config
@@ -43,18 +43,18 @@ def test_bad_config_file_and_bad_args(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["run", "--config", str(tmp_path / "missing.toml")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["run", "--id", "cam/1"]) == 2
-    assert main(["submit", "--tasks", "examples.tasks", "square", "{not json"]) == 2
+    assert main(["submit", "--tasks", "agent_common.demo_tasks", "square", "{not json"]) == 2
     assert "not valid JSON" in capsys.readouterr().err
-    assert main(["submit", "--tasks", "examples.tasks", "nope", "{}"]) == 2
+    assert main(["submit", "--tasks", "agent_common.demo_tasks", "nope", "{}"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
     assert main(["run", "--id", "cam1", "--tasks", "no_such_module_xyz"]) == 2
     assert main(["frobnicate"]) == 2
 
 
 def test_submit_locally_without_a_broker(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["submit", "--tasks", "examples.tasks", "square", '{"x": 12}']) == 0
+    assert main(["submit", "--tasks", "agent_common.demo_tasks", "square", '{"x": 12}']) == 0
     assert json.loads(capsys.readouterr().out) == {"y": 144}
-    assert main(["submit", "--tasks", "examples.tasks", "square", '{"y": 1}']) == 1
+    assert main(["submit", "--tasks", "agent_common.demo_tasks", "square", '{"y": 1}']) == 1
     assert "task failed: error" in capsys.readouterr().err
 
 
@@ -78,7 +78,8 @@ def test_submit_offloads_to_a_server(amqtt: EmbeddedBroker, capsys: pytest.Captu
     prefix = f"test/{uuid.uuid4().hex[:8]}"
     config = CloudConfig.model_validate({"id": "cli-srv", "broker": amqtt.url, "prefix": prefix,
                                          "heartbeat_interval": 0.2})
-    server = CloudAgent(config, MqttTransport(config.transport_config()), load_tasks("examples.tasks"))
+    server = CloudAgent(config, MqttTransport(config.transport_config()),
+                        load_tasks("agent_common.demo_tasks"))
     server.start()
     try:
         code = main(["submit", "--broker", amqtt.url, "--prefix", prefix, "--policy", "remote",
@@ -107,7 +108,7 @@ def test_run_heartbeats_and_stops_cleanly_on_sigterm(amqtt: EmbeddedBroker) -> N
     watcher.connect()
     process = subprocess.Popen(
         [sys.executable, "-m", "edge_agent", "run", "--broker", amqtt.url, "--id", "cam9", "--prefix", prefix,
-         "--tasks", "examples.tasks", "--heartbeat-interval", "0.2"],
+         "--tasks", "agent_common.demo_tasks", "--heartbeat-interval", "0.2"],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: len(heartbeats) >= 1, timeout=20.0, message="a heartbeat from the subprocess")
@@ -130,11 +131,11 @@ def test_serve_runs_a_peer_server_that_other_devices_use(amqtt: EmbeddedBroker) 
 
     prefix = f"test/{uuid.uuid4().hex[:8]}"
     common = {"broker": amqtt.url, "prefix": prefix, "heartbeat_interval": 0.2, "probe_interval": 0.1}
-    host = Device(load_edge_config(overrides={**common, "id": "pi1", "tasks": ["examples.tasks"],
-                                              "serve": True}), load_tasks("examples.tasks"))
+    host = Device(load_edge_config(overrides={**common, "id": "pi1", "tasks": ["agent_common.demo_tasks"],
+                                              "serve": True}), load_tasks("agent_common.demo_tasks"))
     other_config = load_edge_config(overrides={**common, "id": "pi2", "policy": "remote"})
     other = EdgeAgent(other_config, MqttTransport(other_config.transport_config()),
-                      load_tasks("examples.tasks"))
+                      load_tasks("agent_common.demo_tasks"))
     host.start()
     other.start()
     try:

@@ -24,8 +24,8 @@ import cbor2
 import pytest
 from brokers_support import BrokerEndpoint, wait_for
 
+from agent_common.registry import TaskRegistry, load_tasks
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import TaskRegistry, load_tasks
 from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent, attempt_timeout
 from edge_agent.config import EdgeConfig
@@ -401,7 +401,7 @@ def _stack(endpoint: BrokerEndpoint, cleanup: Cleanup, prefix: str,
         "id": "phoenix", "broker": endpoint.url, "prefix": prefix, "heartbeat_interval": 0.5, "workers": 2,
         "grace_period": 0.0})
     server_transport = MqttTransport(endpoint.config("phoenix", reconnect_max_delay=0.5), name="phoenix")
-    registry = load_tasks("examples.tasks")
+    registry = load_tasks("agent_common.demo_tasks")
     registry.task("held")(gate.held)
     server = CloudAgent(server_config, server_transport, registry)
     server.start()

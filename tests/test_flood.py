@@ -23,8 +23,8 @@ import pytest
 from brokers_support import BrokerEndpoint, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent_common.registry import TaskRegistry
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import TaskRegistry
 from cloud_agent.server import CloudAgent
 from topics.brokers import MosquittoBroker
 from topics.codec import Codec

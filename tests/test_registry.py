@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from cloud_agent.registry import (
+from agent_common.registry import (
     Done,
     RegistryError,
     TaskRegistry,
@@ -208,7 +208,7 @@ def write_module(directory: Path, name: str, body: str) -> None:
 def test_load_tasks_from_a_module_with_its_own_registry(module_dir: tuple[Path, str]) -> None:
     directory, prefix = module_dir
     write_module(directory, f"{prefix}_own", """
-        from cloud_agent.registry import TaskRegistry
+        from agent_common.registry import TaskRegistry
         registry = TaskRegistry()
 
         @registry.task("triple")
@@ -227,7 +227,7 @@ def test_load_tasks_combines_modules(module_dir: tuple[Path, str]) -> None:
     directory, prefix = module_dir
     for index in (1, 2):
         write_module(directory, f"{prefix}_m{index}", f"""
-            from cloud_agent.registry import TaskRegistry
+            from agent_common.registry import TaskRegistry
             registry = TaskRegistry()
             registry.task("t{index}")(lambda x: x)
         """)
@@ -238,7 +238,7 @@ def test_load_tasks_from_the_module_decorators(module_dir: tuple[Path, str]) -> 
     directory, prefix = module_dir
     name = f"{prefix}_global"
     write_module(directory, name, f"""
-        from cloud_agent.registry import task
+        from agent_common.registry import task
 
         @task("{name}_echo")
         def echo(x):
@@ -285,7 +285,7 @@ def test_load_tasks_with_nothing_registered(module_dir: tuple[Path, str], monkey
 
 
 def test_load_the_example_tasks() -> None:
-    loaded = load_tasks("examples.tasks")
+    loaded = load_tasks("agent_common.demo_tasks")
     assert {"noop", "square"} <= set(loaded.names())
     result: Any = loaded.get("square").run({"x": 7})
     assert result == {"y": 49}

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from brokers_support import make_test_certificates, require_mosquitto, wait_for
 
+from agent_common.registry import TaskRegistry, load_tasks
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import TaskRegistry, load_tasks
 from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
@@ -131,7 +131,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             "id": "srv1", "broker": broker.url, "username": "srv1", "password": passwords["srv1"],
             "tls_ca_file": str(ca_file), "heartbeat_interval": 0.5, "workers": 2, "grace_period": 0.0})
         server_transport = MqttTransport(server_config.transport_config(), name="srv1")
-        server = CloudAgent(server_config, server_transport, load_tasks("examples.tasks"))
+        server = CloudAgent(server_config, server_transport, load_tasks("agent_common.demo_tasks"))
         server.start()
         closers.append(lambda: server.stop(grace=0.0))
         edge_config = EdgeConfig(id="cam1", broker=broker.url, username="cam1", password=passwords["cam1"],
@@ -289,11 +289,12 @@ def test_a_serving_device_logs_its_peer_in_as_its_own_user() -> None:
     from edge_agent.cli import build_peer
 
     config = EdgeConfig(id="cam1", broker="mqtt://127.0.0.1:1", username="cam1", password="device-secret",
-                        peer_username="cam1-peer", peer_password="peer-secret", tasks=["examples.tasks"])
-    peer = build_peer(config, load_tasks("examples.tasks"))
+                        peer_username="cam1-peer", peer_password="peer-secret",
+                        tasks=["agent_common.demo_tasks"])
+    peer = build_peer(config, load_tasks("agent_common.demo_tasks"))
     transport = peer.config.transport_config()
     assert (transport.client_id, transport.username) == ("cam1-peer", "cam1-peer")
     assert transport.password is not None and transport.password.get_secret_value() == "peer-secret"
     shared = build_peer(config.model_copy(update={"peer_username": None, "peer_password": None}),
-                        load_tasks("examples.tasks")).config.transport_config()
+                        load_tasks("agent_common.demo_tasks")).config.transport_config()
     assert shared.username == "cam1"  # without peer credentials: the device's, as before

@@ -14,8 +14,8 @@ import pytest
 from brokers_support import BrokerEndpoint, MessageLog, wait_for
 
 import topics.mqtt as mqtt_module
+from agent_common.registry import TaskRegistry
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import TaskRegistry
 from cloud_agent.server import CloudAgent
 from topics.codec import Codec
 from topics.models import DeadLetter, NodeState, Ping, Result, Task

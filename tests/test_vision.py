@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("cv2")
 
-from cloud_agent.registry import Done, load_tasks, run_spec
+from agent_common.registry import Done, load_tasks, run_spec
 from examples.vision.ball import (
     BALL,
     STAGE_NAMES,

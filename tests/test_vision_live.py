@@ -20,8 +20,8 @@ pytest.importorskip("cv2")
 
 from brokers_support import BrokerEndpoint, wait_for
 
+from agent_common.registry import TaskRegistry
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import TaskRegistry
 from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig

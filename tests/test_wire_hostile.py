@@ -23,6 +23,7 @@ import cbor2
 import pytest
 from brokers_support import BrokerEndpoint, endpoint, wait_for
 
+from agent_common.registry import TaskRegistry, load_tasks
 from bench.hostile import (
     BAD_REPLY_TOPICS,
     FAMILIES,
@@ -36,7 +37,6 @@ from bench.hostile import (
     valid_fields,
 )
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import TaskRegistry, load_tasks
 from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
@@ -291,7 +291,7 @@ def _start_fleet(target: BrokerEndpoint, tree: TopicTree, stop: list[Callable[[]
     config = CloudConfig.model_validate({"id": "srv", "broker": target.url, "prefix": tree.prefix,
                                          "heartbeat_interval": 0.2, "workers": 2, "grace_period": 0.0})
     server_transport = MqttTransport(target.config(f"srv-{suffix}"), name="srv")
-    server = CloudAgent(config, server_transport, load_tasks("examples.tasks"))
+    server = CloudAgent(config, server_transport, load_tasks("agent_common.demo_tasks"))
     server.start()
     stop.append(lambda: server.stop(grace=0.0))
     device_config = EdgeConfig.model_validate({"id": "dev", "broker": target.url, "prefix": tree.prefix,

@@ -8,6 +8,7 @@ enough MQTT 3.1.1 by hand (CONNECT, CONNACK, DISCONNECT) so that this module nee
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
 import shutil
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 BrokerKind = Literal["amqtt", "mosquitto"]
 
 _PROBE_INTERVAL = 0.02
+
+
+BROKER_EXTRA_MISSING = ("the embedded broker needs amqtt, which this install lacks: "
+                        "pip install 'mqtt-offload[broker]' (or give --broker mqtt://host:port)")
 
 
 class BrokerError(RuntimeError):
@@ -184,6 +189,8 @@ class EmbeddedBroker:
         """Start the broker thread; return once it answers MQTT, or raise :class:`BrokerError`."""
         if self.running:
             return self
+        if importlib.util.find_spec("amqtt") is None:
+            raise BrokerError(BROKER_EXTRA_MISSING)
         _quiet_chatty_loggers()
         self._started.clear()
         self._start_error = None

@@ -25,14 +25,17 @@ import json
 import math
 import re
 import reprlib
+import sys
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import cbor2
-import numpy as np
 from pydantic import ValidationError
 
 from topics.errors import DecodeError, WireError
+
+if TYPE_CHECKING:
+    import numpy as np
 from topics.models import SCHEMA_VERSION, TOPIC_ERROR, WireModel
 
 Format = Literal["cbor", "json"]
@@ -75,6 +78,8 @@ class EncodeError(WireError, ValueError):
 
 
 def _array_to_wire(array: np.ndarray[Any, Any]) -> dict[str, Any]:
+    import numpy as np  # loaded only where arrays exist (an edge device may have none)
+
     if array.dtype.kind not in _ARRAY_KINDS:
         raise EncodeError(f"numpy dtype {array.dtype} cannot go on the wire (numeric dtypes only)")
     contiguous = np.ascontiguousarray(array).reshape(array.shape)  # keeps 0-d arrays 0-d
@@ -83,6 +88,8 @@ def _array_to_wire(array: np.ndarray[Any, Any]) -> dict[str, Any]:
 
 
 def _array_from_wire(spec: Any) -> np.ndarray[Any, Any]:
+    import numpy as np
+
     if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data"}:
         raise ValueError("$ndarray needs exactly dtype, shape and data")
     dtype = np.dtype(str(spec["dtype"]))
@@ -126,11 +133,13 @@ def to_wire(value: Any, *, binary: bool, depth: int = 0) -> Any:
     if isinstance(value, bytes | bytearray | memoryview):
         raw = bytes(value)
         return raw if binary else {_BYTES_KEY: base64.b64encode(raw).decode()}
-    if isinstance(value, np.generic):
+    np = sys.modules.get("numpy")  # a numpy value exists only if numpy was imported
+    if np is not None and isinstance(value, np.generic):
         return to_wire(value.item(), binary=binary, depth=depth)
-    if depth + (2 if isinstance(value, np.ndarray) else 0) >= MAX_DEPTH:
+    is_array = np is not None and isinstance(value, np.ndarray)
+    if depth + (2 if is_array else 0) >= MAX_DEPTH:
         raise EncodeError(f"payload nested deeper than {MAX_DEPTH}")
-    if isinstance(value, np.ndarray):
+    if is_array:
         wire = _array_to_wire(value)
         if binary:
             return wire
@@ -374,6 +383,8 @@ def _json_shape(data: bytes, max_items: int) -> tuple[int, int]:
     bound = data.count(b",") + data.count(b":") + data.count(b"[") + data.count(b"{") + 1
     if bound <= max_items:
         return bound, 0
+    import numpy as np  # only for the rare text past the cheap bound
+
     # Drop escaped backslashes, then escaped quotes: every quote left is a string's edge.
     text = data.replace(b"\\\\", b"").replace(b'\\"', b"")
     items, depth, deepest, inside = 1, 0, 0, False

@@ -76,6 +76,26 @@ class Kind(str, Enum):
     DEAD_LETTER = "dead-letter"
 
 
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """How a channel is published: its MQTT QoS and whether the broker keeps the last message."""
+
+    qos: int
+    retain: bool = False
+
+
+DELIVERY: dict[Kind, Delivery] = {
+    Kind.TASK: Delivery(1),
+    Kind.RESULT: Delivery(1),
+    Kind.HEARTBEAT: Delivery(0),
+    Kind.PING: Delivery(0),
+    Kind.PONG: Delivery(0),
+    Kind.STATE: Delivery(1, retain=True),
+    Kind.DEAD_LETTER: Delivery(0),
+}
+"""QoS and retain per channel (the table in this module's docstring): both agents publish by it."""
+
+
 def validate_node_id(node_id: str, *, what: str = "node id") -> str:
     """Return ``node_id`` if it is usable as one topic level, else raise :class:`TopicError`.
 

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from cloud_agent.registry import Done, TaskRegistry
+from agent_common.registry import Done, TaskRegistry
 
 FRAME_WIDTH = 640
 FRAME_HEIGHT = 480

@@ -39,8 +39,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cloud_agent.badinput import BadInputLog
-from cloud_agent.registry import Done, TaskRegistry, TaskSpec
+import numpy as np
+
+from agent_common.badinput import BadInputLog
+from agent_common.registry import Done, TaskRegistry, TaskSpec
 from edge_agent.agent import EdgeAgent, payload_size
 from edge_agent.records import TaskFailed, TaskRecord
 from edge_agent.split import SplitController, SplitError, check_split
@@ -481,8 +483,9 @@ class Camera:
             found=sum(1 for o in outcomes if o.result.get("found")), visible=visible,
             mean_error_px=statistics.mean(errors) if errors else None,
             max_error_px=max(errors) if errors else None,
-            latency_p50_s=latencies[len(latencies) // 2],
-            latency_p95_s=latencies[min(len(latencies) - 1, int(len(latencies) * 0.95))],
+            # "higher": the next real latency at or above the quantile (what the indexing here did)
+            latency_p50_s=float(np.percentile(latencies, 50, method="higher")),
+            latency_p95_s=float(np.percentile(latencies, 95, method="higher")),
             target_fps=self.options.target_fps,
             splits=[{"time_s": change.time - self._start, "k": change.k,
                      "compress": change.compress, "expected_fps": change.expected_fps,

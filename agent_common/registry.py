@@ -3,7 +3,7 @@
 The same module serves the server (remote run) and the device (local run). Only registered names
 ever run; no code travels over the network.
 
-    from cloud_agent.registry import task
+    from agent_common.registry import task
 
     @task("square", executor="thread")
     def square(payload: dict) -> dict: ...

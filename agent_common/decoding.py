@@ -1,0 +1,27 @@
+"""One way for a message handler to decode and validate its input, or count it as bad input."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from agent_common.badinput import BadInputLog
+from topics.codec import Codec
+from topics.errors import DecodeError
+from topics.models import WireModel
+from topics.transport import Message
+
+M = TypeVar("M", bound=WireModel)
+
+
+def decode_or_count(codec: Codec, message: Message, model: type[M], bad: BadInputLog, *,
+                    kind: str) -> M | None:
+    """``message`` decoded and validated as ``model``, or None after counting it in ``bad``.
+
+    The reason counted is ``<kind>-<decode reason>`` (``heartbeat-malformed``), logged with the
+    topic at most once per interval; the handler only has to return on None.
+    """
+    try:
+        return codec.decode(message.payload, model, topic=message.topic)
+    except DecodeError as exc:
+        bad.record(f"{kind}-{exc.reason}", exc.detail, topic=message.topic)
+        return None
