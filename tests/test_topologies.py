@@ -31,14 +31,12 @@ from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
 from edge_agent.records import TaskRecord
-from topics.brokers import MosquittoBridge, MosquittoBroker
+from topics.brokers import MosquittoBridge, MosquittoBroker, write_mosquitto_config
 from topics.codec import Codec
 from topics.models import NodeState, Ping, Pong, Result, Task
 from topics.mqtt import MqttTransport
 from topics.names import TopicTree
 from topics.transport import Message
-
-pytestmark = pytest.mark.mosquitto
 
 REPO = Path(__file__).resolve().parent.parent
 Stack = list[Callable[[], None]]
@@ -50,6 +48,26 @@ def stack() -> Iterator[Stack]:
     yield actions
     for action in reversed(actions):
         action()
+
+
+def test_bridge_configuration(tmp_path: Path) -> None:
+    """The bridge section comes last in mosquitto.conf (it takes every following bridge option)."""
+    bridge = MosquittoBridge(address="cloud.example.net:1883", prefixes=("offload/v1", "lab/x"),
+                             name="site-1", remote_username="site", remote_password="pw")
+    text = write_mosquitto_config(tmp_path / "m.conf", port=1883, bridge=bridge).read_text()
+    lines = text.splitlines()
+    section = lines[lines.index("connection site-1"):]
+    for line in ("address cloud.example.net:1883", "remote_clientid site-1", "try_private true",
+                 "cleansession true", "notifications false", "restart_timeout 1",
+                 "remote_username site", "remote_password pw", "topic offload/v1/# both 1",
+                 "topic lab/x/# both 1"):
+        assert line in section
+    assert "set_tcp_nodelay true" in lines[:lines.index("connection site-1")]
+    for bad in ({"address": "cloud"}, {"address": "h:x"}, {"prefixes": ()}, {"prefixes": ("a/#",)},
+                {"prefixes": ("a/",)}, {"prefixes": ("a b",)}, {"keepalive_interval": 4},
+                {"remote_password": "pw"}):
+        with pytest.raises(ValueError):
+            MosquittoBridge(**{"address": "h:1883", **bad})
 
 
 @dataclass(frozen=True)
@@ -192,6 +210,7 @@ def recorded(edge: EdgeAgent) -> list[TaskRecord]:
     return records
 
 
+@pytest.mark.mosquitto
 def test_offload_round_trip_across_the_bridge(topology: Topology, stack: Stack) -> None:
     start_cloud(topology.cloud, stack, topology.prefix, "srv-cloud")
     edge = start_edge(topology.site, stack, topology.prefix)
@@ -204,6 +223,7 @@ def test_offload_round_trip_across_the_bridge(topology: Topology, stack: Stack) 
     wait_for(lambda: any(v.rtt is not None for v in edge.servers()), message="an rtt sample")
 
 
+@pytest.mark.mosquitto
 def test_pool_is_shared_by_the_cloud_brokers_subscribers(topology: Topology, stack: Stack) -> None:
     """``$share`` across a bridge: the bridge forwards the pool task once, and the cloud broker gives
     it to one member of the group (the site broker has no shared subscriber of its own)."""
@@ -235,6 +255,7 @@ def _answers(client: RawClient, node: str) -> bool:
     return True
 
 
+@pytest.mark.mosquitto
 def test_killed_servers_will_crosses_the_bridge_and_the_device_falls_back(
         topology: Topology, stack: Stack) -> None:
     """The cloud broker publishes the Will; the bridge carries it (retained) to the site broker."""
@@ -301,6 +322,7 @@ def _seen(client: RawClient, node: str, status: str, *, retained: bool) -> bool:
             return True
 
 
+@pytest.mark.mosquitto
 def test_late_device_sees_retained_state_across_the_bridge(topology: Topology, stack: Stack) -> None:
     """A server's retained birth crosses the bridge retained (``try_private``): a device that
     connects to the site broker later gets it at once, before any heartbeat."""
@@ -323,6 +345,7 @@ def _percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+@pytest.mark.mosquitto
 def test_bridge_round_trip_against_a_single_broker(topology: Topology, stack: Stack) -> None:
     """The same server on the cloud broker, pinged and given tasks from a client on the cloud broker
     (one broker) and from one on the site broker (bridged), interleaved in the same run."""
