@@ -9,6 +9,7 @@ run and printed (``pytest -s``); no timing is asserted.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -31,7 +32,7 @@ from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
 from edge_agent.records import TaskRecord
-from topics.brokers import MosquittoBridge, MosquittoBroker, write_mosquitto_config
+from topics.brokers import MosquittoBridge, MosquittoBroker, free_port, mqtt_answers, write_mosquitto_config
 from topics.codec import Codec
 from topics.models import NodeState, Ping, Pong, Result, Task
 from topics.mqtt import MqttTransport
@@ -372,3 +373,139 @@ def test_bridge_round_trip_against_a_single_broker(topology: Topology, stack: St
                   f"  p90 {1000 * _percentile(values, 0.9):.3f} ms")
         extra = statistics.median(samples["bridged"]) - statistics.median(samples["single"])
         print(f"{what:20} bridge adds {1000 * extra:.3f} ms (p50)")
+
+
+# ------------------------------------------------------------------ a two-node RabbitMQ cluster
+
+RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+RABBITMQCTL = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
+
+
+class RabbitCluster:
+    """Two RabbitMQ nodes (MQTT plugin) on loopback, clustered with ``rabbitmqctl join_cluster``.
+
+    Every process is ours: a private epmd on its own port, each node in its own session, stopped
+    with ``rabbitmqctl stop`` and then by process group id."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.cookie = uuid.uuid4().hex
+        home = base / "home"
+        home.mkdir(parents=True)
+        (home / ".erlang.cookie").write_text(self.cookie)
+        (home / ".erlang.cookie").chmod(0o400)
+        self.epmd_port = free_port()
+        self.mqtt_ports = [free_port(), free_port()]
+        self.nodes = [f"offload{i}-{uuid.uuid4().hex[:4]}@localhost" for i in (1, 2)]
+        self._processes: list[subprocess.Popen[bytes]] = []
+        self._env = {**os.environ, "HOME": str(home), "ERL_EPMD_ADDRESS": "127.0.0.1",
+                     "ERL_EPMD_PORT": str(self.epmd_port)}
+
+    def _node_env(self, index: int) -> dict[str, str]:
+        directory = self.base / f"n{index}"
+        (directory / "log").mkdir(parents=True, exist_ok=True)
+        (directory / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
+        (directory / "advanced.config").write_text("[].\n")
+        (directory / "rabbitmq-env.conf").write_text("")
+        amqp = free_port()
+        (directory / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{amqp}\n"
+            f"mqtt.listeners.tcp.default = 127.0.0.1:{self.mqtt_ports[index]}\n"
+            "mqtt.allow_anonymous = true\nloopback_users = none\n")
+        return {**self._env, "RABBITMQ_NODENAME": self.nodes[index], "RABBITMQ_NODE_PORT": str(amqp),
+                "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1", "RABBITMQ_DIST_PORT": str(free_port()),
+                "RABBITMQ_BASE": str(directory), "RABBITMQ_MNESIA_BASE": str(directory / "mnesia"),
+                "RABBITMQ_LOG_BASE": str(directory / "log"),
+                "RABBITMQ_CONFIG_FILE": str(directory / "rabbitmq.conf"),
+                "RABBITMQ_ADVANCED_CONFIG_FILE": str(directory / "advanced.config"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(directory / "enabled_plugins"),
+                "RABBITMQ_CONF_ENV_FILE": str(directory / "rabbitmq-env.conf"),
+                "RABBITMQ_PID_FILE": str(directory / "pid"),
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}"}
+
+    def url(self, index: int) -> str:
+        return f"mqtt://127.0.0.1:{self.mqtt_ports[index]}"
+
+    def ctl(self, index: int, *args: str) -> None:
+        subprocess.run([str(RABBITMQCTL), "--erlang-cookie", self.cookie, "-n", self.nodes[index], *args],
+                       env=self._env, check=True, capture_output=True, timeout=120)
+
+    def start(self) -> RabbitCluster:
+        self._processes.append(subprocess.Popen(
+            ["epmd", "-address", "127.0.0.1", "-port", str(self.epmd_port)], env=self._env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        for index in (0, 1):
+            with (self.base / f"node{index}.out").open("wb") as out:
+                self._processes.append(subprocess.Popen(
+                    [str(RABBITMQ_SERVER)], env=self._node_env(index), stdin=subprocess.DEVNULL,
+                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        for index in (0, 1):
+            wait_for(lambda i=index: mqtt_answers("127.0.0.1", self.mqtt_ports[i]),  # type: ignore[misc]
+                     timeout=120.0, interval=0.2, message=f"RabbitMQ node {index + 1} answering MQTT")
+        self.ctl(1, "stop_app")
+        self.ctl(1, "join_cluster", self.nodes[0])
+        self.ctl(1, "start_app")
+        wait_for(lambda: mqtt_answers("127.0.0.1", self.mqtt_ports[1]), timeout=120.0, interval=0.2,
+                 message="node 2 answering MQTT after joining the cluster")
+        return self
+
+    def close(self) -> None:
+        for index in (1, 0):
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                self.ctl(index, "stop")
+        for process in reversed(self._processes):
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)  # the session we started, by its id
+            process.wait(10)
+
+
+@pytest.fixture
+def rabbit_cluster(tmp_path: Path, stack: Stack) -> RabbitCluster:
+    if not RABBITMQ_SERVER.exists():
+        pytest.skip("RabbitMQ not installed: apt-get install -y rabbitmq-server")
+    cluster = RabbitCluster(tmp_path / "rabbit")
+    stack.append(cluster.close)
+    return cluster.start()
+
+
+def rabbit_endpoint(cluster: RabbitCluster, index: int) -> BrokerEndpoint:
+    return BrokerEndpoint("rabbitmq", cluster.url(index), "3.1.1", None)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_rabbitmq_cluster_servers_and_devices_on_different_nodes(rabbit_cluster: RabbitCluster,
+                                                                 topic_prefix: str, stack: Stack) -> None:
+    """Server on node 1, device on node 2: round trip, Will across nodes, local fallback; and what
+    RabbitMQ 3.10 does not do (checked, as documented): ``$share`` pools, retained state on the
+    other node."""
+    node1, node2 = rabbit_endpoint(rabbit_cluster, 0), rabbit_endpoint(rabbit_cluster, 1)
+    server = start_cloud(node1, stack, topic_prefix, "srv-r1", pools=["gpu"])
+    edge = start_edge(node2, stack, topic_prefix, local=True)
+    records = recorded(edge)
+    wait_for(serving(edge, "srv-r1"), timeout=20.0, message="the server on the other node")
+    assert [edge.submit("square", {"x": x}, deadline=5.0).result(10) for x in range(5)] == [
+        {"y": x * x} for x in range(5)]
+    wait_for(lambda: len(records) == 5)
+    assert {(r.outcome, r.target) for r in records} == {("ok", "srv-r1")}
+
+    client = RawClient(node2, topic_prefix, stack)
+    pool_id = client.send_task(client.tree.pool_inbox("gpu"), "square", {"x": 3})
+    direct = client.task(client.tree.task_inbox("srv-r1"), "square", {"x": 4})  # the later control
+    assert direct.payload == {"y": 16}
+    assert client.results.empty(), "a $share pool task was answered on RabbitMQ 3.10"
+    assert pool_id
+
+    here, there = RawClient(node1, topic_prefix, stack), RawClient(node2, topic_prefix, stack)
+    for watcher in (here, there):
+        watcher.transport.subscribe(watcher.tree.state("srv-r1"), watcher._on_state, qos=1)
+    wait_for(lambda: _seen(here, "srv-r1", "online", retained=True), message="retained birth, node 1")
+    assert there.ping("srv-r1") > 0  # node 2's subscription is live: a retained copy would be here
+    assert there.states.empty(), "retained state replicated to the other node"
+
+    server._transport.abort()  # a crash: node 1 publishes the Will, the cluster routes it
+    wait_for(lambda: any(v.node == "srv-r1" and v.dead for v in edge.servers()), timeout=10.0,
+             message="the Will on node 2")
+    assert edge.submit("square", {"x": 9}, deadline=5.0).result(10) == {"y": 81}
+    wait_for(lambda: len(records) == 6)
+    assert records[-1].target == "local"
