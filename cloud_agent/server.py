@@ -74,6 +74,45 @@ _STATE = DELIVERY[Kind.STATE]
 _ANSWERABLE = frozenset({"schema", "version"})  # decode failures whose mapping may name id and reply_to
 _TASK_NAME: TypeAdapter[str] = TypeAdapter(TaskName)
 _DIGEST_CODEC = Codec("cbor", max_payload=1 << 40)
+CLOCK_OFFSET_LIMIT = 1.0
+"""Seconds of disagreement between a sender's clock and ours beyond which we warn (once per sender).
+
+Deadlines sent as ``ttl`` absorb any offset; what cannot is every absolute time: a legacy
+``deadline`` is shifted by the whole offset (the tasks offloaded here have deadlines of 0.1 s to a
+few seconds), and heartbeat and state times read by operators are wrong by as much. The measure,
+``Task.created`` minus our clock at receipt, also contains the one-way transit (milliseconds, well
+under a second even over a congested uplink), so below one second it cannot tell skew from delay.
+"""
+_OFFSET_SENDERS = 4096  # senders remembered as already warned about (bounded memory)
+
+
+class ClockOffsetWatch:
+    """Measures each sender's clock offset from ``Task.created`` and warns once when it is too large."""
+
+    def __init__(self, limit: float = CLOCK_OFFSET_LIMIT) -> None:
+        self.limit = limit
+        self.offsets: OrderedDict[str, float] = OrderedDict()
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
+
+    def observe(self, sender: str, created: float, received: float) -> float:
+        """Record ``created - received`` for ``sender``; log a warning the first time it exceeds the
+        limit. Returns the offset (positive: the sender's clock is ahead of ours)."""
+        offset = created - received
+        with self._lock:
+            self.offsets[sender] = offset
+            self.offsets.move_to_end(sender)
+            while len(self.offsets) > _OFFSET_SENDERS:
+                self.offsets.popitem(last=False)
+            first = abs(offset) > self.limit and sender not in self._warned
+            if first and len(self._warned) < _OFFSET_SENDERS:
+                self._warned.add(sender)
+        if first:
+            log.warning("clock of %s is %+.3f s off ours (beyond %.1f s): its ttl deadlines are fine, "
+                        "but an absolute deadline or time from it is off by as much; fix its NTP",
+                        sender, offset, self.limit)
+        return offset
+
 
 
 class BadInput(ValueError):
@@ -223,6 +262,7 @@ class CloudAgent:
         self._failures = RateLimitedLog(log, label="task raised", interval=interval, level=logging.ERROR)
         self._overload = RateLimitedLog(log, label="load", interval=interval, level=logging.INFO)
         self._replies = ReplyRules(self._tree, config.reply_allowlist)
+        self.clock_offsets = ClockOffsetWatch()
         self._lock = threading.Lock()
         self._work_ready = threading.Condition(self._lock)
         self._idle = threading.Condition(self._lock)
@@ -510,6 +550,7 @@ class CloudAgent:
         except BadInput as exc:
             self._reject(message, exc, task_id=task.id)
             return
+        self.clock_offsets.observe(task.sender, task.created, self._clock())
         self._admit(task, codec)
 
     def _answer_invalid(self, message: Message, error: DecodeError) -> None:
@@ -598,7 +639,9 @@ class CloudAgent:
     def _new_job(self, task: Task, spec: TaskSpec, codec: Codec, key: tuple[str, str], digest: bytes,
                  now: float) -> _Job:
         deadline = None
-        if task.deadline is not None:
+        if task.ttl is not None:  # relative: counted on our clock from receipt, whatever the sender's
+            deadline = now + task.ttl
+        elif task.deadline is not None:  # legacy absolute time: right only if both clocks agree
             deadline = now + (task.deadline - self._clock())
         job = _Job(task=task, spec=spec, codec=codec, key=key, digest=digest, accepted=now,
                    deadline=deadline)

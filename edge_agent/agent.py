@@ -46,7 +46,7 @@ from edge_agent.records import TaskFailed, TaskRecord
 from edge_agent.servers import ServerTable, ServerView
 from topics.codec import Codec, EncodeError
 from topics.errors import DecodeError, TopicError
-from topics.models import Heartbeat, Load, NodeState, Ping, Pong, Result, Role, Status, Task
+from topics.models import MAX_TTL, Heartbeat, Load, NodeState, Ping, Pong, Result, Role, Status, Task
 from topics.names import Kind, TopicTree, topic_matches, validate_publish_topic
 from topics.transport import (
     ConnectError,
@@ -578,7 +578,9 @@ class EdgeAgent:
     def _task_message(self, pending: _Pending, attempt: int) -> bytes | None:
         """The encoded Task of ``attempt``; None (and a ``failed`` outcome) if it cannot be sent."""
         task = Task(id=pending.task_id, task=pending.name, sender=self.id, reply_to=self._result_topic,
-                    created=max(0.0, self._clock()), deadline=pending.deadline, attempt=attempt,
+                    created=max(0.0, self._clock()), attempt=attempt,  # ttl: immune to clock offsets
+                    ttl=None if pending.deadline_mono is None
+                    else min(MAX_TTL, max(0.0, pending.deadline_mono - self._mono())),
                     payload=pending.payload, stage=pending.stage)
         try:
             return self._codec.encode(task)

@@ -74,7 +74,8 @@ payloads = st.recursive(
 
 tasks = st.builds(
     Task, id=ids, task=task_names, sender=node_ids, reply_to=topics, created=non_negative,
-    deadline=st.none() | non_negative, attempt=st.integers(1, 100), payload=payloads,
+    deadline=st.none() | non_negative, ttl=st.none() | st.floats(0.0, 86_400.0), attempt=st.integers(1, 100),
+    payload=payloads,
     content_type=short_text, stage=st.none() | st.integers(0, 1000),
 )
 results = st.builds(

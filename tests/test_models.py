@@ -125,7 +125,8 @@ def test_attempt_bounds(attempt: int, ok: bool) -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [("id", ""), ("id", "x" * 129), ("created", -0.5), ("created", float("nan")), ("created", float("inf")),
-     ("deadline", -1.0), ("stage", -1), ("stage", 1001), ("reply_to", ""), ("reply_to", "r" * 1025)],
+     ("deadline", -1.0), ("ttl", -0.1), ("ttl", 86_400.5), ("ttl", float("nan")), ("ttl", float("inf")),
+     ("stage", -1), ("stage", 1001), ("reply_to", ""), ("reply_to", "r" * 1025)],
 )
 def test_task_constraints(field: str, value: Any) -> None:
     with pytest.raises(ValidationError, match=field):

@@ -92,7 +92,10 @@ FIELD_NOTES: dict[type[BaseModel], dict[str, str]] = {
         "sender": "node id of the device",
         "reply_to": "topic the Result goes to, normally `{prefix}/node/{sender}/result`",
         "created": "Unix time the device created the task",
-        "deadline": "Unix time after which the answer is useless: the server answers `expired`",
+        "deadline": "legacy: Unix time on the sender's clock after which the answer is useless; "
+                    "read only when `ttl` is absent, and only right if both clocks agree",
+        "ttl": "seconds left until the deadline when this message is sent (every send recomputes "
+               "it); the server answers `expired` that long after receipt, on its own clock",
         "attempt": "1 for the first send, +1 for each retry (echoed in the Result)",
         "payload": "the task's input: any CBOR/JSON value, `$bytes`, `$ndarray`",
         "content_type": "how the payload is meant, informative",
@@ -178,7 +181,7 @@ EXAMPLES: dict[str, WireModel] = {
                         created=_T0, payload={"x": 7}),
     "task-frame": Task(id="cam-1:000042", task="ball", sender="cam-1",
                        reply_to=_TREE.result_inbox("cam-1"), created=_T0 + 0.25,
-                       deadline=_T0 + 0.75, attempt=2, stage=3,
+                       ttl=0.5, attempt=2, stage=3,
                        payload=np.arange(12, dtype=np.uint8).reshape(2, 2, 3)),
     "result-ok": Result(task_id="t-1", status=Status.OK, server="srv1", task="square",
                         payload={"y": 49}, content_type=CONTENT_JSON, queue_wait=0.0004,

@@ -1,5 +1,8 @@
 """MQTT brokers for demos, the simulator and tests: amqtt in a thread, or Mosquitto as a subprocess.
 
+A Mosquitto may be bridged to another broker (:class:`MosquittoBridge`): a site broker on a gateway
+forwarding a fleet's topics to and from a cloud broker.
+
 Both wait until the broker really answers an MQTT CONNECT (a bare TCP check makes amqtt log an
 ERROR), listen on loopback only, and clean up after themselves. The readiness probe speaks just
 enough MQTT 3.1.1 by hand (CONNECT, CONNACK, DISCONNECT) so that this module needs no MQTT client.
@@ -21,6 +24,7 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -284,6 +288,72 @@ def mosquitto_binary() -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class MosquittoBridge:
+    """A Mosquitto bridge connection to another broker, for every topic under ``prefixes``.
+
+    Each prefix is bridged both ways at ``qos`` (``topic <prefix>/# both 1``): tasks, pings and
+    devices' state go out, results, pongs, heartbeats and servers' state come in. ``try_private``
+    tells a remote Mosquitto that this is a bridge, so it does not echo our own messages back and
+    keeps their retain flag (retained state arrives retained). ``cleansession`` true: after a link
+    outage the remote side keeps no stale backlog for us (devices retry on their own timeouts), and
+    on every reconnect the remote sends its retained state again. ``notifications`` false: no
+    retained ``$SYS/broker/connection/...`` records written into either broker.
+    """
+
+    address: str
+    """``host:port`` of the remote broker."""
+    prefixes: tuple[str, ...] = ("offload/v1",)
+    name: str = "offload-bridge"
+    """The connection name; also the remote client id unless ``remote_clientid`` is set."""
+    qos: Literal[0, 1, 2] = 1
+    remote_clientid: str | None = None
+    try_private: bool = True
+    cleansession: bool = True
+    notifications: bool = False
+    keepalive_interval: int = 10
+    """Seconds between the bridge's pings: how soon a dead link is noticed (Mosquitto's minimum: 5)."""
+    restart_timeout: int = 1
+    """Seconds before a failed bridge connection is tried again (Mosquitto's default backs off 5-30 s)."""
+    protocol_version: Literal["mqttv311", "mqttv50"] = "mqttv311"
+    remote_username: str | None = None
+    remote_password: str | None = None
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.address.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"bridge address must be host:port, got {self.address!r}")
+        if not self.prefixes:
+            raise ValueError("a bridge needs at least one topic prefix")
+        for prefix in self.prefixes:
+            if not prefix or any(c in prefix for c in "+#\n ") or prefix.endswith("/"):
+                raise ValueError(f"bridge prefix must be a plain topic without wildcards, spaces "
+                                 f"or a trailing '/', got {prefix!r}")
+        if self.keepalive_interval < 5:
+            raise ValueError("keepalive_interval must be at least 5 seconds (Mosquitto's minimum)")
+        if (self.remote_password is not None) and self.remote_username is None:
+            raise ValueError("remote_password needs remote_username")
+
+    def lines(self) -> list[str]:
+        """The mosquitto.conf lines of this bridge (a ``connection`` section: keep it last)."""
+        def flag(value: bool) -> str:
+            return "true" if value else "false"
+
+        lines = [f"connection {self.name}", f"address {self.address}",
+                 f"remote_clientid {self.remote_clientid or self.name}",
+                 f"bridge_protocol_version {self.protocol_version}",
+                 f"try_private {flag(self.try_private)}", f"cleansession {flag(self.cleansession)}",
+                 f"notifications {flag(self.notifications)}", "start_type automatic",
+                 f"restart_timeout {self.restart_timeout}",
+                 f"keepalive_interval {self.keepalive_interval}"]
+        if self.remote_username is not None:
+            lines.append(f"remote_username {self.remote_username}")
+        if self.remote_password is not None:
+            lines.append(f"remote_password {self.remote_password}")
+        lines += [f"topic {prefix}/# both {self.qos}" for prefix in self.prefixes]
+        return lines
+
+
 def write_mosquitto_config(
     path: Path,
     *,
@@ -298,8 +368,11 @@ def write_mosquitto_config(
     keyfile: Path | None = None,
     acl_file: Path | None = None,
     username_as_client_id: bool = False,
+    bridge: MosquittoBridge | None = None,
 ) -> Path:
     """Write a mosquitto.conf tuned for low-latency offloading; return ``path``.
+
+    ``bridge`` adds a bridge connection to another broker (:class:`MosquittoBridge`).
 
     With ``certfile`` and ``keyfile`` the listener speaks TLS only (clients use ``mqtts://``).
     ``acl_file`` applies a Mosquitto ACL (e.g. ``examples/mosquitto/acl``); ``username_as_client_id``
@@ -341,6 +414,8 @@ def write_mosquitto_config(
     if run_as_user is not None:
         lines += ["# Started as root: stay that user so the private work files remain readable.",
                   f"user {run_as_user}"]
+    if bridge is not None:  # a connection section takes every following bridge option: keep it last
+        lines += ["# Bridge: the fleet's topics, both ways, to and from another broker.", *bridge.lines()]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -362,9 +437,10 @@ class MosquittoBroker:
         tls_files: tuple[Path, Path] | None = None,
         acl_file: Path | None = None,
         username_as_client_id: bool = False,
+        bridge: MosquittoBridge | None = None,
     ) -> None:
         """``tls_files`` = (certificate, private key): the listener then speaks TLS only.
-        ``acl_file`` and ``username_as_client_id``: see :func:`write_mosquitto_config`."""
+        ``acl_file``, ``username_as_client_id`` and ``bridge``: see :func:`write_mosquitto_config`."""
         binary = mosquitto_binary()
         if binary is None:
             raise BrokerError("mosquitto not installed: apt-get install -y mosquitto")
@@ -376,6 +452,7 @@ class MosquittoBroker:
         self.tls_files = tls_files
         self.acl_file = acl_file
         self.username_as_client_id = username_as_client_id
+        self.bridge = bridge
         self._own_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="mosquitto-")) if workdir is None else workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -420,6 +497,7 @@ class MosquittoBroker:
             keyfile=self.tls_files[1] if self.tls_files else None,
             acl_file=self.acl_file,
             username_as_client_id=self.username_as_client_id,
+            bridge=self.bridge,
         )
 
     def start(self, timeout: float = 5.0) -> MosquittoBroker:

@@ -3,7 +3,7 @@
 All models are frozen, reject unknown fields and carry the schema version ``v``. Everything needed to
 route a reply travels inside the message (``reply_to``), so the protocol works on MQTT 3.1.1 brokers.
 Times named ``*_time`` or ``created``/``deadline`` are Unix seconds on the sender's clock; durations are
-seconds.
+seconds. A task's deadline travels as ``ttl`` (seconds left when sent), which no clock offset affects.
 
 Every field is bounded: integers, floats (finite), strings, lists and maps. A topic taken from the wire
 (``reply_to``) must be one a client may publish to (:func:`topics.names.validate_publish_topic`); its
@@ -32,6 +32,8 @@ MAX_UNIX_TIME = 1e11
 """Latest Unix time on the wire (year 5138): times are finite and bounded."""
 MAX_DURATION = 1e9
 """Longest duration in seconds (about 31 years)."""
+MAX_TTL = 86_400.0
+"""Longest ``Task.ttl`` in seconds (one day): a task that may wait longer has no useful deadline."""
 MAX_TOPIC_LENGTH = 1024
 """Longest topic, in characters, a message may name (``reply_to``, ``DeadLetter.topic``)."""
 MAX_ENTRIES = 1024
@@ -121,7 +123,12 @@ class WireModel(Record):
 
 
 class Task(WireModel):
-    """A unit of work sent from a device to a server (or a pool of servers)."""
+    """A unit of work sent from a device to a server (or a pool of servers).
+
+    ``ttl`` is the deadline as seconds left when the message is sent: the server counts it on its own
+    clock from receipt. ``deadline`` (absolute, on the sender's clock) is still accepted from clients
+    that send it; with both, ``ttl`` wins.
+    """
 
     id: TaskId
     task: TaskName
@@ -129,6 +136,7 @@ class Task(WireModel):
     reply_to: TopicName
     created: UnixTime
     deadline: UnixTime | None = None
+    ttl: Annotated[float, Field(ge=0.0, le=MAX_TTL, allow_inf_nan=False)] | None = None
     attempt: Attempt = 1
     payload: Any = None
     content_type: ContentType = CONTENT_CBOR

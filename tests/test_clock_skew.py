@@ -1,0 +1,185 @@
+"""Deadlines survive clocks that disagree: ``Task.ttl`` on the wire, real agents on Mosquitto.
+
+A device (or a server) whose clock is 10 minutes off offloads normally, deadlines still expire when
+the work outlasts the ttl, and the server logs the measured offset once per sender.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from brokers_support import BrokerEndpoint, endpoint, wait_for
+
+from cloud_agent.config import CloudConfig
+from cloud_agent.registry import TaskRegistry, load_tasks
+from cloud_agent.server import CLOCK_OFFSET_LIMIT, CloudAgent
+from edge_agent.agent import EdgeAgent
+from edge_agent.config import EdgeConfig
+from edge_agent.records import TaskRecord
+from topics.brokers import MosquittoBroker
+from topics.codec import Codec
+from topics.models import Result, Task
+from topics.mqtt import MqttTransport
+from topics.names import TopicTree
+from topics.transport import Message
+
+OFFSET = 600.0  # ten minutes
+Stack = list[Callable[[], None]]
+
+
+@pytest.fixture
+def stack() -> Iterator[Stack]:
+    actions: Stack = []
+    yield actions
+    for action in reversed(actions):
+        action()
+
+
+@pytest.fixture
+def mqtt(mosquitto_broker: MosquittoBroker) -> BrokerEndpoint:
+    return endpoint(mosquitto_broker, "3.1.1")
+
+
+def skewed(offset: float) -> Callable[[], float]:
+    return lambda: time.time() + offset
+
+
+def start_cloud(target: BrokerEndpoint, stack: Stack, prefix: str, node: str, *,
+                clock: Callable[[], float] = time.time) -> CloudAgent:
+    config = CloudConfig.model_validate({"id": node, "broker": target.url, "protocol": target.protocol,
+                                         "prefix": prefix, "heartbeat_interval": 0.2, "workers": 2,
+                                         "grace_period": 0.0})
+    transport = MqttTransport(target.config(node, reconnect_max_delay=0.5), name=node)
+    agent = CloudAgent(config, transport, load_tasks("examples.tasks"), clock=clock)
+    agent.start()
+    stack.append(lambda: agent.stop(grace=0.0))
+    return agent
+
+
+def start_edge(target: BrokerEndpoint, stack: Stack, prefix: str, *,
+               clock: Callable[[], float] = time.time, **fields: Any) -> EdgeAgent:
+    values: dict[str, Any] = {"id": f"edge-{uuid.uuid4().hex[:6]}", "broker": target.url,
+                              "protocol": target.protocol, "prefix": prefix, "probe_interval": 0.1,
+                              "heartbeat_interval": 0.5, "policy": "remote"}
+    values.update(fields)
+    config = EdgeConfig.model_validate(values)
+    transport = MqttTransport(target.config(config.id, reconnect_max_delay=0.5), name=config.id)
+    agent = EdgeAgent(config, transport, TaskRegistry(), clock=clock)
+    agent.start()
+    stack.append(agent.stop)
+    return agent
+
+
+def serving(edge: EdgeAgent, node: str) -> Callable[[], bool]:
+    return lambda: any(v.node == node and not v.stale for v in edge.servers())
+
+
+def offload_batch(edge: EdgeAgent, count: int = 5) -> list[TaskRecord]:
+    records: list[TaskRecord] = []
+    edge.add_record_listener(records.append)
+    results = [edge.submit("square", {"x": x}, deadline=5.0).result(10) for x in range(count)]
+    assert results == [{"y": x * x} for x in range(count)]
+    wait_for(lambda: len(records) == count)
+    return records
+
+
+def offset_warnings(caplog: pytest.LogCaptureFixture, sender: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "clock of" in r.getMessage() and sender in r.getMessage()]
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["ahead", "behind"])
+def test_device_clock_ten_minutes_off_offloads_normally(mqtt: BrokerEndpoint, topic_prefix: str,
+                                                        stack: Stack, caplog: pytest.LogCaptureFixture,
+                                                        sign: float) -> None:
+    caplog.set_level(logging.WARNING, logger="cloud_agent.server")
+    server = start_cloud(mqtt, stack, topic_prefix, "srv-a")
+    edge = start_edge(mqtt, stack, topic_prefix, clock=skewed(sign * OFFSET))
+    wait_for(serving(edge, "srv-a"), timeout=10.0)
+    records = offload_batch(edge) + offload_batch(edge)
+    assert {(r.outcome, r.target, r.attempts) for r in records} == {("ok", "srv-a", 1)}
+    warnings = offset_warnings(caplog, edge.id)
+    assert len(warnings) == 1, [w.getMessage() for w in warnings]
+    logged = re.search(r" is ([+-][0-9.]+) s off", warnings[0].getMessage())
+    assert logged is not None and abs(float(logged.group(1)) - sign * OFFSET) < 5.0
+    measured = server.clock_offsets.offsets[edge.id]
+    assert abs(measured - sign * OFFSET) < 5.0
+
+
+def test_server_clock_ten_minutes_off_serves_normally(mqtt: BrokerEndpoint, topic_prefix: str,
+                                                      stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="cloud_agent.server")
+    start_cloud(mqtt, stack, topic_prefix, "srv-late", clock=skewed(-OFFSET))
+    edge = start_edge(mqtt, stack, topic_prefix)
+    wait_for(serving(edge, "srv-late"), timeout=10.0)
+    records = offload_batch(edge)
+    assert {(r.outcome, r.target, r.attempts) for r in records} == {("ok", "srv-late", 1)}
+    assert len(offset_warnings(caplog, edge.id)) == 1
+
+
+def test_synchronised_clocks_log_no_offset(mqtt: BrokerEndpoint, topic_prefix: str, stack: Stack,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="cloud_agent.server")
+    server = start_cloud(mqtt, stack, topic_prefix, "srv-a")
+    edge = start_edge(mqtt, stack, topic_prefix)
+    wait_for(serving(edge, "srv-a"), timeout=10.0)
+    offload_batch(edge, 3)
+    assert offset_warnings(caplog, edge.id) == []
+    assert abs(server.clock_offsets.offsets[edge.id]) < CLOCK_OFFSET_LIMIT
+
+
+class RawClient:
+    """A client in "another language": publishes hand-built Tasks, collects Results."""
+
+    def __init__(self, target: BrokerEndpoint, prefix: str, stack: Stack) -> None:
+        self.id = f"raw-{uuid.uuid4().hex[:6]}"
+        self.tree = TopicTree(prefix)
+        self.codec = Codec("cbor")
+        self.results: queue.Queue[Result] = queue.Queue()
+        self.transport = MqttTransport(target.config(self.id), name=self.id)
+        self.transport.connect(timeout=5.0)
+        stack.append(lambda: self.transport.close(timeout=2.0))
+        self.transport.subscribe(self.tree.result_inbox(self.id), self._on_result, qos=1)
+
+    def _on_result(self, message: Message) -> None:
+        self.results.put(self.codec.decode(message.payload, Result, topic=message.topic))
+
+    def send(self, server: str, task_id: str, name: str, payload: Any, **fields: Any) -> Result:
+        task = Task(id=task_id, task=name, sender=self.id, reply_to=self.tree.result_inbox(self.id),
+                    created=time.time(), payload=payload, **fields)
+        self.transport.publish(self.tree.task_inbox(server), self.codec.encode(task), qos=1)
+        result = self.results.get(timeout=10.0)
+        assert result.task_id == task_id
+        return result
+
+
+def test_ttl_still_expires_on_a_skewed_server(mqtt: BrokerEndpoint, topic_prefix: str, stack: Stack) -> None:
+    """The ttl is counted on the server's clock from receipt: shorter than the work gives expired,
+    longer gives ok, whatever the server's clock says."""
+    start_cloud(mqtt, stack, topic_prefix, "srv-off", clock=skewed(OFFSET))
+    client = RawClient(mqtt, topic_prefix, stack)
+    wait_for(lambda: client.transport.connected)
+    started = time.monotonic()
+    short = client.send("srv-off", "t-short", "sleep", {"seconds": 1.0}, ttl=0.2)
+    assert short.status == "expired" and short.error is not None and "deadline" in short.error
+    assert time.monotonic() - started < 1.0  # answered at the ttl, not after the work
+    assert client.send("srv-off", "t-long", "sleep", {"seconds": 0.05}, ttl=5.0).status == "ok"
+    assert client.send("srv-off", "t-none", "square", {"x": 3}).payload == {"y": 9}
+
+
+def test_legacy_absolute_deadline_still_accepted(mqtt: BrokerEndpoint, topic_prefix: str,
+                                                 stack: Stack) -> None:
+    """An older client's absolute ``deadline`` still works when the clocks agree; ``ttl`` wins."""
+    start_cloud(mqtt, stack, topic_prefix, "srv-a")
+    client = RawClient(mqtt, topic_prefix, stack)
+    late = client.send("srv-a", "t-abs", "sleep", {"seconds": 1.0}, deadline=time.time() + 0.2)
+    assert late.status == "expired"
+    assert client.send("srv-a", "t-abs-ok", "square", {"x": 2}, deadline=time.time() + 5.0).status == "ok"
+    both = client.send("srv-a", "t-both", "square", {"x": 4}, deadline=time.time() - 1.0, ttl=5.0)
+    assert both.status == "ok"
