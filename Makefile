@@ -18,11 +18,12 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/offload-sim demo
 
 test: $(VENV)/.installed
-	bash scripts/ensure-mosquitto.sh
+	bash scripts/ensure-installed.sh mosquitto mosquitto mosquitto-clients
 	$(PY) -m pytest -q -m "not slow"
 
 test-all: $(VENV)/.installed
-	bash scripts/ensure-mosquitto.sh
+	bash scripts/ensure-installed.sh mosquitto mosquitto mosquitto-clients
+	bash scripts/ensure-installed.sh /usr/lib/rabbitmq/bin/rabbitmq-server rabbitmq-server
 	$(PY) -m pytest -q
 
 # The default suite RUNS times in a row with one core kept busy (issue: a suite that passes on a busy

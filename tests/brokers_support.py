@@ -57,12 +57,18 @@ def split_id(broker_id: str) -> tuple[str, ProtocolVersion]:
     return kind, protocol  # type: ignore[return-value]
 
 
+def require(present: bool, missing: str) -> None:
+    """Skip the test when something it needs is missing (``missing`` says what), or fail it under
+    CI=true, where the test command installs everything."""
+    if not present:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(missing)
+        pytest.skip(missing)
+
+
 def require_mosquitto() -> None:
     """Skip the test when Mosquitto is missing, or fail it under CI=true."""
-    if mosquitto_binary() is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(MOSQUITTO_MISSING)
-        pytest.skip(MOSQUITTO_MISSING)
+    require(mosquitto_binary() is not None, MOSQUITTO_MISSING)
 
 
 def start_broker(kind: str, *, users: dict[str, str] | None = None, port: int = 0) -> Broker:

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from brokers_support import BrokerEndpoint, endpoint, wait_for
 
+from agent_common.registry import TaskRegistry, load_tasks
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import TaskRegistry, load_tasks
 from cloud_agent.server import CLOCK_OFFSET_LIMIT, CloudAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig

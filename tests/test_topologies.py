@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokers_support import BrokerEndpoint, endpoint, require_mosquitto, wait_for
+from brokers_support import BrokerEndpoint, endpoint, require, require_mosquitto, wait_for
 
+from agent_common.registry import TaskRegistry, load_tasks
 from cloud_agent.config import CloudConfig
-from cloud_agent.registry import TaskRegistry, load_tasks
 from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
@@ -462,8 +462,8 @@ class RabbitCluster:
 
 @pytest.fixture
 def rabbit_cluster(tmp_path: Path, stack: Stack) -> RabbitCluster:
-    if not RABBITMQ_SERVER.exists():
-        pytest.skip("RabbitMQ not installed: apt-get install -y rabbitmq-server")
+    require(RABBITMQ_SERVER.exists(), "RabbitMQ not installed: apt-get install -y rabbitmq-server "
+            "(make test-all installs it as root)")
     cluster = RabbitCluster(tmp_path / "rabbit")
     stack.append(cluster.close)
     return cluster.start()
