@@ -105,12 +105,13 @@ def test_mosquitto_with_users_writes_a_password_file_and_refuses_anonymous(
     tmp_path: Path,
 ) -> None:
     require_mosquitto()
-    with MosquittoBroker(users={"edge": "pw"}, workdir=tmp_path) as broker:
+    secret = "not-a-hash-char"  # '-' is no base64 character: it can only appear if stored plain
+    with MosquittoBroker(users={"edge": secret}, workdir=tmp_path) as broker:
         config = broker.config_file.read_text()
         assert "allow_anonymous false" in config
         assert f"password_file {tmp_path / 'passwd'}" in config
         assert (tmp_path / "passwd").read_text().startswith("edge:")
-        assert "pw" not in (tmp_path / "passwd").read_text().split(":", 1)[1]
+        assert secret not in (tmp_path / "passwd").read_text().split(":", 1)[1]
         assert mqtt_answers("127.0.0.1", broker.port)  # a refused CONNACK still means "up"
     assert tmp_path.exists()  # a workdir we were given is left in place
     assert "mosquitto version" in (tmp_path / "mosquitto.log").read_text()
