@@ -31,7 +31,7 @@ from topics.mqtt import MqttTransport
 Marks = list[tuple[str, float]]
 
 STEPS: list[tuple[type, str]] = [
-    (EdgeAgent, "_dispatch"),  # decide, encode, publish (on the caller's thread)
+    (EdgeAgent, "submit"),  # decide, encode, publish (on the caller's thread)
     (MqttTransport, "publish"),  # paho queues the packet and wakes the network thread
     (MqttTransport, "_on_message"),  # network thread: route to the dispatch thread
     (CloudAgent, "_on_task"),  # dispatch thread: decode, validate, admit to the work queue

@@ -6,6 +6,7 @@ that step never happened (``sent`` for a task run locally, ``started`` for a tas
 
 from __future__ import annotations
 
+import concurrent.futures
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -78,4 +79,22 @@ class TaskRecord:
         return values
 
 
-__all__ = ["OUTCOMES", "Outcome", "TaskFailed", "TaskRecord"]
+class TaskHandle(concurrent.futures.Future[Any]):
+    """What :meth:`EdgeAgent.submit <edge_agent.agent.EdgeAgent.submit>` returns: a future of the result
+    payload (or :class:`TaskFailed`) that also carries the task's id and, once done, its record.
+
+    ``record`` is set before the outcome, so a done callback or a caller woken by :meth:`result`
+    always finds it.
+    """
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__()
+        self.task_id = task_id
+        self.record: TaskRecord | None = None
+        """Where it ran, why, the attempts and the times; ``None`` until the task is done."""
+
+    def __repr__(self) -> str:
+        return f"<TaskHandle {self.task_id} {self.record.outcome if self.record else 'pending'}>"
+
+
+__all__ = ["OUTCOMES", "Outcome", "TaskFailed", "TaskHandle", "TaskRecord"]

@@ -1,4 +1,4 @@
-"""The device's view of the servers: a table fed by heartbeats, node state and round-trip probes.
+"""The device's view of the servers: a table fed by heartbeats, node state, round-trip probes and results.
 
 * **Liveness.** A server is stale after ``stale_after`` missed heartbeats (each heartbeat carries its
   own ``interval``), or at once on a death message for its *current* session; a late Will naming an
@@ -6,13 +6,15 @@
   heartbeat newer than any seen before the death, of the same session revives it: the server
   reconnected (Mosquitto fires Wills when it restarts).
 * **Round trip.** Pings carry the device's monotonic clock, echoed back in the pong: no clock sync.
-  The estimate is an EWMA with a mean deviation, as TCP does (gains 1/8 and 1/4).
+  The estimate is an EWMA with a mean deviation, as TCP does (gains from :class:`Estimators`).
 * **Bandwidth.** Estimated from offloaded tasks whose payload is large enough for transfer time to
-  dominate noise (>= :data:`MIN_BANDWIDTH_BYTES`): bytes moved / (result round trip - probe round trip
-  - the server's reported queue wait and service time). Smaller tasks leave it unknown and the
-  policy uses its default. It is a rough, honest figure, not a link measurement.
+  dominate noise (``min_bandwidth_bytes``): bytes moved / (result round trip - probe round trip - the
+  server's reported queue wait and service time). Smaller tasks leave it unknown and the policy uses
+  its default. It is a rough, honest figure, not a link measurement.
 * **Failures.** Timeouts, busy rejections and deaths add 1 to a count that halves every
-  ``half_life`` seconds; the policy adds a penalty per unit.
+  ``half_life`` seconds; the policy adds a penalty per unit. Below :data:`FORGET_BELOW` it is zero.
+* **Tasks sent since the report.** Each send is counted against the report it was decided on; a newer
+  report includes it, so the count starts again; an answer takes it out of the count it was in.
 * **The device's own link.** While it was down nothing could be heard: :meth:`ServerTable.link_restored`
   restarts every server's silence count at the reconnect, and a server is offered to the policy again
   only once heard from over the new link (a heartbeat, or a birth that is not a retained copy), which
@@ -20,37 +22,61 @@
 * **Untrusted numbers.** Heartbeats come from anyone allowed on the topic: counts are clamped to
   :data:`MAX_REPORTED` before the policy does arithmetic with them.
 
-All methods are thread-safe; times are the caller's monotonic clock.
+What one device hears of one server is a :class:`ServerEntry`; what is the device's own (its sends
+and the failures it saw) stays in the :class:`ServerTable`. The discrete-event simulator shares one
+entry among the devices of a group, which hear the same heartbeats at the same times.
+
+Nothing here reads a clock, locks or does I/O: times are the caller's monotonic ``now``, and the
+caller serialises access (the device core is driven by one thread at a time).
 """
 
 from __future__ import annotations
 
 import math
-import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from edge_agent.policy import ServerInfo
+from edge_agent.tuning import Estimators
 from topics.models import Heartbeat, Load, NodeState, Role
 
-RTT_GAIN = 0.125
-RTT_DEV_GAIN = 0.25
-BANDWIDTH_GAIN = 0.25
-MIN_BANDWIDTH_BYTES = 16 * 1024
 MAX_OUTSTANDING_PINGS = 4
 MAX_REPORTED = 1_000_000_000
 """Queue lengths and counts a heartbeat may report are clamped to this: far beyond any real
 server, and small enough that the policy's float arithmetic never overflows."""
+FORGET_BELOW = 0.01
+"""A decayed failure count below this counts as none (and is forgotten)."""
+STALE_MARGIN = 0.001
+"""Seconds after a server's stale time at which a check finds it stale (staleness is strict)."""
+MIN_BANDWIDTH_BYTES = Estimators().min_bandwidth_bytes
+_INF = math.inf
 
 
-def _clamped(heartbeat: Heartbeat) -> Heartbeat:
-    """``heartbeat`` with its load counts clamped to :data:`MAX_REPORTED` (the same object if none
-    exceeds it: the usual case costs three comparisons)."""
-    load = heartbeat.load
-    if max(load.queue_length, load.queue_capacity, load.in_flight) <= MAX_REPORTED:
-        return heartbeat
-    bounded = load.model_copy(update={name: min(getattr(load, name), MAX_REPORTED)
-                                      for name in ("queue_length", "queue_capacity", "in_flight")})
-    return heartbeat.model_copy(update={"load": bounded})
+@dataclass(frozen=True, slots=True)
+class ServerReport:
+    """What one server heartbeat says, in plain values (the simulator builds these without a model)."""
+
+    node: str
+    session: int
+    seq: int
+    interval: float
+    capabilities: frozenset[str]
+    queue_length: int = 0
+    queue_capacity: int = 0
+    in_flight: int = 0
+    workers: int = 1
+    service_time: Mapping[str, float] = field(default_factory=dict)
+    load: Load | None = None
+    """The heartbeat's own load record, for fleet views (``None``: built from the numbers)."""
+
+    @classmethod
+    def of(cls, heartbeat: Heartbeat) -> ServerReport:
+        """The report of a decoded heartbeat, its counts clamped to :data:`MAX_REPORTED`."""
+        load = heartbeat.load
+        return cls(heartbeat.node, heartbeat.session, heartbeat.seq, heartbeat.interval,
+                   frozenset(heartbeat.capabilities), min(load.queue_length, MAX_REPORTED),
+                   min(load.queue_capacity, MAX_REPORTED), min(load.in_flight, MAX_REPORTED), load.workers,
+                   load.service_time, load)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,267 +98,420 @@ class ServerView:
     in_flight: int
 
 
-@dataclass
-class _Server:
-    node: str
-    session: int = -1
-    interval: float = 1.0
-    last_heartbeat: float | None = None
-    seq: int = -1
-    dead: bool = False
-    heartbeat: Heartbeat | None = None
-    rtt: float | None = None
-    rtt_dev: float = 0.0
-    bandwidth: float | None = None
-    sent_since_report: int = 0
-    failures: float = 0.0
-    failures_at: float = 0.0
-    in_flight: int = 0
-    pings: dict[int, float] = field(default_factory=dict)
-    awaiting: bool = False
-    """Not heard from since the device's own link came back: not offered to the policy."""
+class ServerEntry:
+    """What a device has heard of one server: session, liveness, last report, round trip, bandwidth.
 
+    :meth:`info` keeps the :class:`ServerInfo` it last built for a task name until something changes
+    or the server turns stale, so a decision over unchanged servers allocates nothing.
+    """
 
-class ServerTable:
-    """Servers known from heartbeats and node state, with probes, failures and per-device counts."""
+    __slots__ = ("_info", "_task", "_until", "awaiting", "bandwidth", "counters", "dead", "estimators",
+                 "generation", "interval", "last_heartbeat", "node", "pings", "report", "restored_at",
+                 "rtt", "rtt_dev", "seq", "session", "stale_after")
 
-    def __init__(self, *, stale_after: int = 3, half_life: float = 10.0, ignore: frozenset[str] = frozenset()
-                 ) -> None:
-        self._stale_after = stale_after
-        self._half_life = half_life
-        self._ignore = ignore
-        self._servers: dict[str, _Server] = {}
-        self._restored_at = -math.inf
-        self._lock = threading.Lock()
-        self.counters: dict[str, int] = {"late_heartbeats": 0, "old_session_deaths": 0, "unknown_pongs": 0,
-                                         "sessions_replaced": 0, "revived": 0}
+    def __init__(self, node: str, *, stale_after: int = 3, estimators: Estimators | None = None,
+                 counters: dict[str, int] | None = None) -> None:
+        self.node = node
+        self.stale_after = stale_after
+        self.estimators = estimators or Estimators()
+        self.counters = counters if counters is not None else _new_counters()
+        self.session = -1
+        self.interval = 1.0
+        self.last_heartbeat: float | None = None
+        self.seq = -1
+        self.dead = False
+        self.report: ServerReport | None = None
+        self.generation = 0
+        """+1 per accepted report: what sends since the report are counted against."""
+        self.rtt: float | None = None
+        self.rtt_dev = 0.0
+        self.bandwidth: float | None = None
+        self.pings: dict[int, float] = {}
+        self.awaiting = False
+        """Not heard from since the device's own link came back: not offered to the policy."""
+        self.restored_at = -_INF
+        self._task: str | None = None
+        self._info: ServerInfo | None = None
+        self._until = -_INF
 
     # --- feeding ----------------------------------------------------------------------------
 
-    def on_heartbeat(self, heartbeat: Heartbeat, now: float) -> bool:
-        """Take a server heartbeat in; False if ignored (a device, an old session, a dead session)."""
-        if heartbeat.role != Role.SERVER.value or heartbeat.node in self._ignore:
+    def on_report(self, report: ServerReport, now: float) -> bool:
+        """Take a heartbeat in; False if ignored (an old session, a duplicate or older sequence)."""
+        if report.session < self.session or (report.session == self.session and report.seq <= self.seq):
+            self.counters["late_heartbeats"] += 1
             return False
-        with self._lock:
-            server = self._servers.setdefault(heartbeat.node, _Server(heartbeat.node))
-            if heartbeat.session < server.session or (
-                    heartbeat.session == server.session and heartbeat.seq <= server.seq):
-                self.counters["late_heartbeats"] += 1
-                return False
-            if heartbeat.session == server.session and server.dead:
-                # A newer heartbeat of the session its Will killed: the server reconnected (a broker
-                # restart fires Wills too). Anything sent before the death arrived before the Will.
-                server.dead = False
-                self.counters["revived"] += 1
-            if heartbeat.session > server.session:
-                if server.session >= 0:
-                    self.counters["sessions_replaced"] += 1
-                server.session = heartbeat.session
-                server.dead = False
-                server.pings.clear()
-            server.seq = heartbeat.seq
-            server.interval = heartbeat.interval
-            server.last_heartbeat = now
-            server.heartbeat = _clamped(heartbeat)
-            server.sent_since_report = 0
-            server.awaiting = False
+        if report.session == self.session and self.dead:
+            # A newer heartbeat of the session its Will killed: the server reconnected (a broker
+            # restart fires Wills too). Anything sent before the death arrived before the Will.
+            self.dead = False
+            self.counters["revived"] += 1
+        if report.session > self.session:
+            if self.session >= 0:
+                self.counters["sessions_replaced"] += 1
+            self.session = report.session
+            self.dead = False
+            self.pings.clear()
+        self.seq = report.seq
+        self.interval = report.interval
+        self.last_heartbeat = now
+        self.report = report
+        self.generation += 1
+        self.awaiting = False
+        self._task = None
+        return True
+
+    def on_state(self, session: int, online: bool, *, live: bool = False) -> bool:
+        """Take a birth (``online``) or death in; True when it killed the current session.
+
+        ``live``: published now, not a retained copy: a birth then proves the server is connected
+        (it publishes its birth after subscribing)."""
+        self._task = None
+        if session < self.session:
+            if not online:
+                self.counters["old_session_deaths"] += 1
+            return False
+        if online:
+            if session > self.session:
+                self.session = session
+                self.report = None
+                self.last_heartbeat = None
+                self.seq = -1
+            elif self.dead:
+                self.counters["revived"] += 1  # the same session reconnected
+            self.dead = False
+            if live:
+                self.awaiting = False
+            return False
+        was_alive = not self.dead
+        self.session = session
+        self.dead = True
+        self.pings.clear()
+        return was_alive
+
+    def link_restored(self, now: float) -> None:
+        """The device reconnected: silence counts from ``now``; heard from again before it is offered."""
+        self.restored_at = now
+        self.awaiting = True
+        self._task = None
+
+    def ping_sent(self, nonce: int, sent: float) -> None:
+        pings = self.pings
+        pings[nonce] = sent
+        while len(pings) > MAX_OUTSTANDING_PINGS:  # lost pings: forget the oldest
+            del pings[next(iter(pings))]
+
+    def on_pong(self, nonce: int, sent: float, now: float) -> float | None:
+        """Update the round trip from a pong; returns the sample, or None for an unknown nonce."""
+        if self.pings.pop(nonce, None) != sent or now < sent:
+            self.counters["unknown_pongs"] += 1
+            return None
+        sample = now - sent
+        if self.rtt is None:
+            self.rtt, self.rtt_dev = sample, sample / 2
+        else:
+            gains = self.estimators
+            self.rtt_dev += gains.rtt_dev_gain * (abs(sample - self.rtt) - self.rtt_dev)
+            self.rtt += gains.rtt_gain * (sample - self.rtt)
+        self._task = None
+        return sample
+
+    def transfer_observed(self, nbytes: int, round_trip: float, server_time: float) -> None:
+        """Fold one offloaded task's timing into the bandwidth estimate (see the module docstring)."""
+        gains = self.estimators
+        if nbytes < gains.min_bandwidth_bytes:
+            return
+        transfer = round_trip - (self.rtt or 0.0) - server_time
+        if transfer <= 0.0:
+            return
+        sample = nbytes / transfer
+        self.bandwidth = sample if self.bandwidth is None else (
+            self.bandwidth + gains.bandwidth_gain * (sample - self.bandwidth))
+        self._task = None
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def stale_at(self) -> float:
+        """When it turns stale if nothing more is heard (infinity: never heard, or dead)."""
+        if self.dead or self.last_heartbeat is None:
+            return _INF
+        heard = self.last_heartbeat if self.last_heartbeat > self.restored_at else self.restored_at
+        return heard + self.interval * self.stale_after
+
+    def silent(self, now: float) -> bool:
+        """Dead or silent too long; time the device's own link was down does not count."""
+        if self.dead or self.last_heartbeat is None:
             return True
+        return now > self.stale_at()
+
+    def stale(self, now: float) -> bool:
+        """Not to be offered to the policy: dead, silent, or not heard since the link came back."""
+        return self.awaiting or self.silent(now)
+
+    def info(self, task: str, now: float) -> ServerInfo:
+        """This server as the policy sees it for ``task`` (nothing sent since, no failures)."""
+        if self._task == task and now <= self._until:
+            return self._info  # type: ignore[return-value]  # set together with _task
+        report = self.report
+        stale = self.stale(now)
+        if report is None:
+            info = ServerInfo(self.node, False, stale, self.rtt, self.rtt_dev, self.bandwidth, 0, 0, 1, None)
+        else:
+            info = ServerInfo(self.node, task in report.capabilities, stale, self.rtt, self.rtt_dev,
+                              self.bandwidth, report.queue_length, report.in_flight, report.workers,
+                              report.service_time.get(task))
+        self._task, self._info = task, info
+        self._until = _INF if stale else self.stale_at()
+        return info
+
+    def capable(self, task: str) -> bool:
+        return self.report is not None and task in self.report.capabilities
+
+    def view(self, now: float, *, sent_since_report: int, recent_failures: float, in_flight: int
+             ) -> ServerView:
+        report = self.report
+        tasks: tuple[str, ...] = ()
+        if report is None:
+            load = Load()
+        else:
+            tasks = tuple(sorted(report.capabilities))
+            load = report.load or Load(queue_length=report.queue_length, queue_capacity=report.queue_capacity,
+                                       in_flight=report.in_flight, workers=report.workers,
+                                       service_time=dict(report.service_time))
+        return ServerView(
+            node=self.node, session=self.session, stale=self.stale(now), dead=self.dead, rtt=self.rtt,
+            rtt_dev=self.rtt_dev, bandwidth=self.bandwidth, tasks=tasks, load=load,
+            heartbeat_age=None if self.last_heartbeat is None else now - self.last_heartbeat,
+            sent_since_report=sent_since_report, recent_failures=recent_failures, in_flight=in_flight)
+
+
+def _new_counters() -> dict[str, int]:
+    return {"late_heartbeats": 0, "old_session_deaths": 0, "unknown_pongs": 0, "sessions_replaced": 0,
+            "revived": 0}
+
+
+class ServerTable:
+    """The servers one device knows, with what it sent each since its last report and its failures."""
+
+    def __init__(self, *, stale_after: int = 3, half_life: float = 10.0, ignore: frozenset[str] = frozenset(),
+                 estimators: Estimators | None = None) -> None:
+        self._stale_after = stale_after
+        self._half_life = half_life
+        self._ignore = ignore
+        self._estimators = estimators or Estimators()
+        self._entries: dict[str, ServerEntry] = {}
+        self._list: list[ServerEntry] = []
+        self._sent: dict[str, list[int]] = {}
+        """Node -> [generation of the report the sends are counted against, how many]."""
+        self._failures: dict[str, list[float]] = {}
+        """Node -> [decayed failure count, time of that value]."""
+        self.counters: dict[str, int] = _new_counters()
+
+    @property
+    def half_life(self) -> float:
+        return self._half_life
+
+    # --- feeding ----------------------------------------------------------------------------
+
+    def entry(self, node: str) -> ServerEntry | None:
+        return self._entries.get(node)
+
+    def adopt(self, entry: ServerEntry) -> None:
+        """Use ``entry`` (fed by someone else: the simulator's group view) for its server."""
+        if entry.node in self._entries:
+            self._list.remove(self._entries[entry.node])
+        self._entries[entry.node] = entry
+        self._list.append(entry)
+
+    def _entry(self, node: str) -> ServerEntry:
+        entry = self._entries.get(node)
+        if entry is None:
+            entry = ServerEntry(node, stale_after=self._stale_after, estimators=self._estimators,
+                                counters=self.counters)
+            self.adopt(entry)
+        return entry
+
+    def on_heartbeat(self, heartbeat: ServerReport | Heartbeat, now: float) -> bool:
+        """Take a server heartbeat in; False if ignored (a device, an old session, a dead session)."""
+        if isinstance(heartbeat, Heartbeat):
+            if heartbeat.role != Role.SERVER.value:
+                return False
+            heartbeat = ServerReport.of(heartbeat)
+        if heartbeat.node in self._ignore:
+            return False
+        return self._entry(heartbeat.node).on_report(heartbeat, now)
 
     def on_state(self, state: NodeState, now: float, *, live: bool = False) -> bool:
-        """Take a birth/death record in; True when it killed the server's current session.
-
-        ``live``: the record was published now, not a retained copy: a birth then proves the server
-        is connected (it publishes its birth after subscribing)."""
-        if state.role != Role.SERVER.value or state.node in self._ignore:
+        """Take a birth/death record in; True when it killed the server's current session."""
+        if state.role != Role.SERVER.value:
             return False
-        with self._lock:
-            server = self._servers.setdefault(state.node, _Server(state.node))
-            if state.session < server.session:
-                if state.status == "offline":
-                    self.counters["old_session_deaths"] += 1
-                return False
-            if state.status == "online":
-                if state.session > server.session:
-                    server.session = state.session
-                    server.heartbeat = None
-                    server.last_heartbeat = None
-                    server.seq = -1
-                elif server.dead:
-                    self.counters["revived"] += 1  # the same session reconnected
-                server.dead = False
-                if live:
-                    server.awaiting = False
-                return False
-            # offline for the current (or a newer) session
-            was_alive = not server.dead
-            server.session = state.session
-            server.dead = True
-            server.pings.clear()
-            return was_alive
+        return self.on_state_of(state.node, state.session, state.status == "online", live=live)
 
-    def stale(self, node: str, now: float) -> bool:
-        """Not to be offered to the policy: dead, silent, or not heard since the link came back."""
-        with self._lock:
-            server = self._servers.get(node)
-            return server is None or self._is_stale(server, now)
-
-    def silent(self, node: str, now: float) -> bool:
-        """Dead or silent too long: tasks in flight to it are given up. Time the device's own link
-        was down does not count (nothing could be heard)."""
-        with self._lock:
-            server = self._servers.get(node)
-            return server is None or self._is_silent(server, now)
-
-    def awaiting(self, node: str) -> bool:
-        """Not heard from since the device's own link came back."""
-        with self._lock:
-            server = self._servers.get(node)
-            return server is not None and server.awaiting
+    def on_state_of(self, node: str, session: int, online: bool, *, live: bool = False) -> bool:
+        """:meth:`on_state` in plain values."""
+        if node in self._ignore:
+            return False
+        return self._entry(node).on_state(session, online, live=live)
 
     def link_restored(self, now: float) -> None:
         """The device reconnected: silence counts from ``now``, and every server must be heard
         from again before it is offered to the policy."""
-        with self._lock:
-            self._restored_at = now
-            for server in self._servers.values():
-                server.awaiting = True
-
-    def _is_stale(self, server: _Server, now: float) -> bool:
-        return server.awaiting or self._is_silent(server, now)
-
-    def _is_silent(self, server: _Server, now: float) -> bool:
-        if server.dead or server.last_heartbeat is None:
-            return True
-        return now - max(server.last_heartbeat, self._restored_at) > server.interval * self._stale_after
-
-    # --- probes -----------------------------------------------------------------------------
-
-    def probe_targets(self, now: float) -> list[str]:
-        """Servers worth probing now: alive, heard from recently."""
-        with self._lock:
-            return [s.node for s in self._servers.values() if not self._is_stale(s, now)]
+        for entry in self._list:
+            entry.link_restored(now)
 
     def ping_sent(self, node: str, nonce: int, sent: float) -> None:
-        with self._lock:
-            server = self._servers.get(node)
-            if server is None:
-                return
-            server.pings[nonce] = sent
-            while len(server.pings) > MAX_OUTSTANDING_PINGS:  # lost pings: forget the oldest
-                del server.pings[next(iter(server.pings))]
+        entry = self._entries.get(node)
+        if entry is not None:
+            entry.ping_sent(nonce, sent)
 
     def on_pong(self, node: str, nonce: int, sent: float, now: float) -> float | None:
         """Update the round trip from a pong; returns the sample, or None for an unknown nonce."""
-        with self._lock:
-            server = self._servers.get(node)
-            if server is None or server.pings.pop(nonce, None) != sent or now < sent:
-                self.counters["unknown_pongs"] += 1
-                return None
-            sample = now - sent
-            if server.rtt is None:
-                server.rtt, server.rtt_dev = sample, sample / 2
-            else:
-                server.rtt_dev += RTT_DEV_GAIN * (abs(sample - server.rtt) - server.rtt_dev)
-                server.rtt += RTT_GAIN * (sample - server.rtt)
-            return sample
+        entry = self._entries.get(node)
+        if entry is None:
+            self.counters["unknown_pongs"] += 1
+            return None
+        return entry.on_pong(nonce, sent, now)
 
-    # --- per-task bookkeeping ---------------------------------------------------------------
+    def transfer_observed(self, node: str, nbytes: int, round_trip: float, server_time: float) -> None:
+        entry = self._entries.get(node)
+        if entry is not None:
+            entry.transfer_observed(nbytes, round_trip, server_time)
 
-    def task_sent(self, node: str) -> None:
-        with self._lock:
-            server = self._servers.get(node)
-            if server is not None:
-                server.sent_since_report += 1
-                server.in_flight += 1
+    # --- this device's own bookkeeping ------------------------------------------------------
 
-    def task_done(self, node: str, *, answered: bool = False) -> None:
-        """An attempt sent to ``node`` ended; ``answered``: the server itself answered it, so it no
-        longer waits there and stops counting among the tasks sent since the last report."""
-        with self._lock:
-            server = self._servers.get(node)
-            if server is not None:
-                if server.in_flight > 0:
-                    server.in_flight -= 1
-                if answered and server.sent_since_report > 0:
-                    server.sent_since_report -= 1
+    def task_sent(self, node: str) -> int:
+        """Count a task sent to ``node``; returns the report generation it is counted against."""
+        entry = self._entries.get(node)
+        if entry is None:
+            return -1
+        generation = entry.generation
+        mine = self._sent.get(node)
+        if mine is None or mine[0] != generation:
+            self._sent[node] = [generation, 1]
+        else:
+            mine[1] += 1
+        return generation
+
+    def task_done(self, node: str, *, answered: bool = False, generation: int | None = None) -> None:
+        """An attempt sent to ``node`` ended. ``answered``: the server itself answered it, so it no
+        longer waits there and leaves the count it was in (``generation``, from :meth:`task_sent`;
+        default the current one). An unanswered one may still wait there: it stays counted."""
+        if not answered:
+            return
+        mine = self._sent.get(node)
+        if mine is None:
+            return
+        if generation is None:
+            entry = self._entries.get(node)
+            generation = -1 if entry is None else entry.generation
+        if mine[0] == generation and mine[1] > 0:
+            mine[1] -= 1
+            if not mine[1]:
+                del self._sent[node]
+
+    def failure(self, node: str, now: float) -> None:
+        if node not in self._entries:
+            return
+        record = self._failures.get(node)
+        if record is None:
+            self._failures[node] = [1.0, now]
+        else:
+            record[0] = self._decay(record, now) + 1.0
+            record[1] = now
 
     def recent_failures(self, node: str, now: float) -> float:
         """The decayed failure count of ``node`` (0 for an unknown node)."""
-        with self._lock:
-            server = self._servers.get(node)
-            return 0.0 if server is None else self._decayed(server, now)
-
-    def failure(self, node: str, now: float) -> None:
-        with self._lock:
-            server = self._servers.get(node)
-            if server is not None:
-                server.failures = self._decayed(server, now) + 1.0
-                server.failures_at = now
-
-    def transfer_observed(self, node: str, nbytes: int, round_trip: float, server_time: float) -> None:
-        """Fold one offloaded task's timing into the bandwidth estimate (see the module docstring)."""
-        if nbytes < MIN_BANDWIDTH_BYTES:
-            return
-        with self._lock:
-            server = self._servers.get(node)
-            if server is None:
-                return
-            transfer = round_trip - (server.rtt or 0.0) - server_time
-            if transfer <= 0.0:
-                return
-            sample = nbytes / transfer
-            server.bandwidth = sample if server.bandwidth is None else (
-                server.bandwidth + BANDWIDTH_GAIN * (sample - server.bandwidth))
-
-    def _decayed(self, server: _Server, now: float) -> float:
-        if server.failures <= 0.0:
+        record = self._failures.get(node)
+        if record is None:
             return 0.0
-        return server.failures * math.pow(0.5, max(0.0, now - server.failures_at) / self._half_life)
+        value = self._decay(record, now)
+        return value if value >= FORGET_BELOW else 0.0
+
+    def _decay(self, record: list[float], now: float) -> float:
+        elapsed = now - record[1]
+        return record[0] * 0.5 ** (elapsed / self._half_life) if elapsed > 0.0 else record[0]
+
+    def sent_since_report(self, node: str) -> int:
+        mine = self._sent.get(node)
+        entry = self._entries.get(node)
+        return 0 if mine is None or entry is None or mine[0] != entry.generation else mine[1]
 
     # --- reading ----------------------------------------------------------------------------
 
+    def stale(self, node: str, now: float) -> bool:
+        """Not to be offered to the policy: dead, silent, or not heard since the link came back."""
+        entry = self._entries.get(node)
+        return entry is None or entry.stale(now)
+
+    def silent(self, node: str, now: float) -> bool:
+        """Dead or silent too long: tasks in flight to it are given up."""
+        entry = self._entries.get(node)
+        return entry is None or entry.silent(now)
+
+    def dead(self, node: str) -> bool:
+        entry = self._entries.get(node)
+        return entry is not None and entry.dead
+
+    def awaiting(self, node: str) -> bool:
+        """Not heard from since the device's own link came back."""
+        entry = self._entries.get(node)
+        return entry is not None and entry.awaiting
+
+    def stale_at(self, node: str) -> float:
+        entry = self._entries.get(node)
+        return _INF if entry is None else entry.stale_at()
+
+    def probe_targets(self, now: float) -> list[str]:
+        """Servers worth probing now: alive, heard from recently."""
+        return [entry.node for entry in self._list if not entry.stale(now)]
+
     def snapshot(self, task: str, now: float) -> list[ServerInfo]:
         """One :class:`ServerInfo` per known server, as the policy sees it for ``task``."""
-        with self._lock:
-            rows = []
-            for server in self._servers.values():
-                heartbeat = server.heartbeat
-                load = heartbeat.load if heartbeat is not None else Load()
-                rows.append(ServerInfo(
-                    node=server.node,
-                    capable=heartbeat is not None and task in heartbeat.capabilities,
-                    stale=self._is_stale(server, now),
-                    rtt=server.rtt, rtt_dev=server.rtt_dev, bandwidth=server.bandwidth,
-                    queue_length=load.queue_length, in_flight=load.in_flight, workers=load.workers,
-                    service_time=load.service_time.get(task),
-                    sent_since_report=server.sent_since_report,
-                    recent_failures=self._decayed(server, now),
-                ))
-            return rows
+        rows: list[ServerInfo] = [
+            entry._info if entry._task == task and now <= entry._until else entry.info(task, now)  # type: ignore[misc]
+            for entry in self._list]
+        if not self._sent and not self._failures:
+            return rows  # the usual case: nothing unanswered since the reports, no recent failure
+        return [self._mine(row, now) for row in rows]
+
+    def _mine(self, row: ServerInfo, now: float) -> ServerInfo:
+        node = row.node
+        since = 0
+        mine = self._sent.get(node)
+        if mine is not None:
+            if mine[0] == self._entries[node].generation:
+                since = mine[1]
+            else:
+                del self._sent[node]  # counted against an older report, which the new one includes
+        failed = 0.0
+        record = self._failures.get(node)
+        if record is not None:
+            failed = self._decay(record, now)
+            if failed < FORGET_BELOW:
+                del self._failures[node]
+                failed = 0.0
+        if not since and not failed:
+            return row
+        return ServerInfo(node, row.capable, row.stale, row.rtt, row.rtt_dev, row.bandwidth, row.queue_length,
+                          row.in_flight, row.workers, row.service_time, since, failed)
 
     def announces(self, task: str) -> bool:
         """True when some server (alive or not) announced ``task`` in a heartbeat."""
-        with self._lock:
-            return any(s.heartbeat is not None and task in s.heartbeat.capabilities
-                       for s in self._servers.values())
+        return any(entry.capable(task) for entry in self._list)
 
-    def views(self, now: float) -> list[ServerView]:
-        with self._lock:
-            return [ServerView(
-                node=s.node, session=s.session, stale=self._is_stale(s, now), dead=s.dead, rtt=s.rtt,
-                rtt_dev=s.rtt_dev, bandwidth=s.bandwidth,
-                tasks=tuple(sorted(s.heartbeat.capabilities)) if s.heartbeat else (),
-                load=s.heartbeat.load if s.heartbeat else Load(),
-                heartbeat_age=None if s.last_heartbeat is None else now - s.last_heartbeat,
-                sent_since_report=s.sent_since_report, recent_failures=self._decayed(s, now),
-                in_flight=s.in_flight) for s in self._servers.values()]
+    def views(self, now: float, in_flight: Mapping[str, int] | None = None) -> list[ServerView]:
+        """Every known server as a :class:`ServerView`; ``in_flight``: this device's attempts per node."""
+        counts = in_flight or {}
+        return [entry.view(now, sent_since_report=self.sent_since_report(entry.node),
+                           recent_failures=self.recent_failures(entry.node, now),
+                           in_flight=counts.get(entry.node, 0)) for entry in self._list]
 
     def next_stale_time(self) -> float | None:
         """The earliest monotonic time a live server turns stale if no heartbeat comes."""
-        with self._lock:
-            times = [max(s.last_heartbeat, self._restored_at) + s.interval * self._stale_after
-                     for s in self._servers.values() if s.last_heartbeat is not None and not s.dead]
-            return min(times) if times else None
+        times = [entry.stale_at() for entry in self._list]
+        finite = [value for value in times if value < _INF]
+        return min(finite) if finite else None
 
 
-__all__ = ["MAX_REPORTED", "MIN_BANDWIDTH_BYTES", "ServerTable", "ServerView"]
+__all__ = ["FORGET_BELOW", "MAX_REPORTED", "MIN_BANDWIDTH_BYTES", "ServerEntry", "ServerReport",
+           "ServerTable", "ServerView"]

@@ -293,10 +293,10 @@ def run_emulation(scenario: Scenario, policy: str, *, broker_url: str, protocol:
         for name, value in emulator.counters.items():
             counters[f"link_{name}"] += value
     for edge in device_agents.values():
-        for name, value in edge.counters.items():
-            if name in ("late_results", "unknown_results", "retries", "timeouts", "local_full",
-                        "publish_failures", "server_deaths_in_flight"):
-                counters[f"device_{name}"] += value
+        stats = edge.stats()
+        for name in ("late_results", "unknown_results", "retries", "timeouts", "local_full",
+                     "publish_failures", "server_deaths_in_flight"):
+            counters[f"device_{name}"] += stats.get(name, 0)
     with records_lock:
         done = list(records)
         series = list(queue_series)

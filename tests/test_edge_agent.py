@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from brokers_support import wait_for
 
-from agent_common.registry import TaskRegistry, UnknownTaskError, load_tasks
+from agent_common.registry import TaskRegistry, UnknownTaskError
 from cloud_agent.config import CloudConfig
 from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent, payload_size
@@ -518,21 +518,48 @@ def test_sent_since_report_counts_only_tasks_still_waiting_on_the_server() -> No
     assert waiting() == 0                    # never below zero
 
 
-def test_attempt_timeout_ignores_the_failure_penalty(memory_broker: MemoryBroker) -> None:
-    from edge_agent.policy import Decision
+def test_attempt_timeout_ignores_the_failure_penalty() -> None:
+    from edge_agent.core import DeviceCore, Send, Timer
+    from edge_agent.policy import PolicyConfig
+    from edge_agent.servers import ServerReport
+    from edge_agent.tuning import Tuning
 
-    agent = EdgeAgent(EdgeConfig(id="dev", policy="ect", default_timeout=0.1, timeout_factor=4.0),
-                      MemoryTransport(memory_broker, "dev"), load_tasks("agent_common.demo_tasks"))
-    agent._table.on_heartbeat(Heartbeat(node="s", role=Role.SERVER, session=1, seq=1, interval=1.0,
-                                        time=0.0, capabilities={"square": TaskCapability()}), 0.0)
+    core = DeviceCore("dev", local_tasks=set(), tuning=Tuning(default_timeout=0.1, timeout_factor=4.0),
+                      policy_config=PolicyConfig(default_rtt=0.01, default_service_time=0.04),
+                      rng=random.Random(1))
+    core.link_up(0.0)
+    core.heartbeat(ServerReport("s", 1, 1, 1.0, frozenset({"square"})), 0.0)
     for _ in range(4):
-        agent._table.failure("s", 0.0)
-    penalty = agent._policy_config.failure_penalty * agent._table.recent_failures("s", 0.0)
+        core.table.failure("s", 0.0)
+    penalty = core.policy_config.failure_penalty * core.table.recent_failures("s", 0.0)
     assert penalty > 1.0
-    decision = Decision(policy="ect", target="s", reason="lowest-ect",
-                        estimates=(("s", 0.05 + penalty), ("local", 9.0)))
-    from edge_agent.agent import _Pending
+    actions = core.submit("t", "square", 0, 0.0)
+    send = next(a for a in actions if isinstance(a, Send))
+    assert send.task.decision is not None and send.task.decision.expected == pytest.approx(0.05 + penalty)
+    timer = next(a for a in actions if isinstance(a, Timer))
+    assert timer.at == pytest.approx(4.0 * 0.05)
 
-    task = _Pending(task_id="t", name="square", payload={}, payload_bytes=0, stage=None, policy="ect",
-                    future=concurrent.futures.Future(), created=0.0, deadline=None, deadline_mono=None)
-    assert agent._attempt_timeout(task, decision, "s", 0.0) == pytest.approx(4.0 * 0.05)
+
+def test_submit_returns_a_handle_with_the_task_id_and_its_record(make_edge: EdgeFactory,
+                                                                 make_cloud: Any) -> None:
+    make_cloud("srv-h")
+    edge = make_edge(registry=TaskRegistry(), policy="remote")
+    wait_for(knows(edge, "srv-h"))
+    handle = edge.submit("square", {"x": 3})
+    assert isinstance(handle, concurrent.futures.Future) and handle.record is None
+    assert handle.result(5) == {"value": 9}
+    record = handle.record
+    assert record is not None and record.task_id == handle.task_id
+    assert (record.target, record.outcome, record.attempts) == ("srv-h", "ok", 1)
+
+
+def test_from_config_reads_a_file_loads_its_tasks_and_is_a_context_manager(tmp_path: Any) -> None:
+    path = tmp_path / "device.toml"
+    path.write_text('id = "cam-from-file"\ntasks = ["examples.tasks"]\nlocal_workers = 2\n')
+    with EdgeAgent.from_config(path) as agent:
+        assert agent.config.local_workers == 2 and not agent.connected  # no broker: all local
+        handle = agent.submit("square", {"x": 4})
+        assert handle.result(5) == {"y": 16}
+        assert handle.record is not None and handle.record.target == "local"
+    with pytest.raises(RuntimeError):
+        agent.submit("square", {"x": 1})  # stopped on exit

@@ -235,7 +235,7 @@ def test_a_device_cannot_forge_a_result_into_another_devices_inbox(fleet: Fleet)
     before = fleet.edge.stats()
     future = fleet.edge.submit("sleep", {"seconds": 0.5})
     wait_for(lambda: fleet.edge.stats()["in_flight"] == 1)
-    task_id = next(iter(fleet.edge._tasks))  # suppose the forger even knew the id
+    task_id = future.task_id  # suppose the forger even knew the id
     for status in (Status.OK, Status.REJECTED_BUSY):
         forged = Result(task_id=task_id, status=status, server="srv1", payload={"slept": 999.0})
         forger.publish(TREE.result_inbox("cam1"), CODEC.encode(forged), qos=1)

@@ -1,0 +1,851 @@
+"""The device core: what a device knows and decides, as a state machine without I/O ("sans-I/O").
+
+:class:`DeviceCore` takes **events** with an explicit ``now`` (a task submitted, a server heartbeat,
+a birth or death, a result, a pong, a local run starting or finishing, a timer firing, the device's
+own link coming up or going down) and returns **actions** for its driver to perform:
+
+=================  ==================================================================================
+:class:`Send`      publish attempt ``attempt`` of ``task`` to ``server`` (``resend``: the same attempt
+                   again, after the link came back)
+:class:`Ping`      publish a round-trip probe to ``server``
+:class:`RunLocal`  queue ``task`` on the local pool; when a worker takes it, call :meth:`local_start`
+:class:`Execute`   run ``task`` now (the answer to :meth:`local_start`); then :meth:`local_done`
+:class:`Complete`  ``task`` has its one outcome; :attr:`Complete.record` is its :class:`TaskRecord`
+:class:`Timer`     call :meth:`fire` with this timer at ``at`` (stale timers are ignored there)
+:class:`Fault`     deciding ``task`` raised ``error`` (the task is already completed ``failed``)
+=================  ==================================================================================
+
+It reads no clock, starts no thread, does no I/O and draws randomness only from the ``rng`` it is
+given, so the live agent (:class:`~edge_agent.agent.EdgeAgent`: MQTT, threads, a pool, futures) and
+the discrete-event simulator (:mod:`sim.des`: an event queue and a simulated clock) run the same
+rules. The rules, in one place:
+
+* **Decisions** are :func:`edge_agent.policy.decide` on the server table (no server while the link
+  is down), the local pool and the previous choice for the task name; servers already tried are
+  excluded. A local choice with the local pool full is decided again without it, else
+  ``rejected-busy``.
+* **Attempt timeouts** (:func:`attempt_timeout`): ``timeout_factor`` x the estimate without the
+  failure penalty, at least a floor, at most ``max_timeout`` and the time left; the floor is
+  ``default_timeout``, lowered to ``attempt_share`` x time left when another option remains. An
+  attempt whose server falls silent before its timeout is given up at the server's stale time.
+* **Retries**: a timeout, ``rejected-busy``, ``expired``, ``unknown-task`` or the server's death
+  counts a failure against the server and decides again, up to ``max_attempts``. A task with nowhere
+  else to go waits for its dead server instead (a broker restart fires every Will), bounded by its
+  timeout; one sent over an earlier link is re-sent when its server is heard from again.
+* **One outcome per task**: the first ``ok``/``error`` result wins, also from an earlier attempt;
+  anything later is counted (``late_results``, ``unknown_results``). A timer at or after the deadline
+  gives a task still without an outcome the deadline outcome: ``timeout`` if a server has it,
+  ``expired`` if it is queued or running locally (the local run goes on; its output is dropped).
+
+Times in records are core times plus ``epoch`` (the agent passes wall clock minus monotonic).
+The core is not thread-safe: its driver serialises the calls.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, OrderedDict, deque
+from collections.abc import Container, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from edge_agent.policy import (
+    DEFAULT_POLICY,
+    LOCAL,
+    Decision,
+    LocalInfo,
+    PolicyConfig,
+    ServerInfo,
+    TaskInfo,
+    check_policy,
+    decide,
+)
+from edge_agent.records import TaskRecord
+from edge_agent.servers import STALE_MARGIN, ServerReport, ServerTable, ServerView
+from edge_agent.tuning import DEFAULT_TUNING, Tuning
+
+__all__ = [
+    "ANSWERED_FAILURES", "Action", "Complete", "CoreTask", "Decider", "DeviceCore", "Execute", "Fault",
+    "Ping", "RunLocal", "Send", "Timer", "attempt_timeout",
+]
+
+RATE_WINDOW = 1.0
+"""Seconds over which the local arrival rate (``threshold`` policy) is measured."""
+FINISHED_MEMORY = 10_000
+"""How many finished task ids are remembered to tell late results from foreign ones."""
+ANSWERED_FAILURES = frozenset({"rejected-busy", "expired", "unknown-task"})
+"""Statuses with which a server answered an attempt without doing it: retried elsewhere."""
+_FINAL = frozenset({"ok", "error"})
+_INF = float("inf")
+
+_ATTEMPT, _DEADLINE, _PROBE = range(3)
+
+
+def attempt_timeout(expected: float, time_left: float | None, *, alternative: bool, default_timeout: float,
+                    factor: float, share: float, ceiling: float) -> float:
+    """Seconds an offloaded attempt waits for its result before the task is decided again.
+
+    ``factor x expected`` (the estimated round trip, transfer, queue and service time), at least a
+    floor and at most ``ceiling`` and the time left to the deadline. The floor is ``default_timeout``,
+    lowered to ``share x time_left`` when the task has a deadline and another option to fall back on,
+    so that a silent server still leaves time for the retry or the local run.
+    """
+    scaled = factor * expected
+    if time_left is None:
+        return min(ceiling, max(default_timeout, scaled))
+    left = max(0.0, time_left)
+    floor = min(default_timeout, share * left) if alternative else default_timeout
+    return min(left, ceiling, max(floor, scaled))
+
+
+class CoreTask:
+    """One submitted task until its single outcome, as the core tracks it.
+
+    ``context`` is the driver's own: the core never reads it (the simulator keeps its job there).
+    Times are core times.
+    """
+
+    __slots__ = ("attempts", "check_at", "context", "created", "deadline", "deadline_armed", "decided",
+                 "decision", "done", "error", "finished", "generation", "last_error", "last_status", "link",
+                 "local_ok", "name", "outcome", "payload_bytes", "policy", "queue_wait", "received", "resend",
+                 "sent", "sent_at", "service_time", "started", "target", "targets", "task_id", "timeout_at",
+                 "timer", "waited_for_link")
+
+    def __init__(self, task_id: str, name: str, payload_bytes: int, policy: str, created: float,
+                 deadline: float | None, local_ok: bool, context: Any) -> None:
+        self.task_id = task_id
+        self.name = name
+        self.payload_bytes = payload_bytes
+        self.policy = policy
+        self.created = created
+        self.deadline = deadline
+        """Absolute, in core time; ``None``: no deadline."""
+        self.local_ok = local_ok
+        self.context = context
+        self.attempts = 0
+        self.target: str | None = None
+        """The server of the attempt in flight; ``None`` when running locally or between attempts."""
+        self.targets: list[str] = []
+        self.decision: Decision | None = None
+        self.decided: float | None = None
+        self.sent: float | None = None
+        self.started: float | None = None
+        self.sent_at = 0.0
+        """When the current attempt was last (re-)sent: the start of its measured round trip."""
+        self.generation = -1
+        self.last_status = "failed"
+        self.last_error = ""
+        self.done = False
+        self.link = 0
+        """The link generation the current attempt was sent on."""
+        self.resend = False
+        """The current attempt's message or result may have been lost: re-send it when its server is
+        heard from again."""
+        self.timer = 0
+        self.timeout_at = _INF
+        self.check_at = _INF
+        self.waited_for_link = False
+        self.deadline_armed = False
+        self.outcome: str | None = None
+        self.error: str | None = None
+        self.finished: float | None = None
+        self.received: float | None = None
+        self.service_time: float | None = None
+        self.queue_wait: float | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Send:
+    """Publish attempt ``attempt`` of ``task`` to ``server`` (``resend``: again, as the same attempt)."""
+
+    task: CoreTask
+    server: str
+    attempt: int
+    resend: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class Ping:
+    """Publish a round-trip probe to ``server``; its pong must echo ``nonce`` and ``sent``."""
+
+    server: str
+    nonce: int
+    sent: float
+
+
+@dataclass(slots=True, eq=False)
+class RunLocal:
+    """Queue ``task`` on the local pool (FIFO); call :meth:`DeviceCore.local_start` when a worker takes it."""
+
+    task: CoreTask
+
+
+@dataclass(slots=True, eq=False)
+class Execute:
+    """Run ``task`` now, on the worker that asked; then call :meth:`DeviceCore.local_done`."""
+
+    task: CoreTask
+
+
+@dataclass(slots=True, eq=False)
+class Complete:
+    """``task`` has its one outcome (``task.outcome``, ``task.error``)."""
+
+    task: CoreTask
+    device: str
+    epoch: float
+
+    @property
+    def record(self) -> TaskRecord:
+        """The task's :class:`TaskRecord`, times on the driver's clock (core time + ``epoch``)."""
+        task, epoch = self.task, self.epoch
+        decision = task.decision
+        return TaskRecord(
+            task_id=task.task_id, name=task.name, device=self.device, policy=task.policy,
+            target=task.targets[-1] if task.targets else LOCAL,
+            reason=decision.reason if decision else "none", outcome=task.outcome,  # type: ignore[arg-type]
+            attempts=task.attempts, created=task.created + epoch, decided=_shift(task.decided, epoch),
+            sent=_shift(task.sent, epoch), started=_shift(task.started, epoch),
+            finished=_shift(task.finished, epoch), received=_shift(task.received, epoch),
+            estimates=decision.estimates if decision else (), error=task.error, queue_wait=task.queue_wait,
+            service_time=task.service_time, payload_bytes=task.payload_bytes, targets=tuple(task.targets))
+
+
+@dataclass(slots=True, eq=False)
+class Timer:
+    """Call :meth:`DeviceCore.fire` with this timer at ``at`` (core time)."""
+
+    at: float
+    kind: int
+    task: CoreTask | None
+    token: int
+
+
+@dataclass(slots=True, eq=False)
+class Fault:
+    """Deciding ``task`` raised ``error`` (a bug or absurd numbers); the task was completed ``failed``."""
+
+    task: CoreTask
+    error: BaseException
+
+
+Action = Send | Ping | RunLocal | Execute | Complete | Timer | Fault
+
+
+def _shift(value: float | None, epoch: float) -> float | None:
+    return None if value is None else value + epoch
+
+
+class Decider(Protocol):
+    """Where the next attempt of ``task`` goes (the simulator's oracle plugs in here)."""
+
+    def __call__(self, task: CoreTask, info: TaskInfo, local: LocalInfo, servers: Sequence[ServerInfo], *,
+                 now: float, previous: str | None, exclude: frozenset[str], allow_local: bool
+                 ) -> Decision: ...
+
+
+class _LocalPool:
+    """What the policy knows of the device's own pool: queued and running tasks, service times, arrivals."""
+
+    __slots__ = ("arrivals", "capacity", "gain", "infos", "queued", "running", "service", "workers")
+
+    def __init__(self, workers: int, queue_size: int, gain: float) -> None:
+        self.workers = workers
+        self.capacity = workers + queue_size
+        self.gain = gain
+        self.queued = 0
+        self.running = 0
+        self.service: dict[str, float] = {}
+        self.arrivals: deque[float] = deque()
+        self.infos: dict[str, LocalInfo] = {}
+        """:class:`LocalInfo` per task name without the arrival rate, until the pool changes."""
+
+    def arrived(self, now: float) -> None:
+        arrivals = self.arrivals
+        arrivals.append(now)
+        horizon = now - RATE_WINDOW
+        while arrivals[0] < horizon:
+            arrivals.popleft()
+
+    def info(self, name: str, capable: bool, now: float, with_rate: bool) -> LocalInfo:
+        if with_rate:
+            arrivals, horizon = self.arrivals, now - RATE_WINDOW
+            while arrivals and arrivals[0] < horizon:
+                arrivals.popleft()
+            return LocalInfo(capable, self.queued, self.running, self.workers, self.service.get(name),
+                             len(arrivals) / RATE_WINDOW)
+        info = self.infos.get(name)
+        if info is None or info.capable is not capable:
+            info = self.infos[name] = LocalInfo(capable, self.queued, self.running, self.workers,
+                                                self.service.get(name))
+        return info
+
+    def full(self) -> bool:
+        return self.queued + self.running >= self.capacity
+
+    def changed(self) -> None:
+        if self.infos:
+            self.infos.clear()
+
+    def note_service(self, name: str, elapsed: float) -> None:
+        old = self.service.get(name)
+        self.service[name] = elapsed if old is None else old + self.gain * (elapsed - old)
+
+
+class DeviceCore:
+    """One device's rules: server table, local pool, decisions, attempts, timeouts and outcomes.
+
+    ``local_tasks``: the task names this device runs itself. ``table``: its server table (the
+    simulator passes one over shared entries). ``probes``: ping the servers itself (the simulator
+    probes per device group instead). ``watchdog``: arm a timer at every task's deadline at
+    submission, a safety net for the driver; without it a deadline timer is armed only for local
+    runs, since an offloaded attempt's timeout never passes the deadline. ``decider`` replaces
+    :func:`~edge_agent.policy.decide` (the simulator's oracle).
+    """
+
+    def __init__(self, node: str, *, local_tasks: Container[str], local_workers: int = 1,
+                 tuning: Tuning = DEFAULT_TUNING, policy_config: PolicyConfig | None = None,
+                 policy: str = DEFAULT_POLICY, rng: random.Random | None = None,
+                 table: ServerTable | None = None, ignore: frozenset[str] = frozenset(), probes: bool = True,
+                 watchdog: bool = True, decider: Decider | None = None, epoch: float = 0.0) -> None:
+        self.node = node
+        self.tuning = tuning
+        self.policy = check_policy(policy)
+        self.policy_config = policy_config or PolicyConfig()
+        self.rng = rng or random.Random()
+        self.table = table or ServerTable(stale_after=tuning.stale_after, half_life=tuning.failure_half_life,
+                                          ignore=ignore, estimators=tuning.estimators)
+        self.counters: Counter[str] = Counter()
+        self.connected = False
+        self._local_tasks = local_tasks
+        self._pool = _LocalPool(local_workers, tuning.local_queue_size, tuning.estimators.local_service_gain)
+        self._probes = probes
+        self._watchdog = watchdog
+        self._decider = decider
+        self._epoch = epoch
+        self._max_attempts = tuning.max_attempts
+        self._penalty = self.policy_config.failure_penalty
+        self._tasks: dict[str, CoreTask] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._previous: dict[str, str] = {}
+        self._resend_waiting: set[str] = set()
+        self._link = 0
+        self._links_up = 0
+        self._tokens = 0
+        self._nonces = 0
+        self._probe_due: dict[str, float] = {}
+        self._probe_token = 0
+
+    # ------------------------------------------------------------------------------ reading
+    @property
+    def tasks(self) -> Sequence[CoreTask]:
+        """The tasks without an outcome yet."""
+        return list(self._tasks.values())
+
+    def task(self, task_id: str) -> CoreTask | None:
+        return self._tasks.get(task_id)
+
+    def runs(self, name: str) -> bool:
+        """This device runs ``name`` itself."""
+        return name in self._local_tasks
+
+    def announced(self, name: str) -> bool:
+        """Some server announced ``name``."""
+        return self.table.announces(name)
+
+    def local_load(self) -> tuple[int, int, int, int, dict[str, float]]:
+        """(queued, running, workers, queue capacity, EWMA service time by task) of the local pool."""
+        pool = self._pool
+        return (pool.queued, pool.running, pool.workers, pool.capacity - pool.workers, dict(pool.service))
+
+    def views(self, now: float) -> list[ServerView]:
+        """The server table as :class:`~edge_agent.servers.ServerView` rows, with this device's attempts."""
+        in_flight = Counter(task.target for task in self._tasks.values() if task.target is not None)
+        return self.table.views(now, in_flight)
+
+    def live(self, timer: Timer) -> bool:
+        """Whether ``timer`` can still do something (drivers prune their timer queues with it)."""
+        if timer.kind == _PROBE:
+            return timer.token == self._probe_token
+        task = timer.task
+        return task is not None and not task.done and (timer.kind == _DEADLINE or timer.token == task.timer)
+
+    def stats(self, now: float) -> dict[str, Any]:
+        values: dict[str, Any] = dict(self.counters)
+        values["in_flight"] = len(self._tasks)
+        values["waiting_for_resend"] = len(self._resend_waiting)
+        values["local_queued"] = self._pool.queued
+        values["local_running"] = self._pool.running
+        values["servers"] = self.table.counters | {"known": len(self.table.views(now)),
+                                                   "usable": len(self.table.probe_targets(now))}
+        return values
+
+    # ------------------------------------------------------------------------------ events
+    def submit(self, task_id: str, name: str, payload_bytes: int, now: float, *,
+               deadline: float | None = None, policy: str | None = None, context: Any = None) -> list[Action]:
+        """A task was submitted; ``deadline`` is relative (seconds from ``now``), ``policy`` checked."""
+        local_ok = name in self._local_tasks
+        task = CoreTask(task_id, name, payload_bytes, policy or self.policy, now,
+                        None if deadline is None else now + deadline, local_ok, context)
+        self._tasks[task_id] = task
+        self.counters["submitted"] += 1
+        pool = self._pool
+        pool.arrived(now)
+        if task.policy == "threshold":
+            pool.changed()
+        out: list[Action] = []
+        if task.deadline is not None and self._watchdog:
+            task.deadline_armed = True
+            out.append(Timer(task.deadline, _DEADLINE, task, 0))
+        self._dispatch(task, now, out)
+        return out
+
+    def heartbeat(self, report: ServerReport, now: float) -> list[Action]:
+        """A server heartbeat, decoded (the driver checks the topic names the same node)."""
+        node = report.node
+        fresh = node not in self._probe_due
+        if not self.table.on_heartbeat(report, now):
+            return []
+        out: list[Action] = []
+        if fresh and self._probes and self.connected:
+            self._probe_due[node] = now
+            self._arm_probe(now, out)  # probe a new server at once
+        self._resend_to(node, now, out)
+        return out
+
+    def state(self, node: str, session: int, online: bool, now: float, *, live: bool = False) -> list[Action]:
+        """A server's birth (``online``) or death; ``live``: published now, not a retained copy."""
+        out: list[Action] = []
+        if self.table.on_state_of(node, session, online, live=live):
+            self.server_gone({node}, now, f"server {node} went offline", out)
+        elif live and online and not self.table.awaiting(node):
+            self._resend_to(node, now, out)
+        return out
+
+    def pong(self, node: str, nonce: int, sent: float, now: float) -> float | None:
+        """A pong: updates the round trip; returns the sample, or None for an unknown nonce."""
+        return self.table.on_pong(node, nonce, sent, now)
+
+    def result(self, task_id: str, server: str, attempt: int, status: str, now: float, *, nbytes: int = 0,
+               queue_wait: float = 0.0, service_time: float = 0.0, error: str | None = None) -> list[Action]:
+        """A result from ``server`` for attempt ``attempt``; ``nbytes``: task and result bytes moved."""
+        task = self._tasks.get(task_id)
+        counters = self.counters
+        if task is None:
+            counters["late_results" if task_id in self._finished else "unknown_results"] += 1
+            return []
+        if server not in task.targets:
+            counters["unknown_results"] += 1
+            return []
+        current = task.target == server and task.attempts == attempt
+        final = status in _FINAL
+        if not current and not final:
+            counters["late_results"] += 1
+            return []
+        out: list[Action] = []
+        if final:
+            if current:
+                self.table.transfer_observed(server, nbytes, now - task.sent_at, queue_wait + service_time)
+            else:
+                counters["late_results_used"] += 1
+            task.received = now
+            task.service_time, task.queue_wait = service_time, queue_wait
+            if status == "ok":
+                self._finish(task, "ok", None, now, out)
+            else:
+                self._finish(task, "error", error or "task failed on the server", now, out)
+            return out
+        if status not in ANSWERED_FAILURES:
+            counters["unknown_results"] += 1
+            return out
+        self._attempt_failed(task, task.attempts, status, error or f"{server} answered {status}", now, out)
+        return out
+
+    def local_start(self, task: CoreTask, now: float) -> list[Action]:
+        """A local worker took ``task`` from the queue: :class:`Execute` it, or it is already decided."""
+        pool = self._pool
+        pool.queued -= 1
+        pool.changed()
+        if task.done:
+            return []
+        out: list[Action] = []
+        if task.deadline is not None and now >= task.deadline:
+            self._finish(task, "expired", "deadline passed while queued locally", now, out)
+            return out
+        pool.running += 1
+        task.started = now
+        out.append(Execute(task))
+        return out
+
+    def local_done(self, task: CoreTask, now: float, *, elapsed: float, error: str | None = None
+                   ) -> list[Action]:
+        """The local run of ``task`` (after :class:`Execute`) took ``elapsed`` s; ``error``: it raised."""
+        pool = self._pool
+        pool.running -= 1
+        pool.note_service(task.name, elapsed)
+        pool.changed()
+        out: list[Action] = []
+        if not task.done:
+            task.service_time = elapsed
+            if error is None:
+                self._finish(task, "ok", None, now, out)
+            else:
+                self._finish(task, "error", error, now, out)
+        return out
+
+    def fire(self, timer: Timer, now: float) -> list[Action]:
+        """A timer from an earlier :class:`Timer` action came due (or later)."""
+        out: list[Action] = []
+        kind, task = timer.kind, timer.task
+        if kind == _PROBE:
+            if timer.token == self._probe_token:
+                self._probe(now, out)
+            return out
+        if task is None or task.done or (kind == _ATTEMPT and timer.token != task.timer):
+            return out
+        if task.deadline is not None and now >= task.deadline:
+            self._deadline_outcome(task, now, out)
+        elif kind == _ATTEMPT:
+            self._check_attempt(task, now, out)
+        return out
+
+    def link_up(self, now: float) -> list[Action]:
+        """A new connection to the broker (the first, or a reconnect): attempts sent over an earlier one
+        may be lost and wait for their server; every server must be heard from again."""
+        self.connected = True
+        self._link += 1
+        self._links_up += 1
+        lost = [task for task in self._tasks.values() if task.target is not None and task.link < self._link]
+        for task in lost:
+            task.resend = True
+            self._resend_waiting.add(task.task_id)
+        self.counters["link_lost_attempts"] += len(lost)
+        if self._links_up > 1:
+            self.counters["reconnects"] += 1
+            self.table.link_restored(now)
+        return []
+
+    def link_down(self, now: float) -> list[Action]:
+        """The connection is down: no server is offered, silence is not the servers' fault."""
+        self.connected = False
+        return []
+
+    def publish_failed(self, task: CoreTask, attempt: int, now: float, *, not_connected: bool, error: str
+                       ) -> list[Action]:
+        """A :class:`Send` could not be published. With the link down, a task that can run here is
+        decided again at once; any other waits (its timeout running) to be re-sent."""
+        self.counters["publish_failures"] += 1
+        out: list[Action] = []
+        if not_connected and not task.local_ok:
+            self._wait_for_resend(task, attempt)
+        else:
+            self._attempt_failed(task, attempt, "failed", error, now, out, penalise=False)
+        return out
+
+    def local_refused(self, task: CoreTask, now: float, error: str) -> list[Action]:
+        """The local pool refused ``task`` after :class:`RunLocal` (it is shutting down): it fails."""
+        self._pool.queued -= 1
+        self._pool.changed()
+        return self.unsendable(task, now, error)
+
+    def unsendable(self, task: CoreTask, now: float, error: str) -> list[Action]:
+        """The driver cannot encode ``task`` for the wire: it fails."""
+        out: list[Action] = []
+        self._finish(task, "failed", error, now, out)
+        return out
+
+    def stop(self, now: float) -> list[Action]:
+        """The device stops: every task without an outcome fails."""
+        out: list[Action] = []
+        for task in list(self._tasks.values()):
+            self._finish(task, "failed", "edge agent stopped", now, out)
+        return out
+
+    def server_gone(self, nodes: set[str], now: float, error: str, out: list[Action] | None = None
+                    ) -> list[Action]:
+        """``nodes`` died or fell silent: decide again the tasks in flight to them. A task with nowhere
+        else to go keeps waiting instead: it is re-sent when its server is heard from again, and its
+        timeout still bounds the wait. (The simulator calls this when a shared entry heard a death.)"""
+        if out is None:
+            out = []
+        victims = [(task, task.attempts) for task in self._tasks.values()
+                   if task.target in nodes and not task.resend]
+        if not victims:
+            return out
+        self.counters["server_deaths_in_flight"] += len(victims)
+        for task, attempt in victims:
+            if self._has_alternative(task, nodes, now):
+                self._attempt_failed(task, attempt, "failed", error, now, out)
+            else:
+                self.counters["waiting_for_server"] += 1
+                self._wait_for_resend(task, attempt)
+        return out
+
+    # ------------------------------------------------------------------------------ deciding
+    def _dispatch(self, task: CoreTask, now: float, out: list[Action]) -> None:
+        """Decide the next attempt of ``task`` and launch it, or give it its final outcome. Whatever goes
+        wrong in deciding ends this one task ``failed``; it never escapes or leaves the task hanging."""
+        try:
+            self._decide_and_launch(task, now, out)
+        except Exception as exc:  # noqa: BLE001 - one task's broken decision must not lose it
+            what = f"{type(exc).__name__}: {exc}"[:500]
+            self.counters["decision_errors"] += 1
+            self._finish(task, "failed", f"internal error while deciding: {what}", now, out)
+            out.append(Fault(task, exc))
+
+    def _decide_and_launch(self, task: CoreTask, now: float, out: list[Action]) -> None:
+        if task.done:
+            return
+        if task.attempts >= self._max_attempts:
+            self._finish(task, task.last_status, task.last_error or "no attempt left", now, out)
+            return
+        deadline = task.deadline
+        time_left = None if deadline is None else deadline - now
+        if time_left is not None and time_left <= 0.0:
+            status = task.last_status if task.last_status in ("timeout", "expired") else "expired"
+            self._finish(task, status, "deadline passed before the task could run", now, out)
+            return
+        local_ok = task.local_ok
+        name = task.name
+        servers = self.table.snapshot(name, now) if self.connected else []
+        targets = task.targets
+        exclude = frozenset(t for t in targets if t != LOCAL) if targets else frozenset()
+        info = TaskInfo(name, task.payload_bytes, time_left)
+        pool = self._pool
+        local = pool.info(name, local_ok, now, task.policy == "threshold")
+        previous = self._previous.get(name)
+        decision = self._decide(task, info, local, servers, now, previous, exclude, local_ok)
+        if decision.target is None and local_ok and pool.full():
+            self.counters["local_full"] += 1
+            decision = self._decide(task, info, local, servers, now, previous, exclude, False)
+            if decision.target is None:
+                task.last_status, task.last_error = "rejected-busy", "local queue full, no server"
+                self._finish(task, "rejected-busy", "local queue is full and no server is usable", now, out)
+                return
+        task.decision = decision
+        task.decided = now
+        target = decision.target
+        if target is None and not local_ok:
+            self._finish(task, "failed", f"no usable server for {name!r} ({decision.reason})", now, out)
+            return
+        self._previous[name] = target or LOCAL
+        if target is None:
+            self._run_local(task, now, out)
+        else:
+            self._send(task, target, decision, now, out)
+
+    def _decide(self, task: CoreTask, info: TaskInfo, local: LocalInfo, servers: Sequence[ServerInfo],
+                now: float, previous: str | None, exclude: frozenset[str], allow_local: bool) -> Decision:
+        if self._decider is not None:
+            return self._decider(task, info, local, servers, now=now, previous=previous, exclude=exclude,
+                                 allow_local=allow_local)
+        return decide(task.policy, info, local, servers, now=now, rng=self.rng, previous=previous,
+                      exclude=exclude, allow_local=allow_local, config=self.policy_config)
+
+    def _run_local(self, task: CoreTask, now: float, out: list[Action]) -> None:
+        task.attempts += 1
+        task.targets.append(LOCAL)
+        task.target = None
+        pool = self._pool
+        pool.queued += 1
+        pool.changed()
+        self.counters["local_runs"] += 1
+        if task.deadline is not None and not task.deadline_armed:
+            task.deadline_armed = True
+            out.append(Timer(task.deadline, _DEADLINE, task, 0))
+        out.append(RunLocal(task))
+
+    def _send(self, task: CoreTask, target: str, decision: Decision, now: float, out: list[Action]) -> None:
+        task.attempts += 1
+        task.targets.append(target)
+        task.target = target
+        task.sent = now
+        task.resend = False
+        task.waited_for_link = False
+        task.generation = self.table.task_sent(target)
+        self.counters["offloaded"] += 1
+        self._launch(task, target, decision, now, out, resend=False)
+
+    def _launch(self, task: CoreTask, target: str, decision: Decision, now: float, out: list[Action], *,
+                resend: bool) -> None:
+        """Arm the attempt's timer and publish it (a first send or a re-send)."""
+        task.link = self._link
+        task.sent_at = now
+        task.timeout_at = now + self._timeout(task, decision, target, now)
+        self._arm_check(task, now, out)
+        out.append(Send(task, target, task.attempts, resend))
+
+    def _timeout(self, task: CoreTask, decision: Decision, target: str, now: float) -> float:
+        """See :func:`attempt_timeout`; the estimate is the decision's for ``target``, without the failure
+        penalty (it steers choices; it says nothing of how long this server will take)."""
+        estimate = decision.expected if decision.target == target else decision.estimate(target)
+        expected = estimate or 0.0
+        if self._penalty:
+            expected -= self._penalty * self.table.recent_failures(target, now)
+        if expected < 0.0:
+            expected = 0.0
+        estimates = decision.estimates
+        alternative = task.attempts < self._max_attempts and (
+            task.local_ok or len(estimates) > 1 or (len(estimates) == 1 and estimates[0][0] != target))
+        tuning = self.tuning
+        return attempt_timeout(expected, None if task.deadline is None else task.deadline - now,
+                               alternative=alternative, default_timeout=tuning.default_timeout,
+                               factor=tuning.timeout_factor, share=tuning.attempt_share,
+                               ceiling=tuning.max_timeout)
+
+    def _arm_check(self, task: CoreTask, now: float, out: list[Action]) -> None:
+        """The attempt's timer: at its timeout, or earlier at its server's stale time."""
+        at = task.timeout_at
+        target = task.target
+        if target is not None and self.connected and not task.resend:
+            stale_at = self.table.stale_at(target) + STALE_MARGIN
+            if now < stale_at < at:
+                at = stale_at
+        self._tokens += 1
+        task.timer = self._tokens
+        task.check_at = at
+        out.append(Timer(at, _ATTEMPT, task, self._tokens))
+
+    # ------------------------------------------------------------------------------ failing
+    def _check_attempt(self, task: CoreTask, now: float, out: list[Action]) -> None:
+        target = task.target
+        if target is None:
+            return
+        if now < task.timeout_at:
+            if self.connected and not task.resend and self.table.silent(target, now):
+                self.server_gone({target}, now, "server stopped sending heartbeats", out)
+            else:
+                self._arm_check(task, now, out)
+            return
+        if self._extend_for_link(task, now, out):
+            return
+        self.counters["timeouts"] += 1
+        ours = task.resend or task.link != self._link  # our own link may have lost it
+        self._attempt_failed(task, task.attempts, "timeout", f"no result from {target} in time", now, out,
+                             penalise=not ours)
+
+    def _extend_for_link(self, task: CoreTask, now: float, out: list[Action]) -> bool:
+        """An attempt waiting for the device's own link, of a task that cannot run here: rather than
+        fail it while nothing can be done, wait (once) until its deadline for the link to come back."""
+        deadline = task.deadline
+        if (not task.resend or task.waited_for_link or self.connected or deadline is None
+                or deadline <= now or task.local_ok):
+            return False
+        task.waited_for_link = True
+        task.timeout_at = deadline
+        self._tokens += 1
+        task.timer = self._tokens
+        out.append(Timer(deadline, _ATTEMPT, task, self._tokens))
+        self.counters["waited_for_link"] += 1
+        return True
+
+    def _attempt_failed(self, task: CoreTask, attempt: int, status: str, error: str, now: float,
+                        out: list[Action], *, penalise: bool = True) -> None:
+        """Attempt ``attempt`` of ``task`` will not answer: count it and try the next option."""
+        if task.done or task.attempts != attempt or task.target is None:
+            return
+        target = task.target
+        task.target = None
+        task.resend = False
+        task.last_status, task.last_error = status, error
+        self.counters["retries"] += 1
+        self.table.task_done(target, answered=status in ANSWERED_FAILURES, generation=task.generation)
+        if penalise:
+            self.table.failure(target, now)
+        self._dispatch(task, now, out)
+
+    def _wait_for_resend(self, task: CoreTask, attempt: int) -> None:
+        if task.done or task.attempts != attempt or task.target is None:
+            return
+        task.resend = True
+        self._resend_waiting.add(task.task_id)
+
+    def _resend_to(self, node: str, now: float, out: list[Action]) -> None:
+        """``node`` was heard from over the current link: re-send the attempts waiting for it, as the
+        same attempt (the server answers a duplicate from its result cache), with a fresh timeout."""
+        if not self._resend_waiting:
+            return
+        for task_id in list(self._resend_waiting):
+            task = self._tasks.get(task_id)
+            if task is None or task.done or not task.resend:
+                self._resend_waiting.discard(task_id)
+            elif task.target == node and task.decision is not None:
+                self._resend_waiting.discard(task_id)
+                task.resend = False
+                task.waited_for_link = False
+                self.counters["resends"] += 1
+                self._launch(task, node, task.decision, now, out, resend=True)
+
+    def _has_alternative(self, task: CoreTask, unusable: set[str], now: float) -> bool:
+        """Could ``task`` run somewhere else now: locally, or on a usable server not yet tried?"""
+        if task.local_ok:
+            return True
+        if not self.connected or task.attempts >= self._max_attempts:
+            return False
+        tried = unusable.union(task.targets)
+        try:
+            servers = self.table.snapshot(task.name, now)
+        except Exception:  # noqa: BLE001 - decide again: _dispatch gives a broken decision its outcome
+            return True
+        return any(s.capable and not s.stale and s.node not in tried for s in servers)
+
+    # ------------------------------------------------------------------------------ outcomes
+    def _deadline_outcome(self, task: CoreTask, now: float, out: list[Action]) -> None:
+        if task.target is not None:
+            status, error = "timeout", f"no result from {task.target} before the deadline"
+        elif task.targets and task.targets[-1] == LOCAL:
+            where = "running" if task.started is not None else "queued"
+            status, error = "expired", f"deadline passed while {where} locally"
+        else:
+            status, error = "expired", "deadline passed before the task could run"
+        self.counters["deadline_outcomes"] += 1
+        self._finish(task, status, error, now, out)
+
+    def _finish(self, task: CoreTask, outcome: str, error: str | None, now: float, out: list[Action]) -> None:
+        """Give ``task`` its one outcome."""
+        if task.done:
+            return
+        task.done = True
+        task.outcome, task.error, task.finished = outcome, error, now
+        target = task.target
+        task.target = None
+        task.resend = False
+        task_id = task.task_id
+        del self._tasks[task_id]
+        if self._resend_waiting:
+            self._resend_waiting.discard(task_id)
+        finished = self._finished
+        finished[task_id] = None
+        if len(finished) > FINISHED_MEMORY:
+            finished.popitem(last=False)
+        self.counters["outcome_" + outcome] += 1
+        if target is not None:
+            self.table.task_done(target, answered=task.received is not None, generation=task.generation)
+        out.append(Complete(task, self.node, self._epoch))
+
+    # ------------------------------------------------------------------------------ probes
+    def _arm_probe(self, at: float, out: list[Action]) -> None:
+        self._probe_token += 1
+        out.append(Timer(at, _PROBE, None, self._probe_token))
+
+    def _probe(self, now: float, out: list[Action]) -> None:
+        if not self.connected or not self._probes:
+            self._probe_due.clear()  # a server heard again is probed at once
+            return
+        alive = self.table.probe_targets(now)
+        due = self._probe_due
+        for node in [node for node in due if node not in alive]:
+            del due[node]
+        interval = self.tuning.probe_interval
+        following = now + interval
+        for node in alive:
+            when = due.get(node, now)
+            if when <= now:
+                self._nonces += 1
+                self.table.ping_sent(node, self._nonces, now)
+                out.append(Ping(node, self._nonces, now))
+                when = due[node] = now + interval * self.rng.uniform(0.75, 1.25)
+            following = min(following, when)
+        if alive:
+            self._arm_probe(following, out)
+
