@@ -388,8 +388,10 @@ class Gate:
 
     def __init__(self) -> None:
         self.release = threading.Event()
+        self.entered = threading.Event()
 
     def held(self, payload: Any) -> Any:
+        self.entered.set()
         if not self.release.wait(30.0):
             raise TimeoutError("the test never released the held task")
         return {"held": payload}
@@ -428,9 +430,12 @@ def _restart_cycles(endpoint: BrokerEndpoint, cleanup: Cleanup, prefix: str, cyc
     back: list[float] = []
     for cycle in range(cycles):
         gate.release.clear()
+        gate.entered.clear()
         answered = sum(server.stats()["completed"].values())
         in_flight = edge.submit("held", cycle, deadline=down_for + 8.0)
-        wait_for(lambda: server.stats()["in_flight"] == 1, message="the task running on the server")
+        # Its own start, not the server's in_flight count: the previous cycle's square may still
+        # be finishing its bookkeeping after its result went out.
+        wait_for(gate.entered.is_set, message="the held task running on the server")
         went_down = time.monotonic()
         endpoint.broker.stop()
         gate.release.set()  # its result goes out while the broker is down: lost
