@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,11 @@ from typing import Any
 
 import pytest
 
+from agent_common.registry import TaskRegistry, load_tasks
+from cloud_agent.config import CloudConfig
+from cloud_agent.server import CloudAgent
+from edge_agent.agent import EdgeAgent
+from edge_agent.config import EdgeConfig
 from topics.brokers import EmbeddedBroker, MosquittoBroker, mosquitto_binary
 from topics.mqtt import MqttTransport
 from topics.transport import Message, ProtocolVersion, TransportConfig
@@ -146,3 +152,40 @@ class MessageLog:
     def on(self, topic: str) -> list[Message]:
         with self._lock:
             return [m for m in self.messages if m.topic == topic]
+
+
+Stack = list[Callable[[], None]]
+"""Undo actions a test registers; the ``stack`` fixture runs them last-in first-out."""
+
+
+def start_cloud(target: BrokerEndpoint, stack: Stack, prefix: str, node: str, *,
+                registry: TaskRegistry | None = None, clock: Callable[[], float] = time.time,
+                **fields: Any) -> CloudAgent:
+    """A started cloud agent ``node`` on ``target`` (demo tasks unless ``registry``), stopped last."""
+    values: dict[str, Any] = {"id": node, "broker": target.url, "protocol": target.protocol,
+                              "prefix": prefix, "heartbeat_interval": 0.2, "workers": 2, "grace_period": 0.0}
+    values.update(fields)
+    config = CloudConfig.model_validate(values)
+    transport = MqttTransport(target.config(node, reconnect_max_delay=0.5), name=node)
+    agent = CloudAgent(config, transport, load_tasks("agent_common.demo_tasks") if registry is None
+                       else registry, clock=clock)
+    agent.start()
+    stack.append(lambda: agent.stop(grace=0.0))
+    return agent
+
+
+def start_edge(target: BrokerEndpoint, stack: Stack, prefix: str, *, registry: TaskRegistry | None = None,
+               clock: Callable[[], float] = time.time, **fields: Any) -> EdgeAgent:
+    """A started edge agent on ``target`` (demo tasks unless ``registry``; give an empty one for a
+    device that runs nothing itself), stopped last."""
+    values: dict[str, Any] = {"id": f"edge-{uuid.uuid4().hex[:6]}", "broker": target.url,
+                              "protocol": target.protocol, "prefix": prefix, "probe_interval": 0.1,
+                              "heartbeat_interval": 0.5}
+    values.update(fields)
+    config = EdgeConfig.model_validate(values)
+    transport = MqttTransport(target.config(config.id, reconnect_max_delay=0.5), name=config.id)
+    agent = EdgeAgent(config, transport, load_tasks("agent_common.demo_tasks") if registry is None
+                      else registry, clock=clock)
+    agent.start()
+    stack.append(agent.stop)
+    return agent

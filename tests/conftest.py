@@ -16,6 +16,7 @@ from brokers_support import (
     BROKER_IDS,
     Broker,
     BrokerEndpoint,
+    Stack,
     endpoint,
     require_mosquitto,
     split_id,
@@ -154,3 +155,12 @@ def restore_logging() -> Iterator[None]:
         if handler not in root.handlers:
             root.addHandler(handler)
     root.setLevel(level)
+
+
+@pytest.fixture
+def stack() -> Iterator[Stack]:
+    """Undo actions (stop an agent, close a broker), run last-in first-out when the test ends."""
+    actions: Stack = []
+    yield actions
+    for action in reversed(actions):
+        action()

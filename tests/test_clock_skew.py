@@ -11,17 +11,15 @@ import queue
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from brokers_support import BrokerEndpoint, endpoint, wait_for
+from brokers_support import BrokerEndpoint, Stack, endpoint, start_cloud, start_edge, wait_for
 
-from agent_common.registry import TaskRegistry, load_tasks
-from cloud_agent.config import CloudConfig
-from cloud_agent.server import CLOCK_OFFSET_LIMIT, CloudAgent
+from agent_common.registry import TaskRegistry
+from cloud_agent.server import CLOCK_OFFSET_LIMIT
 from edge_agent.agent import EdgeAgent
-from edge_agent.config import EdgeConfig
 from edge_agent.records import TaskRecord
 from topics.brokers import MosquittoBroker
 from topics.codec import Codec
@@ -31,15 +29,6 @@ from topics.names import TopicTree
 from topics.transport import Message
 
 OFFSET = 600.0  # ten minutes
-Stack = list[Callable[[], None]]
-
-
-@pytest.fixture
-def stack() -> Iterator[Stack]:
-    actions: Stack = []
-    yield actions
-    for action in reversed(actions):
-        action()
 
 
 @pytest.fixture
@@ -49,32 +38,6 @@ def mqtt(mosquitto_broker: MosquittoBroker) -> BrokerEndpoint:
 
 def skewed(offset: float) -> Callable[[], float]:
     return lambda: time.time() + offset
-
-
-def start_cloud(target: BrokerEndpoint, stack: Stack, prefix: str, node: str, *,
-                clock: Callable[[], float] = time.time) -> CloudAgent:
-    config = CloudConfig.model_validate({"id": node, "broker": target.url, "protocol": target.protocol,
-                                         "prefix": prefix, "heartbeat_interval": 0.2, "workers": 2,
-                                         "grace_period": 0.0})
-    transport = MqttTransport(target.config(node, reconnect_max_delay=0.5), name=node)
-    agent = CloudAgent(config, transport, load_tasks("examples.tasks"), clock=clock)
-    agent.start()
-    stack.append(lambda: agent.stop(grace=0.0))
-    return agent
-
-
-def start_edge(target: BrokerEndpoint, stack: Stack, prefix: str, *,
-               clock: Callable[[], float] = time.time, **fields: Any) -> EdgeAgent:
-    values: dict[str, Any] = {"id": f"edge-{uuid.uuid4().hex[:6]}", "broker": target.url,
-                              "protocol": target.protocol, "prefix": prefix, "probe_interval": 0.1,
-                              "heartbeat_interval": 0.5, "policy": "remote"}
-    values.update(fields)
-    config = EdgeConfig.model_validate(values)
-    transport = MqttTransport(target.config(config.id, reconnect_max_delay=0.5), name=config.id)
-    agent = EdgeAgent(config, transport, TaskRegistry(), clock=clock)
-    agent.start()
-    stack.append(agent.stop)
-    return agent
 
 
 def serving(edge: EdgeAgent, node: str) -> Callable[[], bool]:
@@ -100,7 +63,8 @@ def test_device_clock_ten_minutes_off_offloads_normally(mqtt: BrokerEndpoint, to
                                                         sign: float) -> None:
     caplog.set_level(logging.WARNING, logger="cloud_agent.server")
     server = start_cloud(mqtt, stack, topic_prefix, "srv-a")
-    edge = start_edge(mqtt, stack, topic_prefix, clock=skewed(sign * OFFSET))
+    edge = start_edge(mqtt, stack, topic_prefix, registry=TaskRegistry(), policy="remote",
+                      clock=skewed(sign * OFFSET))
     wait_for(serving(edge, "srv-a"), timeout=10.0)
     records = offload_batch(edge) + offload_batch(edge)
     assert {(r.outcome, r.target, r.attempts) for r in records} == {("ok", "srv-a", 1)}
@@ -116,7 +80,7 @@ def test_server_clock_ten_minutes_off_serves_normally(mqtt: BrokerEndpoint, topi
                                                       stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="cloud_agent.server")
     start_cloud(mqtt, stack, topic_prefix, "srv-late", clock=skewed(-OFFSET))
-    edge = start_edge(mqtt, stack, topic_prefix)
+    edge = start_edge(mqtt, stack, topic_prefix, registry=TaskRegistry(), policy="remote")
     wait_for(serving(edge, "srv-late"), timeout=10.0)
     records = offload_batch(edge)
     assert {(r.outcome, r.target, r.attempts) for r in records} == {("ok", "srv-late", 1)}
@@ -127,7 +91,7 @@ def test_synchronised_clocks_log_no_offset(mqtt: BrokerEndpoint, topic_prefix: s
                                            caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="cloud_agent.server")
     server = start_cloud(mqtt, stack, topic_prefix, "srv-a")
-    edge = start_edge(mqtt, stack, topic_prefix)
+    edge = start_edge(mqtt, stack, topic_prefix, registry=TaskRegistry(), policy="remote")
     wait_for(serving(edge, "srv-a"), timeout=10.0)
     offload_batch(edge, 3)
     assert offset_warnings(caplog, edge.id) == []

@@ -7,60 +7,18 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from brokers_support import BrokerEndpoint, wait_for
+from brokers_support import BrokerEndpoint, Stack, start_cloud, start_edge, wait_for
 
-from agent_common.registry import TaskRegistry, load_tasks
-from cloud_agent.config import CloudConfig
-from cloud_agent.server import CloudAgent
+from agent_common.registry import TaskRegistry
 from edge_agent.agent import EdgeAgent
-from edge_agent.config import EdgeConfig
 from edge_agent.records import TaskRecord
 from topics.brokers import MosquittoBroker
-from topics.mqtt import MqttTransport
 
 REPO = Path(__file__).resolve().parent.parent
-Stack = list[Callable[[], None]]
-
-
-@pytest.fixture
-def stack() -> Iterator[Stack]:
-    actions: Stack = []
-    yield actions
-    for action in reversed(actions):
-        action()
-
-
-def start_edge(endpoint: BrokerEndpoint, stack: Stack, prefix: str, *, registry: TaskRegistry | None = None,
-               **fields: Any) -> EdgeAgent:
-    values: dict[str, Any] = {"id": f"edge-{uuid.uuid4().hex[:6]}", "broker": endpoint.url,
-                              "protocol": endpoint.protocol, "prefix": prefix, "probe_interval": 0.1,
-                              "heartbeat_interval": 0.5}
-    values.update(fields)
-    config = EdgeConfig.model_validate(values)
-    transport = MqttTransport(endpoint.config(config.id, reconnect_max_delay=0.5), name=config.id)
-    agent = EdgeAgent(config, transport,
-                      load_tasks("agent_common.demo_tasks") if registry is None else registry)
-    agent.start()
-    stack.append(agent.stop)
-    return agent
-
-
-def start_cloud(endpoint: BrokerEndpoint, stack: Stack, prefix: str, node: str, **fields: Any) -> CloudAgent:
-    values: dict[str, Any] = {"id": node, "broker": endpoint.url, "protocol": endpoint.protocol,
-                              "prefix": prefix, "heartbeat_interval": 0.2, "workers": 2, "grace_period": 0.0}
-    values.update(fields)
-    config = CloudConfig.model_validate(values)
-    transport = MqttTransport(endpoint.config(node, reconnect_max_delay=0.5), name=node)
-    agent = CloudAgent(config, transport, load_tasks("agent_common.demo_tasks"))
-    agent.start()
-    stack.append(lambda: agent.stop(grace=0.0))
-    return agent
 
 
 def serving(edge: EdgeAgent, node: str, task: str = "square") -> Callable[[], bool]:

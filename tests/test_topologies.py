@@ -18,19 +18,25 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from brokers_support import BrokerEndpoint, endpoint, require, require_mosquitto, wait_for
+from brokers_support import (
+    BrokerEndpoint,
+    Stack,
+    endpoint,
+    require,
+    require_mosquitto,
+    start_cloud,
+    start_edge,
+    wait_for,
+)
 
-from agent_common.registry import TaskRegistry, load_tasks
-from cloud_agent.config import CloudConfig
-from cloud_agent.server import CloudAgent
+from agent_common.registry import TaskRegistry
 from edge_agent.agent import EdgeAgent
-from edge_agent.config import EdgeConfig
 from edge_agent.records import TaskRecord
 from topics.brokers import MosquittoBridge, MosquittoBroker, free_port, mqtt_answers, write_mosquitto_config
 from topics.codec import Codec
@@ -40,15 +46,6 @@ from topics.names import TopicTree
 from topics.transport import Message
 
 REPO = Path(__file__).resolve().parent.parent
-Stack = list[Callable[[], None]]
-
-
-@pytest.fixture
-def stack() -> Iterator[Stack]:
-    actions: Stack = []
-    yield actions
-    for action in reversed(actions):
-        action()
 
 
 def test_bridge_configuration(tmp_path: Path) -> None:
@@ -115,32 +112,6 @@ def topology(topic_prefix: str, stack: Stack) -> Topology:
     wait_bridged(result.site, result.cloud, topic_prefix, stack)
     wait_bridged(result.cloud, result.site, topic_prefix, stack)
     return result
-
-
-def start_cloud(target: BrokerEndpoint, stack: Stack, prefix: str, node: str, **fields: Any) -> CloudAgent:
-    values: dict[str, Any] = {"id": node, "broker": target.url, "protocol": target.protocol,
-                              "prefix": prefix, "heartbeat_interval": 0.2, "workers": 2, "grace_period": 0.0}
-    values.update(fields)
-    config = CloudConfig.model_validate(values)
-    transport = MqttTransport(target.config(node, reconnect_max_delay=0.5), name=node)
-    agent = CloudAgent(config, transport, load_tasks("examples.tasks"))
-    agent.start()
-    stack.append(lambda: agent.stop(grace=0.0))
-    return agent
-
-
-def start_edge(target: BrokerEndpoint, stack: Stack, prefix: str, *, local: bool = False,
-               **fields: Any) -> EdgeAgent:
-    values: dict[str, Any] = {"id": f"edge-{uuid.uuid4().hex[:6]}", "broker": target.url,
-                              "protocol": target.protocol, "prefix": prefix, "probe_interval": 0.1,
-                              "heartbeat_interval": 0.5, "policy": "remote"}
-    values.update(fields)
-    config = EdgeConfig.model_validate(values)
-    transport = MqttTransport(target.config(config.id, reconnect_max_delay=0.5), name=config.id)
-    agent = EdgeAgent(config, transport, load_tasks("examples.tasks") if local else TaskRegistry())
-    agent.start()
-    stack.append(agent.stop)
-    return agent
 
 
 def serving(edge: EdgeAgent, node: str, task: str = "square") -> Callable[[], bool]:
@@ -214,7 +185,7 @@ def recorded(edge: EdgeAgent) -> list[TaskRecord]:
 @pytest.mark.mosquitto
 def test_offload_round_trip_across_the_bridge(topology: Topology, stack: Stack) -> None:
     start_cloud(topology.cloud, stack, topology.prefix, "srv-cloud")
-    edge = start_edge(topology.site, stack, topology.prefix)
+    edge = start_edge(topology.site, stack, topology.prefix, registry=TaskRegistry(), policy="remote")
     records = recorded(edge)
     wait_for(serving(edge, "srv-cloud"), timeout=10.0, message="the cloud server seen from the site")
     results = [edge.submit("square", {"x": x}, deadline=5.0).result(10) for x in range(5)]
@@ -275,7 +246,7 @@ def test_killed_servers_will_crosses_the_bridge_and_the_device_falls_back(
     stack.append(reap)
     watcher = RawClient(topology.site, topology.prefix, stack)
     watcher.watch_states()
-    edge = start_edge(topology.site, stack, topology.prefix, local=True, default_timeout=30.0)
+    edge = start_edge(topology.site, stack, topology.prefix, policy="remote", default_timeout=30.0)
     records = recorded(edge)
     wait_for(serving(edge, "victim", "sleep"), timeout=15.0, message="the server subprocess")
     futures = [edge.submit("sleep", {"seconds": 3.0}) for _ in range(2)]
@@ -336,7 +307,7 @@ def test_late_device_sees_retained_state_across_the_bridge(topology: Topology, s
     late.watch_states()
     wait_for(lambda: _seen(late, "srv-early", "online", retained=True), timeout=5.0,
              message="the retained birth on the site broker")
-    edge = start_edge(topology.site, stack, topology.prefix)
+    edge = start_edge(topology.site, stack, topology.prefix, registry=TaskRegistry(), policy="remote")
     wait_for(lambda: any(v.node == "srv-early" for v in edge.servers()), timeout=5.0,
              message="the late device knowing the server")
 
@@ -481,7 +452,7 @@ def test_rabbitmq_cluster_servers_and_devices_on_different_nodes(rabbit_cluster:
     other node."""
     node1, node2 = rabbit_endpoint(rabbit_cluster, 0), rabbit_endpoint(rabbit_cluster, 1)
     server = start_cloud(node1, stack, topic_prefix, "srv-r1", pools=["gpu"])
-    edge = start_edge(node2, stack, topic_prefix, local=True)
+    edge = start_edge(node2, stack, topic_prefix, policy="remote")
     records = recorded(edge)
     wait_for(serving(edge, "srv-r1"), timeout=20.0, message="the server on the other node")
     assert [edge.submit("square", {"x": x}, deadline=5.0).result(10) for x in range(5)] == [
