@@ -398,7 +398,7 @@ class Gate:
 
 
 def _stack(endpoint: BrokerEndpoint, cleanup: Cleanup, prefix: str,
-           gate: Gate) -> tuple[EdgeAgent, CloudAgent]:
+           gate: Gate) -> tuple[EdgeAgent, CloudAgent, MqttTransport]:
     server_config = CloudConfig.model_validate({
         "id": "phoenix", "broker": endpoint.url, "prefix": prefix, "heartbeat_interval": 0.5, "workers": 2,
         "grace_period": 0.0})
@@ -413,7 +413,7 @@ def _stack(endpoint: BrokerEndpoint, cleanup: Cleanup, prefix: str,
     edge = EdgeAgent(config, MqttTransport(config.transport_config(), name="edge-r"), TaskRegistry())
     edge.start()
     cleanup.append(edge.stop)
-    return edge, server
+    return edge, server, server_transport
 
 
 def _restart_cycles(endpoint: BrokerEndpoint, cleanup: Cleanup, prefix: str, cycles: int,
@@ -422,7 +422,7 @@ def _restart_cycles(endpoint: BrokerEndpoint, cleanup: Cleanup, prefix: str, cyc
     published into the outage and lost; return the seconds from each restart until a new task was
     offloaded and answered again. The held task can only be answered by a re-send."""
     gate = Gate()
-    edge, server = _stack(endpoint, cleanup, prefix, gate)
+    edge, server, server_link = _stack(endpoint, cleanup, prefix, gate)
     outcomes: Counter[str] = Counter()
     edge.add_record_listener(lambda record: outcomes.update([record.task_id]))
     wait_for(usable(edge, "phoenix"), timeout=10.0)
@@ -438,6 +438,9 @@ def _restart_cycles(endpoint: BrokerEndpoint, cleanup: Cleanup, prefix: str, cyc
         wait_for(gate.entered.is_set, message="the held task running on the server")
         went_down = time.monotonic()
         endpoint.broker.stop()
+        # Released only once the server knows its link is gone: a result handed to paho just before
+        # that would be delivered after the reconnect, with no re-send needed.
+        wait_for(lambda: not server_link.connected, message="the server noticing the outage")
         gate.release.set()  # its result goes out while the broker is down: lost
         wait_for(lambda expected=answered + 1: sum(server.stats()["completed"].values()) == expected,
                  message="the server's answer into the outage")
