@@ -65,8 +65,8 @@ from edge_agent.servers import STALE_MARGIN, ServerReport, ServerTable, ServerVi
 from edge_agent.tuning import DEFAULT_TUNING, Tuning
 
 __all__ = [
-    "ANSWERED_FAILURES", "Action", "Complete", "CoreTask", "Decider", "DeviceCore", "Execute", "Fault",
-    "Ping", "RunLocal", "Send", "Timer", "attempt_timeout",
+    "ANSWERED_FAILURES", "ATTEMPT", "DEADLINE", "PROBE", "Action", "Complete", "CoreTask", "Decider",
+    "DeviceCore", "Execute", "Fault", "Ping", "RunLocal", "Send", "Timer", "attempt_timeout",
 ]
 
 RATE_WINDOW = 1.0
@@ -76,9 +76,13 @@ FINISHED_MEMORY = 10_000
 ANSWERED_FAILURES = frozenset({"rejected-busy", "expired", "unknown-task"})
 """Statuses with which a server answered an attempt without doing it: retried elsewhere."""
 _FINAL = frozenset({"ok", "error"})
+_NONE: frozenset[str] = frozenset()
 _INF = float("inf")
 
-_ATTEMPT, _DEADLINE, _PROBE = range(3)
+ATTEMPT, DEADLINE, PROBE = range(3)
+"""The kinds of :class:`Timer`: an attempt's timeout (or its server's stale time), a task's deadline,
+the next round of probes."""
+_ATTEMPT, _DEADLINE, _PROBE = ATTEMPT, DEADLINE, PROBE
 
 
 def attempt_timeout(expected: float, time_left: float | None, *, alternative: bool, default_timeout: float,
@@ -105,7 +109,7 @@ class CoreTask:
     Times are core times.
     """
 
-    __slots__ = ("attempts", "check_at", "context", "created", "deadline", "deadline_armed", "decided",
+    __slots__ = ("attempts", "context", "created", "deadline", "deadline_armed", "decided",
                  "decision", "done", "error", "finished", "generation", "last_error", "last_status", "link",
                  "local_ok", "name", "outcome", "payload_bytes", "policy", "queue_wait", "received", "resend",
                  "sent", "sent_at", "service_time", "started", "target", "targets", "task_id", "timeout_at",
@@ -113,11 +117,9 @@ class CoreTask:
 
     def __init__(self, task_id: str, name: str, payload_bytes: int, policy: str, created: float,
                  deadline: float | None, local_ok: bool, context: Any) -> None:
-        self.task_id = task_id
-        self.name = name
-        self.payload_bytes = payload_bytes
-        self.policy = policy
+        self.task_id, self.name, self.payload_bytes, self.policy = task_id, name, payload_bytes, policy
         self.created = created
+        """Core time of submission."""
         self.deadline = deadline
         """Absolute, in core time; ``None``: no deadline."""
         self.local_ok = local_ok
@@ -143,7 +145,6 @@ class CoreTask:
         heard from again."""
         self.timer = 0
         self.timeout_at = _INF
-        self.check_at = _INF
         self.waited_for_link = False
         self.deadline_armed = False
         self.outcome: str | None = None
@@ -260,20 +261,16 @@ class _LocalPool:
         self.infos: dict[str, LocalInfo] = {}
         """:class:`LocalInfo` per task name without the arrival rate, until the pool changes."""
 
-    def arrived(self, now: float) -> None:
-        arrivals = self.arrivals
-        arrivals.append(now)
-        horizon = now - RATE_WINDOW
-        while arrivals[0] < horizon:
+    def forget_arrivals(self, now: float) -> None:
+        arrivals, horizon = self.arrivals, now - RATE_WINDOW
+        while arrivals and arrivals[0] < horizon:
             arrivals.popleft()
 
     def info(self, name: str, capable: bool, now: float, with_rate: bool) -> LocalInfo:
         if with_rate:
-            arrivals, horizon = self.arrivals, now - RATE_WINDOW
-            while arrivals and arrivals[0] < horizon:
-                arrivals.popleft()
+            self.forget_arrivals(now)
             return LocalInfo(capable, self.queued, self.running, self.workers, self.service.get(name),
-                             len(arrivals) / RATE_WINDOW)
+                             len(self.arrivals) / RATE_WINDOW)
         info = self.infos.get(name)
         if info is None or info.capable is not capable:
             info = self.infos[name] = LocalInfo(capable, self.queued, self.running, self.workers,
@@ -300,14 +297,21 @@ class DeviceCore:
     probes per device group instead). ``watchdog``: arm a timer at every task's deadline at
     submission, a safety net for the driver; without it a deadline timer is armed only for local
     runs, since an offloaded attempt's timeout never passes the deadline. ``decider`` replaces
-    :func:`~edge_agent.policy.decide` (the simulator's oracle).
+    :func:`~edge_agent.policy.decide` (the simulator's oracle). ``finished_memory``: how many finished
+    task ids it remembers to tell late results from foreign ones.
     """
+
+    __slots__ = ("_decider", "_epoch", "_finished", "_finished_memory", "_link", "_links_up", "_local_tasks",
+                 "_max_attempts", "_min_bandwidth_bytes", "_nonces", "_penalty", "_pool", "_previous",
+                 "_probe_due", "_probe_token", "_probes", "_resend_waiting", "_tasks", "_tokens", "_watchdog",
+                 "connected", "counters", "node", "policy", "policy_config", "rng", "table", "tuning")
 
     def __init__(self, node: str, *, local_tasks: Container[str], local_workers: int = 1,
                  tuning: Tuning = DEFAULT_TUNING, policy_config: PolicyConfig | None = None,
                  policy: str = DEFAULT_POLICY, rng: random.Random | None = None,
                  table: ServerTable | None = None, ignore: frozenset[str] = frozenset(), probes: bool = True,
-                 watchdog: bool = True, decider: Decider | None = None, epoch: float = 0.0) -> None:
+                 watchdog: bool = True, decider: Decider | None = None, epoch: float = 0.0,
+                 finished_memory: int = FINISHED_MEMORY) -> None:
         self.node = node
         self.tuning = tuning
         self.policy = check_policy(policy)
@@ -324,9 +328,11 @@ class DeviceCore:
         self._decider = decider
         self._epoch = epoch
         self._max_attempts = tuning.max_attempts
+        self._min_bandwidth_bytes = tuning.estimators.min_bandwidth_bytes
         self._penalty = self.policy_config.failure_penalty
         self._tasks: dict[str, CoreTask] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
+        self._finished_memory = finished_memory
         self._previous: dict[str, str] = {}
         self._resend_waiting: set[str] = set()
         self._link = 0
@@ -390,9 +396,10 @@ class DeviceCore:
         self._tasks[task_id] = task
         self.counters["submitted"] += 1
         pool = self._pool
-        pool.arrived(now)
-        if task.policy == "threshold":
-            pool.changed()
+        arrivals = pool.arrivals
+        arrivals.append(now)
+        if arrivals[0] < now - RATE_WINDOW:
+            pool.forget_arrivals(now)
         out: list[Action] = []
         if task.deadline is not None and self._watchdog:
             task.deadline_armed = True
@@ -444,10 +451,10 @@ class DeviceCore:
             return []
         out: list[Action] = []
         if final:
-            if current:
-                self.table.transfer_observed(server, nbytes, now - task.sent_at, queue_wait + service_time)
-            else:
+            if not current:
                 counters["late_results_used"] += 1
+            elif nbytes >= self._min_bandwidth_bytes:
+                self.table.transfer_observed(server, nbytes, now - task.sent_at, queue_wait + service_time)
             task.received = now
             task.service_time, task.queue_wait = service_time, queue_wait
             if status == "ok":
@@ -609,13 +616,21 @@ class DeviceCore:
         name = task.name
         servers = self.table.snapshot(name, now) if self.connected else []
         targets = task.targets
-        exclude = frozenset(t for t in targets if t != LOCAL) if targets else frozenset()
+        exclude = frozenset(t for t in targets if t != LOCAL) if targets else _NONE
         info = TaskInfo(name, task.payload_bytes, time_left)
         pool = self._pool
-        local = pool.info(name, local_ok, now, task.policy == "threshold")
+        local = pool.infos.get(name) if task.policy != "threshold" else None
+        if local is None or local.capable is not local_ok:
+            local = pool.info(name, local_ok, now, task.policy == "threshold")
         previous = self._previous.get(name)
-        decision = self._decide(task, info, local, servers, now, previous, exclude, local_ok)
-        if decision.target is None and local_ok and pool.full():
+        decider = self._decider
+        if decider is None:
+            decision = decide(task.policy, info, local, servers, now=now, rng=self.rng, previous=previous,
+                              exclude=exclude, allow_local=local_ok, config=self.policy_config)
+        else:
+            decision = decider(task, info, local, servers, now=now, previous=previous, exclude=exclude,
+                               allow_local=local_ok)
+        if decision.target is None and local_ok and pool.queued + pool.running >= pool.capacity:
             self.counters["local_full"] += 1
             decision = self._decide(task, info, local, servers, now, previous, exclude, False)
             if decision.target is None:
@@ -662,39 +677,43 @@ class DeviceCore:
         task.sent = now
         task.resend = False
         task.waited_for_link = False
-        task.generation = self.table.task_sent(target)
+        task.generation, stale_at, failures = self.table.sending(target, now)
         self.counters["offloaded"] += 1
-        self._launch(task, target, decision, now, out, resend=False)
+        self._launch(task, target, decision, now, stale_at, failures, out, resend=False)
 
-    def _launch(self, task: CoreTask, target: str, decision: Decision, now: float, out: list[Action], *,
-                resend: bool) -> None:
-        """Arm the attempt's timer and publish it (a first send or a re-send)."""
+    def _launch(self, task: CoreTask, target: str, decision: Decision, now: float, stale_at: float,
+                failures: float, out: list[Action], *, resend: bool) -> None:
+        """Arm the attempt's timer and publish it (a first send or a re-send).
+
+        The timeout (:func:`attempt_timeout`) takes the decision's estimate for ``target`` without the
+        failure penalty: it steers choices; it says nothing of how long this server will take. The
+        timer comes due at the timeout, or earlier when the server would turn stale first.
+        """
         task.link = self._link
         task.sent_at = now
-        task.timeout_at = now + self._timeout(task, decision, target, now)
-        self._arm_check(task, now, out)
-        out.append(Send(task, target, task.attempts, resend))
-
-    def _timeout(self, task: CoreTask, decision: Decision, target: str, now: float) -> float:
-        """See :func:`attempt_timeout`; the estimate is the decision's for ``target``, without the failure
-        penalty (it steers choices; it says nothing of how long this server will take)."""
-        estimate = decision.expected if decision.target == target else decision.estimate(target)
-        expected = estimate or 0.0
-        if self._penalty:
-            expected -= self._penalty * self.table.recent_failures(target, now)
+        expected = decision.expected if decision.target == target else decision.estimate(target)
+        expected = (expected or 0.0) - self._penalty * failures
         if expected < 0.0:
             expected = 0.0
         estimates = decision.estimates
         alternative = task.attempts < self._max_attempts and (
             task.local_ok or len(estimates) > 1 or (len(estimates) == 1 and estimates[0][0] != target))
         tuning = self.tuning
-        return attempt_timeout(expected, None if task.deadline is None else task.deadline - now,
-                               alternative=alternative, default_timeout=tuning.default_timeout,
-                               factor=tuning.timeout_factor, share=tuning.attempt_share,
-                               ceiling=tuning.max_timeout)
+        deadline = task.deadline
+        at = task.timeout_at = now + attempt_timeout(
+            expected, None if deadline is None else deadline - now, alternative=alternative,
+            default_timeout=tuning.default_timeout, factor=tuning.timeout_factor, share=tuning.attempt_share,
+            ceiling=tuning.max_timeout)
+        stale_at += STALE_MARGIN
+        if now < stale_at < at and self.connected and not task.resend:
+            at = stale_at
+        self._tokens += 1
+        task.timer = self._tokens
+        out.append(Timer(at, _ATTEMPT, task, self._tokens))
+        out.append(Send(task, target, task.attempts, resend))
 
-    def _arm_check(self, task: CoreTask, now: float, out: list[Action]) -> None:
-        """The attempt's timer: at its timeout, or earlier at its server's stale time."""
+    def _rearm(self, task: CoreTask, now: float, out: list[Action]) -> None:
+        """The attempt's timer again: at its timeout, or earlier at its server's (new) stale time."""
         at = task.timeout_at
         target = task.target
         if target is not None and self.connected and not task.resend:
@@ -703,7 +722,6 @@ class DeviceCore:
                 at = stale_at
         self._tokens += 1
         task.timer = self._tokens
-        task.check_at = at
         out.append(Timer(at, _ATTEMPT, task, self._tokens))
 
     # ------------------------------------------------------------------------------ failing
@@ -715,7 +733,7 @@ class DeviceCore:
             if self.connected and not task.resend and self.table.silent(target, now):
                 self.server_gone({target}, now, "server stopped sending heartbeats", out)
             else:
-                self._arm_check(task, now, out)
+                self._rearm(task, now, out)
             return
         if self._extend_for_link(task, now, out):
             return
@@ -774,7 +792,8 @@ class DeviceCore:
                 task.resend = False
                 task.waited_for_link = False
                 self.counters["resends"] += 1
-                self._launch(task, node, task.decision, now, out, resend=True)
+                self._launch(task, node, task.decision, now, self.table.stale_at(node),
+                             self.table.recent_failures(node, now), out, resend=True)
 
     def _has_alternative(self, task: CoreTask, unusable: set[str], now: float) -> bool:
         """Could ``task`` run somewhere else now: locally, or on a usable server not yet tried?"""
@@ -814,13 +833,14 @@ class DeviceCore:
         del self._tasks[task_id]
         if self._resend_waiting:
             self._resend_waiting.discard(task_id)
-        finished = self._finished
-        finished[task_id] = None
-        if len(finished) > FINISHED_MEMORY:
-            finished.popitem(last=False)
+        if self._finished_memory:
+            finished = self._finished
+            finished[task_id] = None
+            if len(finished) > self._finished_memory:
+                finished.popitem(last=False)
         self.counters["outcome_" + outcome] += 1
-        if target is not None:
-            self.table.task_done(target, answered=task.received is not None, generation=task.generation)
+        if target is not None and task.received is not None:
+            self.table.task_done(target, answered=True, generation=task.generation)
         out.append(Complete(task, self.node, self._epoch))
 
     # ------------------------------------------------------------------------------ probes

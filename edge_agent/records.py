@@ -46,20 +46,26 @@ class TaskRecord:
     outcome: Outcome
     attempts: int
     created: float
+    """When it was submitted."""
     decided: float | None = None
-    sent: float | None = None
-    started: float | None = None
-    finished: float | None = None
-    received: float | None = None
+    """When its last attempt was decided, with these estimates:"""
     estimates: tuple[tuple[str, float], ...] = ()
+    """``(option, expected completion s)`` of the last decision, best first."""
+    sent: float | None = None
+    """When it was sent to the server of its last attempt; every option tried, in order:"""
+    targets: tuple[str, ...] = ()
+    started: float | None = None
+    """When its local run started (local runs only)."""
+    payload_bytes: int = 0
+    finished: float | None = None
+    """When it got its outcome."""
+    received: float | None = None
+    """When the server's answer arrived (remote ok/error results only)."""
     error: str | None = None
     queue_wait: float | None = None
     """Queue wait the server reported (remote ok/error results only)."""
     service_time: float | None = None
     """Service time measured locally or reported by the server."""
-    payload_bytes: int = 0
-    targets: tuple[str, ...] = ()
-    """Every option tried, in order."""
 
     @property
     def ok(self) -> bool:

@@ -293,6 +293,9 @@ def _new_counters() -> dict[str, int]:
 class ServerTable:
     """The servers one device knows, with what it sent each since its last report and its failures."""
 
+    __slots__ = ("_entries", "_estimators", "_failures", "_half_life", "_ignore", "_list", "_sent",
+                 "_stale_after", "counters")
+
     def __init__(self, *, stale_after: int = 3, half_life: float = 10.0, ignore: frozenset[str] = frozenset(),
                  estimators: Estimators | None = None) -> None:
         self._stale_after = stale_after
@@ -379,18 +382,24 @@ class ServerTable:
 
     # --- this device's own bookkeeping ------------------------------------------------------
 
-    def task_sent(self, node: str) -> int:
-        """Count a task sent to ``node``; returns the report generation it is counted against."""
+    def sending(self, node: str, now: float) -> tuple[int, float, float]:
+        """Count a task sent to ``node`` (:meth:`task_sent`); also returns its stale time and its recent
+        failures (what the attempt's timer needs), in one look-up."""
         entry = self._entries.get(node)
         if entry is None:
-            return -1
+            return -1, _INF, 0.0
         generation = entry.generation
         mine = self._sent.get(node)
         if mine is None or mine[0] != generation:
             self._sent[node] = [generation, 1]
         else:
             mine[1] += 1
-        return generation
+        failures = self.recent_failures(node, now) if self._failures else 0.0
+        return generation, entry.stale_at(), failures
+
+    def task_sent(self, node: str) -> int:
+        """Count a task sent to ``node``; returns the report generation it is counted against."""
+        return self.sending(node, 0.0)[0]
 
     def task_done(self, node: str, *, answered: bool = False, generation: int | None = None) -> None:
         """An attempt sent to ``node`` ended. ``answered``: the server itself answered it, so it no

@@ -78,12 +78,10 @@ class LinkEmulator:
     def __init__(self, inner: Transport, *, node_id: str, tree: TopicTree,
                  link_to: Callable[[str | None], LinkParams], scheduler: DelayScheduler,
                  rng: random.Random) -> None:
-        self._inner = inner
-        self._node_id = node_id
-        self._tree = tree
+        self._inner, self._node_id, self._tree = inner, node_id, tree
         self._link_to = link_to
-        self._scheduler = scheduler
-        self._rng = rng
+        """Link parameters towards a peer node (``None``: the default link)."""
+        self._scheduler, self._rng = scheduler, rng
         self._busy_until: dict[str | None, float] = {}
         self._lock = threading.Lock()
         self.counters: Counter[str] = Counter()

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -35,7 +35,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 __all__ = [
     "Arrival", "BurstWorkload", "CrashEvent", "DeviceGroup", "DeviceNode", "FpsWorkload", "LinkEvent",
-    "LinkSpec", "Links", "PairLink", "PoissonWorkload", "Scenario", "ScenarioError", "ServerGroup",
+    "LinkSpec", "Links", "Node", "PairLink", "PoissonWorkload", "Scenario", "ScenarioError", "ServerGroup",
     "ServerNode", "SlowdownEvent", "TaskCost", "UniformWorkload", "device_group", "device_rng",
     "generate_arrivals", "group_arrivals", "iter_arrivals", "load_scenario", "parse_scenario",
 ]
@@ -193,18 +193,20 @@ class LinkEvent(LinkSpec):
 Event = Annotated[CrashEvent | SlowdownEvent | LinkEvent, Field(discriminator="kind")]
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceNode:
-    index: int
-    node: str
-    group: DeviceGroup
+GroupT = TypeVar("GroupT", "DeviceGroup", "ServerGroup")
 
 
 @dataclass(frozen=True, slots=True)
-class ServerNode:
+class Node(Generic[GroupT]):
+    """One node of a group: its index across all groups of its kind (in file order), its node id."""
+
     index: int
     node: str
-    group: ServerGroup
+    group: GroupT
+
+
+DeviceNode = Node[DeviceGroup]
+ServerNode = Node[ServerGroup]
 
 
 class Scenario(_Model):
@@ -279,14 +281,14 @@ class Scenario(_Model):
         """Every device, numbered across groups in file order."""
         nodes: list[DeviceNode] = []
         for group in self.devices:
-            nodes.extend(DeviceNode(len(nodes), f"{group.name}-{i}", group) for i in range(group.count))
+            nodes.extend(Node(len(nodes), f"{group.name}-{i}", group) for i in range(group.count))
         return nodes
 
     def server_nodes(self) -> list[ServerNode]:
         """Every server, numbered across groups in file order."""
         nodes: list[ServerNode] = []
         for group in self.servers:
-            nodes.extend(ServerNode(len(nodes), f"{group.name}-{i}", group) for i in range(group.count))
+            nodes.extend(Node(len(nodes), f"{group.name}-{i}", group) for i in range(group.count))
         return nodes
 
     def link(self, devices: str, servers: str) -> LinkSpec:

@@ -262,13 +262,13 @@ def test_a_publish_refused_by_a_dropped_link_runs_locally_or_waits() -> None:
     assert rig.core.table.recent_failures("s", 0.0) == 0.0  # not the server's fault
 
 
-def test_a_broken_decision_ends_the_task_failed_with_a_fault() -> None:
+def test_a_broken_decision_ends_the_task_failed_with_a_fault(monkeypatch: pytest.MonkeyPatch) -> None:
     rig = make(servers=[report("s")])
 
     def broken(*args: object, **kwargs: object) -> list[object]:
         raise OverflowError("absurd")
 
-    rig.core.table.snapshot = broken  # type: ignore[method-assign, assignment]
+    monkeypatch.setattr(type(rig.core.table), "snapshot", broken)
     rig.take(rig.core.submit("t1", "job", 0, 0.0))
     assert rig.records["t1"].outcome == "failed" and "OverflowError" in (rig.records["t1"].error or "")
     assert isinstance(rig.faults[0].error, OverflowError) and rig.core.counters["decision_errors"] == 1

@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import copy
 import csv
+import random
 from collections import Counter
 from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from edge_agent.core import DeviceCore, Send
+from edge_agent.servers import ServerEntry, ServerReport, ServerTable
+from edge_agent.tuning import Tuning
 from sim.cli import main
-from sim.des import run_des
+from sim.des import _Simulation, run_des
 from sim.report import (
     OK,
     OUTCOMES,
@@ -200,3 +206,113 @@ def test_cli_entry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", str(bad), "--mode", "des"]) == 2
     err = capsys.readouterr().err
     assert "bad.toml: " in err and err.count("\n") == 1
+
+
+# --- the simulator's fast paths give what the shared code gives ---------------------------------------
+
+FLEETS = st.fixed_dictionaries({
+    "loss": st.sampled_from([0.0, 0.05, 0.3]),
+    "jitter": st.sampled_from([0.0, 0.002]),
+    "workers": st.integers(1, 3),
+    "queue_size": st.integers(0, 4),
+    "deadline": st.sampled_from([None, 0.05, 0.4]),
+    "capable": st.booleans(),
+    "crash": st.sampled_from([None, True, False]),
+    "policy": st.sampled_from(["ect", "random", "local", "oracle"]),
+    "seed": st.integers(1, 50),
+})
+
+
+@settings(max_examples=25, deadline=None)
+@given(fleet=FLEETS)
+def test_held_timers_change_nothing(fleet: dict[str, Any]) -> None:
+    """Holding an attempt's timer until the simulation cannot promise an answer before it gives the
+    very trace of queueing every timer at once."""
+    devices: dict[str, Any] = {"name": "cam", "count": 3, "speed": 0.5, "task": "detect",
+                               "payload_bytes": 20_000, "capable": fleet["capable"],
+                               "local_queue_size": 2, "workload": {"kind": "poisson", "rate": 15.0}}
+    if fleet["deadline"] is not None:
+        devices["deadline"] = fleet["deadline"]
+    events = [] if fleet["crash"] is None else [
+        {"kind": "crash", "at": 0.8, "server": "edge-0", "will": fleet["crash"]}]
+    scenario = small(duration=2.0, seed=fleet["seed"], devices=[devices], events=events,
+                     servers=[{"name": "edge", "count": 2, "workers": fleet["workers"],
+                               "queue_size": fleet["queue_size"]}],
+                     links={"default": {"delay": 0.003, "jitter": fleet["jitter"], "loss": fleet["loss"],
+                                        "bandwidth": 2e6}})
+    held = run_des(scenario, fleet["policy"])
+    try:
+        _Simulation.hold_timers = False
+        queued = run_des(scenario, fleet["policy"])
+    finally:
+        _Simulation.hold_timers = True
+    assert trace(held.records) == trace(queued.records)
+    assert held.events <= queued.events
+
+
+def _offload_script(draw: st.DrawFn) -> list[tuple[str, int, float]]:
+    return draw(st.lists(st.tuples(st.sampled_from(["beat", "pong", "submit", "answer", "time"]),
+                                   st.integers(0, 2), st.floats(0.0, 1.5)), max_size=40))
+
+
+@settings(max_examples=60, deadline=None)
+@given(script=st.composite(_offload_script)(), seed=st.integers(0, 5))
+def test_devices_sharing_one_heartbeat_view_decide_as_with_their_own(
+        script: list[tuple[str, int, float]], seed: int) -> None:
+    """The simulator feeds each server's heartbeats and pongs once into an entry that the devices of a
+    group share; a device with a table of its own, fed the same messages at the same times, takes
+    the same decisions and arms the same timers (and a second device on the entries changes nothing)."""
+    nodes = ("s0", "s1", "s2")
+
+    def core(table: ServerTable | None) -> DeviceCore:
+        made = DeviceCore("dev", local_tasks={"detect"}, rng=random.Random(seed), table=table, probes=False,
+                          watchdog=False, tuning=Tuning(default_timeout=0.3))
+        made.link_up(0.0)
+        return made
+
+    own = core(None)
+    entries = {node: ServerEntry(node) for node in nodes}
+    shared_tables = []
+    for _ in range(2):
+        table = ServerTable()
+        for node in nodes:
+            table.adopt(entries[node])
+        shared_tables.append(table)
+    shared, neighbour = core(shared_tables[0]), core(shared_tables[1])
+    seqs = dict.fromkeys(nodes, 0)
+    sent: list[tuple[str, str, int]] = []
+    now = 0.0
+    script = [("beat", index, 0.0) for index in range(len(nodes))] + script  # in the entries' order
+
+    def shape(actions: list[Any]) -> list[tuple[Any, ...]]:
+        return [(type(a).__name__, getattr(a, "server", None), getattr(a, "attempt", None),
+                 getattr(a, "at", None)) for a in actions]
+
+    for number, (kind, which, value) in enumerate(script):
+        node = nodes[which]
+        if kind == "time":
+            now += value
+        elif kind == "beat":
+            seqs[node] += 1
+            report = ServerReport(node, 1, seqs[node], 1.0, frozenset({"detect"}),
+                                  queue_length=int(value * 4), workers=2,
+                                  service_time={"detect": 0.005 + value / 100})
+            assert shape(own.heartbeat(report, now)) == []
+            entries[node].on_report(report, now)
+        elif kind == "pong":
+            for table in (own.table, shared_tables[0]):
+                table.ping_sent(node, number, now)
+            sample = now + value / 100
+            assert own.pong(node, number, now, sample) == entries[node].on_pong(number, now, sample)
+        elif kind == "submit":
+            mine = own.submit(f"t{number}", "detect", 5_000, now, deadline=1.0)
+            theirs = shared.submit(f"t{number}", "detect", 5_000, now, deadline=1.0)
+            neighbour.submit(f"t{number}", "detect", 5_000, now, deadline=1.0)
+            assert shape(mine) == shape(theirs)
+            sent += [(f"t{number}", a.server, a.attempt) for a in mine if isinstance(a, Send)]
+        elif kind == "answer" and sent:
+            task_id, server, attempt = sent[which % len(sent)]
+            status = "ok" if value < 1.0 else "rejected-busy"
+            assert shape(own.result(task_id, server, attempt, status, now)) == shape(
+                shared.result(task_id, server, attempt, status, now))
+    assert own.views(now) == shared.views(now)

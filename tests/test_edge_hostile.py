@@ -225,7 +225,7 @@ def test_an_exception_while_deciding_ends_the_task_and_never_escapes_submit(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise OverflowError("int too large to convert to float")
 
-    monkeypatch.setattr(edge.core.table, "snapshot", broken)
+    monkeypatch.setattr(type(edge.core.table), "snapshot", broken)
     fresh = edge.submit("square", {"x": 3})  # does not raise
     with pytest.raises(TaskFailed) as failed:
         fresh.result(2)
