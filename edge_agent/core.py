@@ -248,7 +248,8 @@ class Decider(Protocol):
 class _LocalPool:
     """What the policy knows of the device's own pool: queued and running tasks, service times, arrivals."""
 
-    __slots__ = ("arrivals", "capacity", "gain", "infos", "queued", "running", "service", "workers")
+    __slots__ = ("arrivals", "capacity", "gain", "info_name", "info_of", "queued", "running", "service",
+                 "workers")
 
     def __init__(self, workers: int, queue_size: int, gain: float) -> None:
         self.workers = workers
@@ -257,9 +258,20 @@ class _LocalPool:
         self.queued = 0
         self.running = 0
         self.service: dict[str, float] = {}
-        self.arrivals: deque[float] = deque()
-        self.infos: dict[str, LocalInfo] = {}
-        """:class:`LocalInfo` per task name without the arrival rate, until the pool changes."""
+        self.arrivals: deque[float] | None = None
+        """Submission times over the last :data:`RATE_WINDOW`, kept from the first ``threshold`` task on
+        (the only policy that reads the rate)."""
+        self.info_of: LocalInfo | None = None
+        """The last :class:`LocalInfo` built (without the arrival rate), until the pool changes..."""
+        self.info_name = ""
+        """... and the task name it is for."""
+
+    def arrived(self, now: float) -> None:
+        arrivals = self.arrivals
+        if arrivals is not None:
+            arrivals.append(now)
+            if arrivals[0] < now - RATE_WINDOW:
+                self.forget_arrivals(now)
 
     def forget_arrivals(self, now: float) -> None:
         arrivals, horizon = self.arrivals, now - RATE_WINDOW
@@ -268,21 +280,23 @@ class _LocalPool:
 
     def info(self, name: str, capable: bool, now: float, with_rate: bool) -> LocalInfo:
         if with_rate:
+            if self.arrivals is None:
+                self.arrivals = deque([now])
             self.forget_arrivals(now)
             return LocalInfo(capable, self.queued, self.running, self.workers, self.service.get(name),
                              len(self.arrivals) / RATE_WINDOW)
-        info = self.infos.get(name)
-        if info is None or info.capable is not capable:
-            info = self.infos[name] = LocalInfo(capable, self.queued, self.running, self.workers,
-                                                self.service.get(name))
+        info = self.info_of
+        if info is None or info.capable is not capable or self.info_name != name:
+            info = self.info_of = LocalInfo(capable, self.queued, self.running, self.workers,
+                                            self.service.get(name))
+            self.info_name = name
         return info
 
     def full(self) -> bool:
         return self.queued + self.running >= self.capacity
 
     def changed(self) -> None:
-        if self.infos:
-            self.infos.clear()
+        self.info_of = None
 
     def note_service(self, name: str, elapsed: float) -> None:
         old = self.service.get(name)
@@ -298,7 +312,8 @@ class DeviceCore:
     submission, a safety net for the driver; without it a deadline timer is armed only for local
     runs, since an offloaded attempt's timeout never passes the deadline. ``decider`` replaces
     :func:`~edge_agent.policy.decide` (the simulator's oracle). ``finished_memory``: how many finished
-    task ids it remembers to tell late results from foreign ones.
+    task ids it remembers to tell late results from foreign ones. ``counters``: where to count (the
+    simulator gives all its devices one).
     """
 
     __slots__ = ("_decider", "_epoch", "_finished", "_finished_memory", "_link", "_links_up", "_local_tasks",
@@ -311,7 +326,7 @@ class DeviceCore:
                  policy: str = DEFAULT_POLICY, rng: random.Random | None = None,
                  table: ServerTable | None = None, ignore: frozenset[str] = frozenset(), probes: bool = True,
                  watchdog: bool = True, decider: Decider | None = None, epoch: float = 0.0,
-                 finished_memory: int = FINISHED_MEMORY) -> None:
+                 finished_memory: int = FINISHED_MEMORY, counters: Counter[str] | None = None) -> None:
         self.node = node
         self.tuning = tuning
         self.policy = check_policy(policy)
@@ -319,7 +334,7 @@ class DeviceCore:
         self.rng = rng or random.Random()
         self.table = table or ServerTable(stale_after=tuning.stale_after, half_life=tuning.failure_half_life,
                                           ignore=ignore, estimators=tuning.estimators)
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter() if counters is None else counters
         self.connected = False
         self._local_tasks = local_tasks
         self._pool = _LocalPool(local_workers, tuning.local_queue_size, tuning.estimators.local_service_gain)
@@ -396,10 +411,10 @@ class DeviceCore:
         self._tasks[task_id] = task
         self.counters["submitted"] += 1
         pool = self._pool
-        arrivals = pool.arrivals
-        arrivals.append(now)
-        if arrivals[0] < now - RATE_WINDOW:
-            pool.forget_arrivals(now)
+        if pool.arrivals is not None:
+            pool.arrived(now)
+        elif task.policy == "threshold":
+            pool.arrivals = deque([now])
         out: list[Action] = []
         if task.deadline is not None and self._watchdog:
             task.deadline_armed = True
@@ -619,9 +634,10 @@ class DeviceCore:
         exclude = frozenset(t for t in targets if t != LOCAL) if targets else _NONE
         info = TaskInfo(name, task.payload_bytes, time_left)
         pool = self._pool
-        local = pool.infos.get(name) if task.policy != "threshold" else None
-        if local is None or local.capable is not local_ok:
-            local = pool.info(name, local_ok, now, task.policy == "threshold")
+        local = pool.info_of
+        rate = task.policy == "threshold"
+        if local is None or local.capable is not local_ok or pool.info_name != name or rate:
+            local = pool.info(name, local_ok, now, rate)
         previous = self._previous.get(name)
         decider = self._decider
         if decider is None:

@@ -196,6 +196,9 @@ class _Simulation:
             [ServerEntry(server.node, stale_after=tuning.stale_after, estimators=tuning.estimators,
                          counters=self.table_counters) for server in self.servers]
             for tuning in tunings]
+        lookups = [{entry.node: entry for entry in entries} for entries in self.entries]
+        self.core_counters: Counter[str] = Counter()
+        """What the devices' cores counted, all together (one hot object instead of one per device)."""
         device_index = {group.name: i for i, group in enumerate(self.device_groups)}
         self.devices: list[_Device] = []
         decider = self.oracle_decide if self.oracle else None
@@ -206,13 +209,14 @@ class _Simulation:
             known = scenario.known_servers(node)
             tuning = tunings[group]
             table = ServerTable(stale_after=tuning.stale_after, half_life=tuning.failure_half_life,
-                                estimators=tuning.estimators)
+                                estimators=tuning.estimators, lookup=lookups[group])
             for index in known:
                 table.adopt(self.entries[group][index])
             core = DeviceCore(node.node, local_tasks={node.group.task} if node.group.capable else frozenset(),
                               local_workers=node.group.workers, tuning=tuning, policy_config=core_config,
                               policy="ect" if self.oracle else policy, rng=self.decide_rng, table=table,
-                              probes=False, watchdog=False, decider=decider, finished_memory=0)
+                              probes=False, watchdog=False, decider=decider, finished_memory=0,
+                              counters=self.core_counters)
             core.link_up(0.0)
             self.devices.append(_Device(
                 node.index, node.node, group, node.group, known,
@@ -646,9 +650,8 @@ class _Simulation:
         if collecting:
             gc.collect(0)
         counters = dict(self.counters)
-        for device in self.devices:
-            for name, value in device.core.counters.items():  # Counter.update: an ABC check per call
-                counters[name] = counters.get(name, 0) + value
+        for name, value in self.core_counters.items():
+            counters[name] = counters.get(name, 0) + value
         for name in [name for name in counters if name.startswith("outcome_") or name == "submitted"]:
             del counters[name]  # the records say it
         for name, value in self.table_counters.items():
