@@ -49,7 +49,6 @@ from typing import Any
 from edge_agent.core import Action, Complete, CoreTask, DeviceCore, Execute, RunLocal, Send, Timer
 from edge_agent.policy import LOCAL, Decision, LocalInfo, PolicyConfig, ServerInfo, TaskInfo, check_policy
 from edge_agent.servers import ServerEntry, ServerReport, ServerTable
-from edge_agent.tuning import Tuning
 from sim.oracle import ORACLE, LocalTruth, Pool, Reach, ServerTruth, TaskTruth, choose
 from sim.report import NO_OPTION, UNFINISHED, RunResult, TaskRecord
 from sim.scenario import (
@@ -140,15 +139,9 @@ class _Job:
     device: _Device
     work: float
     payload_bytes: int
-    held: Timer | None = None
-    """The current attempt's timer, not in the event queue yet (see :meth:`_Simulation.hold`)."""
-
-
-def device_tuning(scenario: Scenario, group: DeviceGroup) -> Tuning:
-    """The tuning of the devices of ``group``: the scenario's, with the group's local queue."""
-    return Tuning(max_attempts=scenario.max_attempts, stale_after=scenario.stale_after,
-                  probe_interval=scenario.ping_interval, default_timeout=scenario.timeout_min,
-                  timeout_factor=scenario.timeout_factor, local_queue_size=group.local_queue_size)
+    held: tuple[Timer, int] | None = None
+    """The current attempt's timer and its place in the event order, not in the event queue yet (see
+    :meth:`_Simulation.release`)."""
 
 
 class _Simulation:
@@ -189,7 +182,7 @@ class _Simulation:
         # links[device group][server group] = (delay, jitter, loss, bandwidth)
         self.links = [[self._link_tuple(scenario.link(dg.name, sg.name)) for sg in self.server_groups]
                       for dg in self.device_groups]
-        tunings = [device_tuning(scenario, group) for group in self.device_groups]
+        tunings = [scenario.device_tuning(group) for group in self.device_groups]
         self.table_counters: dict[str, int] = Counter()
         # What the devices of a group have heard of each server: one entry, shared (see the docstring).
         self.entries: list[list[ServerEntry]] = [
@@ -221,7 +214,7 @@ class _Simulation:
             self.devices.append(_Device(
                 node.index, node.node, group, node.group, known,
                 group_arrivals(scenario, node.group, device_rng(scenario, node.index)), core,
-                capacity=node.group.workers + node.group.local_queue_size))
+                capacity=node.group.workers + tuning.local_queue_size))
         self.truths: list[ServerTruth] = []
         self.local_truths: list[LocalTruth] = []
         self.device_reach: list[list[Reach]] = []
@@ -281,7 +274,7 @@ class _Simulation:
                 following = actions[position + 1] if position < last else None
                 if (self.hold_timers and isinstance(following, Send | RunLocal)
                         and following.task is action.task):
-                    action.task.context.held = action  # the new attempt's timer: see hold()
+                    action.task.context.held = (action, next(self.order))  # see release()
                 else:
                     heappush(self.heap, (action.at, next(self.order), _TIMER, device, action))
             elif isinstance(action, Send):
@@ -295,17 +288,19 @@ class _Simulation:
     # answered before their timer, which then does nothing. It goes into the queue as soon as the
     # simulation can no longer promise an answer before it (a lost message, a dead or busy server, a
     # result due after it, a local run that would end after the deadline), always no later than its
-    # time, so it fires exactly when it would have. ``hold_timers = False`` queues every timer at
-    # once (the equivalence test runs both).
+    # time, with the place in the event order it got when it was armed, so it fires exactly when and
+    # in the order it would have. ``hold_timers = False`` queues every timer at once (the equivalence
+    # test runs both).
     hold_timers = True
 
     def release(self, job: _Job, by: float) -> None:
         """The answer of ``job``'s current attempt comes at ``by`` at the earliest: queue its held timer
         if that is not before the timer."""
-        timer = job.held
-        if timer is not None and by >= timer.at:
+        held = job.held
+        if held is not None and by >= held[0].at:
             job.held = None
-            heappush(self.heap, (timer.at, next(self.order), _TIMER, job.device, timer))
+            timer, order = held
+            heappush(self.heap, (timer.at, order, _TIMER, job.device, timer))
 
     def arrive(self, device: _Device, arrival: Arrival, now: float) -> None:
         following = next(device.arrivals, None)
