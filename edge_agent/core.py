@@ -94,12 +94,26 @@ def attempt_timeout(expected: float, time_left: float | None, *, alternative: bo
     lowered to ``share x time_left`` when the task has a deadline and another option to fall back on,
     so that a silent server still leaves time for the retry or the local run.
     """
-    scaled = factor * expected
+    return _timeout(expected, time_left, alternative, default_timeout, factor, share, ceiling)
+
+
+def _timeout(expected: float, time_left: float | None, alternative: bool, default_timeout: float,
+             factor: float, share: float, ceiling: float) -> float:
+    """:func:`attempt_timeout` with positional arguments and no builtin calls (the simulator's hot path)."""
+    timeout = factor * expected
     if time_left is None:
-        return min(ceiling, max(default_timeout, scaled))
-    left = max(0.0, time_left)
-    floor = min(default_timeout, share * left) if alternative else default_timeout
-    return min(left, ceiling, max(floor, scaled))
+        if timeout < default_timeout:
+            timeout = default_timeout
+        return ceiling if timeout > ceiling else timeout
+    left = time_left if time_left > 0.0 else 0.0
+    floor = default_timeout
+    if alternative and share * left < floor:
+        floor = share * left
+    if timeout < floor:
+        timeout = floor
+    if timeout > ceiling:
+        timeout = ceiling
+    return left if timeout > left else timeout
 
 
 class CoreTask:
@@ -679,32 +693,32 @@ class DeviceCore:
         task.target = None
         pool = self._pool
         pool.queued += 1
-        pool.changed()
+        pool.info_of = None
         self.counters["local_runs"] += 1
         if task.deadline is not None and not task.deadline_armed:
             task.deadline_armed = True
             out.append(Timer(task.deadline, _DEADLINE, task, 0))
         out.append(RunLocal(task))
 
-    def _send(self, task: CoreTask, target: str, decision: Decision, now: float, out: list[Action]) -> None:
-        task.attempts += 1
-        task.targets.append(target)
-        task.target = target
-        task.sent = now
-        task.resend = False
-        task.waited_for_link = False
-        task.generation, stale_at, failures = self.table.sending(target, now)
-        self.counters["offloaded"] += 1
-        self._launch(task, target, decision, now, stale_at, failures, out, resend=False)
-
-    def _launch(self, task: CoreTask, target: str, decision: Decision, now: float, stale_at: float,
-                failures: float, out: list[Action], *, resend: bool) -> None:
-        """Arm the attempt's timer and publish it (a first send or a re-send).
+    def _send(self, task: CoreTask, target: str, decision: Decision, now: float, out: list[Action], *,
+              resend: bool = False) -> None:
+        """Arm the attempt's timer and publish it: a new attempt, or (``resend``) the current one again.
 
         The timeout (:func:`attempt_timeout`) takes the decision's estimate for ``target`` without the
         failure penalty: it steers choices; it says nothing of how long this server will take. The
         timer comes due at the timeout, or earlier when the server would turn stale first.
         """
+        if resend:
+            stale_at, failures = self.table.stale_at(target), self.table.recent_failures(target, now)
+        else:
+            task.attempts += 1
+            task.targets.append(target)
+            task.target = target
+            task.sent = now
+            task.resend = False
+            task.waited_for_link = False
+            task.generation, stale_at, failures = self.table.sending(target, now)
+            self.counters["offloaded"] += 1
         task.link = self._link
         task.sent_at = now
         expected = decision.expected if decision.target == target else decision.estimate(target)
@@ -716,10 +730,9 @@ class DeviceCore:
             task.local_ok or len(estimates) > 1 or (len(estimates) == 1 and estimates[0][0] != target))
         tuning = self.tuning
         deadline = task.deadline
-        at = task.timeout_at = now + attempt_timeout(
-            expected, None if deadline is None else deadline - now, alternative=alternative,
-            default_timeout=tuning.default_timeout, factor=tuning.timeout_factor, share=tuning.attempt_share,
-            ceiling=tuning.max_timeout)
+        at = task.timeout_at = now + _timeout(
+            expected, None if deadline is None else deadline - now, alternative, tuning.default_timeout,
+            tuning.timeout_factor, tuning.attempt_share, tuning.max_timeout)
         stale_at += STALE_MARGIN
         if now < stale_at < at and self.connected and not task.resend:
             at = stale_at
@@ -808,8 +821,7 @@ class DeviceCore:
                 task.resend = False
                 task.waited_for_link = False
                 self.counters["resends"] += 1
-                self._launch(task, node, task.decision, now, self.table.stale_at(node),
-                             self.table.recent_failures(node, now), out, resend=True)
+                self._send(task, node, task.decision, now, out, resend=True)
 
     def _has_alternative(self, task: CoreTask, unusable: set[str], now: float) -> bool:
         """Could ``task`` run somewhere else now: locally, or on a usable server not yet tried?"""

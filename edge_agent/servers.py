@@ -399,7 +399,12 @@ class ServerTable:
         else:
             mine[1] += 1
         failures = self.recent_failures(node, now) if self._failures else 0.0
-        return generation, entry.stale_at(), failures
+        heard = entry.last_heartbeat
+        if entry.dead or heard is None:
+            return generation, _INF, failures
+        if heard < entry.restored_at:
+            heard = entry.restored_at
+        return generation, heard + entry.interval * entry.stale_after, failures
 
     def task_sent(self, node: str) -> int:
         """Count a task sent to ``node``; returns the report generation it is counted against."""
@@ -480,9 +485,11 @@ class ServerTable:
 
     def snapshot(self, task: str, now: float) -> list[ServerInfo]:
         """One :class:`ServerInfo` per known server, as the policy sees it for ``task``."""
-        rows: list[ServerInfo] = [
-            entry._info if entry._task == task and now <= entry._until else entry.info(task, now)  # type: ignore[misc]
-            for entry in self._list]
+        rows: list[ServerInfo] = []
+        append = rows.append
+        for entry in self._list:
+            append(entry._info if entry._task == task and now <= entry._until  # type: ignore[arg-type]
+                   else entry.info(task, now))
         if not self._sent and not self._failures:
             return rows  # the usual case: nothing unanswered since the reports, no recent failure
         return [self._mine(row, now) for row in rows]

@@ -268,21 +268,29 @@ class _Simulation:
 
     def perform(self, device: _Device, actions: Sequence[Action], now: float) -> None:
         """Do what ``device``'s core asked for."""
-        last = len(actions) - 1
-        for position, action in enumerate(actions):
-            if isinstance(action, Timer):
-                following = actions[position + 1] if position < last else None
-                if (self.hold_timers and isinstance(following, Send | RunLocal)
-                        and following.task is action.task):
-                    action.task.context.held = (action, next(self.order))  # see release()
+        held: Timer | None = None
+        for action in actions:
+            kind = type(action)
+            if held is not None:
+                # A timer followed by the attempt it is for (Send, RunLocal): held, see release().
+                if (kind is Send or kind is RunLocal) and action.task is held.task:  # type: ignore[union-attr]
+                    held.task.context.held = (held, next(self.order))  # type: ignore[union-attr]
                 else:
-                    heappush(self.heap, (action.at, next(self.order), _TIMER, device, action))
-            elif isinstance(action, Send):
-                self.send(device, action, now)
-            elif isinstance(action, Complete):
-                self.complete(action.task, now)
-            elif isinstance(action, RunLocal):
-                self.run_local(device, action.task, now)
+                    heappush(self.heap, (held.at, next(self.order), _TIMER, device, held))
+                held = None
+            if kind is Timer:
+                if self.hold_timers:
+                    held = action  # type: ignore[assignment]
+                else:
+                    heappush(self.heap, (action.at, next(self.order), _TIMER, device, action))  # type: ignore[union-attr]
+            elif kind is Send:
+                self.send(device, action, now)  # type: ignore[arg-type]
+            elif kind is Complete:
+                self.complete(action.task, now)  # type: ignore[union-attr, arg-type]
+            elif kind is RunLocal:
+                self.run_local(device, action.task, now)  # type: ignore[union-attr, arg-type]
+        if held is not None:
+            heappush(self.heap, (held.at, next(self.order), _TIMER, device, held))
 
     # A new attempt's timer is held on its job rather than put in the event queue: most attempts are
     # answered before their timer, which then does nothing. It goes into the queue as soon as the
@@ -335,8 +343,13 @@ class _Simulation:
         task = action.task
         job: _Job = task.context
         record = job.record
-        self.attempt_record(task, record, action.server)
+        decision = task.decision
+        # The trace row follows the task's latest attempt.
+        record.attempts, record.decided, record.target = task.attempts, task.decided, action.server
         record.sent = now
+        record.started = record.finished = None
+        if decision is not None:
+            record.reason, record.estimate = decision.reason, decision.expected
         index = self.server_index[action.server]
         server = self.servers[index]
         delay, jitter, loss, bandwidth = self.links[device.group][server.group]
