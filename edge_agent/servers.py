@@ -485,11 +485,9 @@ class ServerTable:
 
     def snapshot(self, task: str, now: float) -> list[ServerInfo]:
         """One :class:`ServerInfo` per known server, as the policy sees it for ``task``."""
-        rows: list[ServerInfo] = []
-        append = rows.append
-        for entry in self._list:
-            append(entry._info if entry._task == task and now <= entry._until  # type: ignore[arg-type]
-                   else entry.info(task, now))
+        rows: list[ServerInfo] = [
+            entry._info if entry._task == task and now <= entry._until else entry.info(task, now)  # type: ignore[misc]
+            for entry in self._list]
         if not self._sent and not self._failures:
             return rows  # the usual case: nothing unanswered since the reports, no recent failure
         return [self._mine(row, now) for row in rows]

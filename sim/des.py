@@ -301,9 +301,9 @@ class _Simulation:
     # test runs both).
     hold_timers = True
 
-    def release(self, job: _Job, by: float) -> None:
-        """The answer of ``job``'s current attempt comes at ``by`` at the earliest: queue its held timer
-        if that is not before the timer."""
+    def release(self, job: _Job, by: float = _INF) -> None:
+        """The answer of ``job``'s current attempt comes at ``by`` at the earliest (callers on the hot
+        paths check it first): queue its held timer unless it is due before."""
         held = job.held
         if held is not None and by >= held[0].at:
             job.held = None
@@ -361,15 +361,16 @@ class _Simulation:
         random = self.net_rng.random
         if loss and random() < loss:
             self.count("lost_task_messages")
-            self.release(job, _INF)
+            self.release(job)
             return
         if jitter:
             delay += jitter * (2.0 * random() - 1.0)
             if delay < 0.0:
                 delay = 0.0
         arrival = start + transfer + delay
-        if job.held is not None:
-            self.release(job, arrival)
+        held = job.held
+        if held is not None and arrival >= held[0].at:
+            self.release(job)
         if self.oracle:
             self.truths[index].send(arrival, self.costs[record.task] * job.work, task.deadline)
         heappush(self.heap, (arrival, next(self.order), _SRV_RECV, (job, server), action.attempt))
@@ -385,7 +386,7 @@ class _Simulation:
         if device.busy < device.spec.workers:
             self.start_local(device, task, now)
         else:
-            self.release(job, _INF)  # when it starts is not known yet
+            self.release(job)  # when it starts is not known yet
             device.queue.append(task)
 
     def start_local(self, device: _Device, task: CoreTask, now: float) -> None:
@@ -395,8 +396,9 @@ class _Simulation:
             job: _Job = task.context
             job.record.started = now
             cost = self.costs[job.record.task] * job.work / device.spec.speed
-            if job.held is not None:
-                self.release(job, now + cost)
+            held = job.held
+            if held is not None and now + cost >= held[0].at:
+                self.release(job)
             heappush(self.heap, (now + cost, next(self.order), _LOCAL_DONE, task, cost))
         else:
             self.perform(device, actions, now)
@@ -415,7 +417,9 @@ class _Simulation:
         self.next_local(device, now)
 
     def complete(self, task: CoreTask, now: float) -> None:
-        record = task.context.record
+        job: _Job = task.context
+        job.held = None  # its timer refers back to the task: no cycle may outlive it (see run())
+        record = job.record
         outcome = task.outcome or "failed"
         if outcome == _OK:
             record.received = now
@@ -473,7 +477,7 @@ class _Simulation:
         if not server.alive:
             self.count("sent_to_dead_server")
             if current:
-                self.release(job, _INF)
+                self.release(job)
             return
         deadline = job.record.deadline
         if self.oracle:
@@ -484,7 +488,7 @@ class _Simulation:
             self.server_start(server, job, attempt, now, now)
         elif len(server.queue) < server.queue_size:
             if current:
-                self.release(job, _INF)  # when it starts is not known yet
+                self.release(job)  # when it starts is not known yet
             server.queue.append((job, attempt, now))
         else:
             self.reply(server, job, attempt, _REJECTED, 0.0, 0.0, now)
@@ -492,8 +496,9 @@ class _Simulation:
     def server_start(self, server: _Server, job: _Job, attempt: int, arrived: float, now: float) -> None:
         server.busy += 1
         cost = self.costs[job.record.task] * job.work / server.speed * server.factor
-        if job.held is not None and attempt == job.record.attempts:
-            self.release(job, now + cost)
+        held = job.held
+        if held is not None and now + cost >= held[0].at and attempt == job.record.attempts:
+            self.release(job)
         heappush(self.heap, (now + cost, next(self.order), _SRV_DONE, (server, job, attempt, arrived, now),
                              server.epoch))
 
@@ -524,7 +529,7 @@ class _Simulation:
         if loss and self.net_rng.random() < loss:
             self.count("lost_result_messages")
             if current:
-                self.release(job, _INF)
+                self.release(job)
             return
         if jitter:
             delay += jitter * (2.0 * self.net_rng.random() - 1.0)
@@ -532,8 +537,8 @@ class _Simulation:
                 delay = 0.0
         size = self.result_bytes[job.record.task] if status == _OK else _ANSWER_BYTES
         back = now + size / bandwidth + delay
-        if current:
-            self.release(job, back)
+        if current and back >= job.held[0].at:  # type: ignore[index]  # current: it holds one
+            self.release(job)
         heappush(self.heap, (back, next(self.order), _RES_RECV, job,
                              (server.node, attempt, status, queue_wait, service, now)))
 
@@ -615,7 +620,7 @@ class _Simulation:
         running = [subject[1] for _, _, kind, subject, epoch in self.heap
                    if kind == _SRV_DONE and subject[0] is server and epoch == server.epoch]
         for job in running + [job for job, _, _ in server.queue]:
-            self.release(job, _INF)  # its answer never comes (held only for the current attempt)
+            self.release(job)  # its answer never comes (held only for the current attempt)
         server.alive = False
         server.epoch += 1
         self.count("crashed_servers")
