@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from agent_common.settings import load_settings
 from edge_agent.policy import PolicyConfig, check_policy
+from edge_agent.tuning import Estimators
 from topics.codec import DEFAULT_MAX_PAYLOAD
 from topics.errors import TopicError
 from topics.names import DEFAULT_PREFIX, TopicTree, validate_filter, validate_node_id
@@ -150,6 +151,8 @@ class EdgeConfig(_Frozen):
     for ever)."""
     failure_half_life: PositiveSeconds = 10.0
     """Seconds for a server's recent-failure count to halve."""
+    estimators: Estimators = Estimators()
+    """Gains of the round-trip, bandwidth and local service-time averages (``edge_agent.tuning``)."""
     heartbeat_interval: PositiveSeconds = 1.0
     format: Literal["cbor", "json"] = "cbor"
     max_payload: int = Field(default=DEFAULT_MAX_PAYLOAD, ge=1024)

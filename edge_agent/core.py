@@ -94,12 +94,26 @@ def attempt_timeout(expected: float, time_left: float | None, *, alternative: bo
     lowered to ``share x time_left`` when the task has a deadline and another option to fall back on,
     so that a silent server still leaves time for the retry or the local run.
     """
-    scaled = factor * expected
+    return _timeout(expected, time_left, alternative, default_timeout, factor, share, ceiling)
+
+
+def _timeout(expected: float, time_left: float | None, alternative: bool, default_timeout: float,
+             factor: float, share: float, ceiling: float) -> float:
+    """:func:`attempt_timeout` with positional arguments and no builtin calls (the simulator's hot path)."""
+    timeout = factor * expected
     if time_left is None:
-        return min(ceiling, max(default_timeout, scaled))
-    left = max(0.0, time_left)
-    floor = min(default_timeout, share * left) if alternative else default_timeout
-    return min(left, ceiling, max(floor, scaled))
+        if timeout < default_timeout:
+            timeout = default_timeout
+        return ceiling if timeout > ceiling else timeout
+    left = time_left if time_left > 0.0 else 0.0
+    floor = default_timeout
+    if alternative and share * left < floor:
+        floor = share * left
+    if timeout < floor:
+        timeout = floor
+    if timeout > ceiling:
+        timeout = ceiling
+    return left if timeout > left else timeout
 
 
 class CoreTask:
@@ -248,7 +262,8 @@ class Decider(Protocol):
 class _LocalPool:
     """What the policy knows of the device's own pool: queued and running tasks, service times, arrivals."""
 
-    __slots__ = ("arrivals", "capacity", "gain", "infos", "queued", "running", "service", "workers")
+    __slots__ = ("arrivals", "capacity", "gain", "info_name", "info_of", "queued", "running", "service",
+                 "workers")
 
     def __init__(self, workers: int, queue_size: int, gain: float) -> None:
         self.workers = workers
@@ -257,9 +272,20 @@ class _LocalPool:
         self.queued = 0
         self.running = 0
         self.service: dict[str, float] = {}
-        self.arrivals: deque[float] = deque()
-        self.infos: dict[str, LocalInfo] = {}
-        """:class:`LocalInfo` per task name without the arrival rate, until the pool changes."""
+        self.arrivals: deque[float] | None = None
+        """Submission times over the last :data:`RATE_WINDOW`, kept from the first ``threshold`` task on
+        (the only policy that reads the rate)."""
+        self.info_of: LocalInfo | None = None
+        """The last :class:`LocalInfo` built (without the arrival rate), until the pool changes..."""
+        self.info_name = ""
+        """... and the task name it is for."""
+
+    def arrived(self, now: float) -> None:
+        arrivals = self.arrivals
+        if arrivals is not None:
+            arrivals.append(now)
+            if arrivals[0] < now - RATE_WINDOW:
+                self.forget_arrivals(now)
 
     def forget_arrivals(self, now: float) -> None:
         arrivals, horizon = self.arrivals, now - RATE_WINDOW
@@ -268,21 +294,23 @@ class _LocalPool:
 
     def info(self, name: str, capable: bool, now: float, with_rate: bool) -> LocalInfo:
         if with_rate:
+            if self.arrivals is None:
+                self.arrivals = deque([now])
             self.forget_arrivals(now)
             return LocalInfo(capable, self.queued, self.running, self.workers, self.service.get(name),
                              len(self.arrivals) / RATE_WINDOW)
-        info = self.infos.get(name)
-        if info is None or info.capable is not capable:
-            info = self.infos[name] = LocalInfo(capable, self.queued, self.running, self.workers,
-                                                self.service.get(name))
+        info = self.info_of
+        if info is None or info.capable is not capable or self.info_name != name:
+            info = self.info_of = LocalInfo(capable, self.queued, self.running, self.workers,
+                                            self.service.get(name))
+            self.info_name = name
         return info
 
     def full(self) -> bool:
         return self.queued + self.running >= self.capacity
 
     def changed(self) -> None:
-        if self.infos:
-            self.infos.clear()
+        self.info_of = None
 
     def note_service(self, name: str, elapsed: float) -> None:
         old = self.service.get(name)
@@ -298,7 +326,8 @@ class DeviceCore:
     submission, a safety net for the driver; without it a deadline timer is armed only for local
     runs, since an offloaded attempt's timeout never passes the deadline. ``decider`` replaces
     :func:`~edge_agent.policy.decide` (the simulator's oracle). ``finished_memory``: how many finished
-    task ids it remembers to tell late results from foreign ones.
+    task ids it remembers to tell late results from foreign ones. ``counters``: where to count (the
+    simulator gives all its devices one).
     """
 
     __slots__ = ("_decider", "_epoch", "_finished", "_finished_memory", "_link", "_links_up", "_local_tasks",
@@ -311,7 +340,7 @@ class DeviceCore:
                  policy: str = DEFAULT_POLICY, rng: random.Random | None = None,
                  table: ServerTable | None = None, ignore: frozenset[str] = frozenset(), probes: bool = True,
                  watchdog: bool = True, decider: Decider | None = None, epoch: float = 0.0,
-                 finished_memory: int = FINISHED_MEMORY) -> None:
+                 finished_memory: int = FINISHED_MEMORY, counters: Counter[str] | None = None) -> None:
         self.node = node
         self.tuning = tuning
         self.policy = check_policy(policy)
@@ -319,7 +348,7 @@ class DeviceCore:
         self.rng = rng or random.Random()
         self.table = table or ServerTable(stale_after=tuning.stale_after, half_life=tuning.failure_half_life,
                                           ignore=ignore, estimators=tuning.estimators)
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter() if counters is None else counters
         self.connected = False
         self._local_tasks = local_tasks
         self._pool = _LocalPool(local_workers, tuning.local_queue_size, tuning.estimators.local_service_gain)
@@ -396,10 +425,10 @@ class DeviceCore:
         self._tasks[task_id] = task
         self.counters["submitted"] += 1
         pool = self._pool
-        arrivals = pool.arrivals
-        arrivals.append(now)
-        if arrivals[0] < now - RATE_WINDOW:
-            pool.forget_arrivals(now)
+        if pool.arrivals is not None:
+            pool.arrived(now)
+        elif task.policy == "threshold":
+            pool.arrivals = deque([now])
         out: list[Action] = []
         if task.deadline is not None and self._watchdog:
             task.deadline_armed = True
@@ -619,9 +648,10 @@ class DeviceCore:
         exclude = frozenset(t for t in targets if t != LOCAL) if targets else _NONE
         info = TaskInfo(name, task.payload_bytes, time_left)
         pool = self._pool
-        local = pool.infos.get(name) if task.policy != "threshold" else None
-        if local is None or local.capable is not local_ok:
-            local = pool.info(name, local_ok, now, task.policy == "threshold")
+        local = pool.info_of
+        rate = task.policy == "threshold"
+        if local is None or local.capable is not local_ok or pool.info_name != name or rate:
+            local = pool.info(name, local_ok, now, rate)
         previous = self._previous.get(name)
         decider = self._decider
         if decider is None:
@@ -663,32 +693,32 @@ class DeviceCore:
         task.target = None
         pool = self._pool
         pool.queued += 1
-        pool.changed()
+        pool.info_of = None
         self.counters["local_runs"] += 1
         if task.deadline is not None and not task.deadline_armed:
             task.deadline_armed = True
             out.append(Timer(task.deadline, _DEADLINE, task, 0))
         out.append(RunLocal(task))
 
-    def _send(self, task: CoreTask, target: str, decision: Decision, now: float, out: list[Action]) -> None:
-        task.attempts += 1
-        task.targets.append(target)
-        task.target = target
-        task.sent = now
-        task.resend = False
-        task.waited_for_link = False
-        task.generation, stale_at, failures = self.table.sending(target, now)
-        self.counters["offloaded"] += 1
-        self._launch(task, target, decision, now, stale_at, failures, out, resend=False)
-
-    def _launch(self, task: CoreTask, target: str, decision: Decision, now: float, stale_at: float,
-                failures: float, out: list[Action], *, resend: bool) -> None:
-        """Arm the attempt's timer and publish it (a first send or a re-send).
+    def _send(self, task: CoreTask, target: str, decision: Decision, now: float, out: list[Action], *,
+              resend: bool = False) -> None:
+        """Arm the attempt's timer and publish it: a new attempt, or (``resend``) the current one again.
 
         The timeout (:func:`attempt_timeout`) takes the decision's estimate for ``target`` without the
         failure penalty: it steers choices; it says nothing of how long this server will take. The
         timer comes due at the timeout, or earlier when the server would turn stale first.
         """
+        if resend:
+            stale_at, failures = self.table.stale_at(target), self.table.recent_failures(target, now)
+        else:
+            task.attempts += 1
+            task.targets.append(target)
+            task.target = target
+            task.sent = now
+            task.resend = False
+            task.waited_for_link = False
+            task.generation, stale_at, failures = self.table.sending(target, now)
+            self.counters["offloaded"] += 1
         task.link = self._link
         task.sent_at = now
         expected = decision.expected if decision.target == target else decision.estimate(target)
@@ -700,10 +730,9 @@ class DeviceCore:
             task.local_ok or len(estimates) > 1 or (len(estimates) == 1 and estimates[0][0] != target))
         tuning = self.tuning
         deadline = task.deadline
-        at = task.timeout_at = now + attempt_timeout(
-            expected, None if deadline is None else deadline - now, alternative=alternative,
-            default_timeout=tuning.default_timeout, factor=tuning.timeout_factor, share=tuning.attempt_share,
-            ceiling=tuning.max_timeout)
+        at = task.timeout_at = now + _timeout(
+            expected, None if deadline is None else deadline - now, alternative, tuning.default_timeout,
+            tuning.timeout_factor, tuning.attempt_share, tuning.max_timeout)
         stale_at += STALE_MARGIN
         if now < stale_at < at and self.connected and not task.resend:
             at = stale_at
@@ -792,8 +821,7 @@ class DeviceCore:
                 task.resend = False
                 task.waited_for_link = False
                 self.counters["resends"] += 1
-                self._launch(task, node, task.decision, now, self.table.stale_at(node),
-                             self.table.recent_failures(node, now), out, resend=True)
+                self._send(task, node, task.decision, now, out, resend=True)
 
     def _has_alternative(self, task: CoreTask, unusable: set[str], now: float) -> bool:
         """Could ``task`` run somewhere else now: locally, or on a usable server not yet tried?"""

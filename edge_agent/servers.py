@@ -297,12 +297,14 @@ class ServerTable:
                  "_stale_after", "counters")
 
     def __init__(self, *, stale_after: int = 3, half_life: float = 10.0, ignore: frozenset[str] = frozenset(),
-                 estimators: Estimators | None = None) -> None:
+                 estimators: Estimators | None = None, lookup: dict[str, ServerEntry] | None = None) -> None:
+        """``lookup``: the node -> entry mapping to find this table's entries in, shared by tables over
+        shared entries (the simulator's devices of a group); it may hold entries this table does not know."""
         self._stale_after = stale_after
         self._half_life = half_life
         self._ignore = ignore
         self._estimators = estimators or Estimators()
-        self._entries: dict[str, ServerEntry] = {}
+        self._entries: dict[str, ServerEntry] = {} if lookup is None else lookup
         self._list: list[ServerEntry] = []
         self._sent: dict[str, list[int]] = {}
         """Node -> [generation of the report the sends are counted against, how many]."""
@@ -317,12 +319,14 @@ class ServerTable:
     # --- feeding ----------------------------------------------------------------------------
 
     def entry(self, node: str) -> ServerEntry | None:
-        return self._entries.get(node)
+        found = self._entries.get(node)
+        return found if found is not None and found in self._list else None
 
     def adopt(self, entry: ServerEntry) -> None:
         """Use ``entry`` (fed by someone else: the simulator's group view) for its server."""
-        if entry.node in self._entries:
-            self._list.remove(self._entries[entry.node])
+        old = self._entries.get(entry.node)
+        if old is not None and old in self._list:
+            self._list.remove(old)
         self._entries[entry.node] = entry
         self._list.append(entry)
 
@@ -395,7 +399,12 @@ class ServerTable:
         else:
             mine[1] += 1
         failures = self.recent_failures(node, now) if self._failures else 0.0
-        return generation, entry.stale_at(), failures
+        heard = entry.last_heartbeat
+        if entry.dead or heard is None:
+            return generation, _INF, failures
+        if heard < entry.restored_at:
+            heard = entry.restored_at
+        return generation, heard + entry.interval * entry.stale_after, failures
 
     def task_sent(self, node: str) -> int:
         """Count a task sent to ``node``; returns the report generation it is counted against."""

@@ -49,7 +49,6 @@ from typing import Any
 from edge_agent.core import Action, Complete, CoreTask, DeviceCore, Execute, RunLocal, Send, Timer
 from edge_agent.policy import LOCAL, Decision, LocalInfo, PolicyConfig, ServerInfo, TaskInfo, check_policy
 from edge_agent.servers import ServerEntry, ServerReport, ServerTable
-from edge_agent.tuning import Tuning
 from sim.oracle import ORACLE, LocalTruth, Pool, Reach, ServerTruth, TaskTruth, choose
 from sim.report import NO_OPTION, UNFINISHED, RunResult, TaskRecord
 from sim.scenario import (
@@ -140,15 +139,9 @@ class _Job:
     device: _Device
     work: float
     payload_bytes: int
-    held: Timer | None = None
-    """The current attempt's timer, not in the event queue yet (see :meth:`_Simulation.hold`)."""
-
-
-def device_tuning(scenario: Scenario, group: DeviceGroup) -> Tuning:
-    """The tuning of the devices of ``group``: the scenario's, with the group's local queue."""
-    return Tuning(max_attempts=scenario.max_attempts, stale_after=scenario.stale_after,
-                  probe_interval=scenario.ping_interval, default_timeout=scenario.timeout_min,
-                  timeout_factor=scenario.timeout_factor, local_queue_size=group.local_queue_size)
+    held: tuple[Timer, int] | None = None
+    """The current attempt's timer and its place in the event order, not in the event queue yet (see
+    :meth:`_Simulation.release`)."""
 
 
 class _Simulation:
@@ -189,13 +182,16 @@ class _Simulation:
         # links[device group][server group] = (delay, jitter, loss, bandwidth)
         self.links = [[self._link_tuple(scenario.link(dg.name, sg.name)) for sg in self.server_groups]
                       for dg in self.device_groups]
-        tunings = [device_tuning(scenario, group) for group in self.device_groups]
+        tunings = [scenario.device_tuning(group) for group in self.device_groups]
         self.table_counters: dict[str, int] = Counter()
         # What the devices of a group have heard of each server: one entry, shared (see the docstring).
         self.entries: list[list[ServerEntry]] = [
             [ServerEntry(server.node, stale_after=tuning.stale_after, estimators=tuning.estimators,
                          counters=self.table_counters) for server in self.servers]
             for tuning in tunings]
+        lookups = [{entry.node: entry for entry in entries} for entries in self.entries]
+        self.core_counters: Counter[str] = Counter()
+        """What the devices' cores counted, all together (one hot object instead of one per device)."""
         device_index = {group.name: i for i, group in enumerate(self.device_groups)}
         self.devices: list[_Device] = []
         decider = self.oracle_decide if self.oracle else None
@@ -206,18 +202,19 @@ class _Simulation:
             known = scenario.known_servers(node)
             tuning = tunings[group]
             table = ServerTable(stale_after=tuning.stale_after, half_life=tuning.failure_half_life,
-                                estimators=tuning.estimators)
+                                estimators=tuning.estimators, lookup=lookups[group])
             for index in known:
                 table.adopt(self.entries[group][index])
             core = DeviceCore(node.node, local_tasks={node.group.task} if node.group.capable else frozenset(),
                               local_workers=node.group.workers, tuning=tuning, policy_config=core_config,
                               policy="ect" if self.oracle else policy, rng=self.decide_rng, table=table,
-                              probes=False, watchdog=False, decider=decider, finished_memory=0)
+                              probes=False, watchdog=False, decider=decider, finished_memory=0,
+                              counters=self.core_counters)
             core.link_up(0.0)
             self.devices.append(_Device(
                 node.index, node.node, group, node.group, known,
                 group_arrivals(scenario, node.group, device_rng(scenario, node.index)), core,
-                capacity=node.group.workers + node.group.local_queue_size))
+                capacity=node.group.workers + tuning.local_queue_size))
         self.truths: list[ServerTruth] = []
         self.local_truths: list[LocalTruth] = []
         self.device_reach: list[list[Reach]] = []
@@ -271,37 +268,47 @@ class _Simulation:
 
     def perform(self, device: _Device, actions: Sequence[Action], now: float) -> None:
         """Do what ``device``'s core asked for."""
-        last = len(actions) - 1
-        for position, action in enumerate(actions):
-            if isinstance(action, Timer):
-                following = actions[position + 1] if position < last else None
-                if (self.hold_timers and isinstance(following, Send | RunLocal)
-                        and following.task is action.task):
-                    action.task.context.held = action  # the new attempt's timer: see hold()
+        held: Timer | None = None
+        for action in actions:
+            kind = type(action)
+            if held is not None:
+                # A timer followed by the attempt it is for (Send, RunLocal): held, see release().
+                if (kind is Send or kind is RunLocal) and action.task is held.task:  # type: ignore[union-attr]
+                    held.task.context.held = (held, next(self.order))  # type: ignore[union-attr]
                 else:
-                    heappush(self.heap, (action.at, next(self.order), _TIMER, device, action))
-            elif isinstance(action, Send):
-                self.send(device, action, now)
-            elif isinstance(action, Complete):
-                self.complete(action.task, now)
-            elif isinstance(action, RunLocal):
-                self.run_local(device, action.task, now)
+                    heappush(self.heap, (held.at, next(self.order), _TIMER, device, held))
+                held = None
+            if kind is Timer:
+                if self.hold_timers:
+                    held = action  # type: ignore[assignment]
+                else:
+                    heappush(self.heap, (action.at, next(self.order), _TIMER, device, action))  # type: ignore[union-attr]
+            elif kind is Send:
+                self.send(device, action, now)  # type: ignore[arg-type]
+            elif kind is Complete:
+                self.complete(action.task, now)  # type: ignore[union-attr, arg-type]
+            elif kind is RunLocal:
+                self.run_local(device, action.task, now)  # type: ignore[union-attr, arg-type]
+        if held is not None:
+            heappush(self.heap, (held.at, next(self.order), _TIMER, device, held))
 
     # A new attempt's timer is held on its job rather than put in the event queue: most attempts are
     # answered before their timer, which then does nothing. It goes into the queue as soon as the
     # simulation can no longer promise an answer before it (a lost message, a dead or busy server, a
     # result due after it, a local run that would end after the deadline), always no later than its
-    # time, so it fires exactly when it would have. ``hold_timers = False`` queues every timer at
-    # once (the equivalence test runs both).
+    # time, with the place in the event order it got when it was armed, so it fires exactly when and
+    # in the order it would have. ``hold_timers = False`` queues every timer at once (the equivalence
+    # test runs both).
     hold_timers = True
 
-    def release(self, job: _Job, by: float) -> None:
-        """The answer of ``job``'s current attempt comes at ``by`` at the earliest: queue its held timer
-        if that is not before the timer."""
-        timer = job.held
-        if timer is not None and by >= timer.at:
+    def release(self, job: _Job, by: float = _INF) -> None:
+        """The answer of ``job``'s current attempt comes at ``by`` at the earliest (callers on the hot
+        paths check it first): queue its held timer unless it is due before."""
+        held = job.held
+        if held is not None and by >= held[0].at:
             job.held = None
-            heappush(self.heap, (timer.at, next(self.order), _TIMER, job.device, timer))
+            timer, order = held
+            heappush(self.heap, (timer.at, order, _TIMER, job.device, timer))
 
     def arrive(self, device: _Device, arrival: Arrival, now: float) -> None:
         following = next(device.arrivals, None)
@@ -336,8 +343,13 @@ class _Simulation:
         task = action.task
         job: _Job = task.context
         record = job.record
-        self.attempt_record(task, record, action.server)
+        decision = task.decision
+        # The trace row follows the task's latest attempt.
+        record.attempts, record.decided, record.target = task.attempts, task.decided, action.server
         record.sent = now
+        record.started = record.finished = None
+        if decision is not None:
+            record.reason, record.estimate = decision.reason, decision.expected
         index = self.server_index[action.server]
         server = self.servers[index]
         delay, jitter, loss, bandwidth = self.links[device.group][server.group]
@@ -349,15 +361,16 @@ class _Simulation:
         random = self.net_rng.random
         if loss and random() < loss:
             self.count("lost_task_messages")
-            self.release(job, _INF)
+            self.release(job)
             return
         if jitter:
             delay += jitter * (2.0 * random() - 1.0)
             if delay < 0.0:
                 delay = 0.0
         arrival = start + transfer + delay
-        if job.held is not None:
-            self.release(job, arrival)
+        held = job.held
+        if held is not None and arrival >= held[0].at:
+            self.release(job)
         if self.oracle:
             self.truths[index].send(arrival, self.costs[record.task] * job.work, task.deadline)
         heappush(self.heap, (arrival, next(self.order), _SRV_RECV, (job, server), action.attempt))
@@ -373,7 +386,7 @@ class _Simulation:
         if device.busy < device.spec.workers:
             self.start_local(device, task, now)
         else:
-            self.release(job, _INF)  # when it starts is not known yet
+            self.release(job)  # when it starts is not known yet
             device.queue.append(task)
 
     def start_local(self, device: _Device, task: CoreTask, now: float) -> None:
@@ -383,8 +396,9 @@ class _Simulation:
             job: _Job = task.context
             job.record.started = now
             cost = self.costs[job.record.task] * job.work / device.spec.speed
-            if job.held is not None:
-                self.release(job, now + cost)
+            held = job.held
+            if held is not None and now + cost >= held[0].at:
+                self.release(job)
             heappush(self.heap, (now + cost, next(self.order), _LOCAL_DONE, task, cost))
         else:
             self.perform(device, actions, now)
@@ -403,7 +417,9 @@ class _Simulation:
         self.next_local(device, now)
 
     def complete(self, task: CoreTask, now: float) -> None:
-        record = task.context.record
+        job: _Job = task.context
+        job.held = None  # its timer refers back to the task: no cycle may outlive it (see run())
+        record = job.record
         outcome = task.outcome or "failed"
         if outcome == _OK:
             record.received = now
@@ -461,7 +477,7 @@ class _Simulation:
         if not server.alive:
             self.count("sent_to_dead_server")
             if current:
-                self.release(job, _INF)
+                self.release(job)
             return
         deadline = job.record.deadline
         if self.oracle:
@@ -472,7 +488,7 @@ class _Simulation:
             self.server_start(server, job, attempt, now, now)
         elif len(server.queue) < server.queue_size:
             if current:
-                self.release(job, _INF)  # when it starts is not known yet
+                self.release(job)  # when it starts is not known yet
             server.queue.append((job, attempt, now))
         else:
             self.reply(server, job, attempt, _REJECTED, 0.0, 0.0, now)
@@ -480,8 +496,9 @@ class _Simulation:
     def server_start(self, server: _Server, job: _Job, attempt: int, arrived: float, now: float) -> None:
         server.busy += 1
         cost = self.costs[job.record.task] * job.work / server.speed * server.factor
-        if job.held is not None and attempt == job.record.attempts:
-            self.release(job, now + cost)
+        held = job.held
+        if held is not None and now + cost >= held[0].at and attempt == job.record.attempts:
+            self.release(job)
         heappush(self.heap, (now + cost, next(self.order), _SRV_DONE, (server, job, attempt, arrived, now),
                              server.epoch))
 
@@ -512,7 +529,7 @@ class _Simulation:
         if loss and self.net_rng.random() < loss:
             self.count("lost_result_messages")
             if current:
-                self.release(job, _INF)
+                self.release(job)
             return
         if jitter:
             delay += jitter * (2.0 * self.net_rng.random() - 1.0)
@@ -520,8 +537,8 @@ class _Simulation:
                 delay = 0.0
         size = self.result_bytes[job.record.task] if status == _OK else _ANSWER_BYTES
         back = now + size / bandwidth + delay
-        if current:
-            self.release(job, back)
+        if current and back >= job.held[0].at:  # type: ignore[index]  # current: it holds one
+            self.release(job)
         heappush(self.heap, (back, next(self.order), _RES_RECV, job,
                              (server.node, attempt, status, queue_wait, service, now)))
 
@@ -603,7 +620,7 @@ class _Simulation:
         running = [subject[1] for _, _, kind, subject, epoch in self.heap
                    if kind == _SRV_DONE and subject[0] is server and epoch == server.epoch]
         for job in running + [job for job, _, _ in server.queue]:
-            self.release(job, _INF)  # its answer never comes (held only for the current attempt)
+            self.release(job)  # its answer never comes (held only for the current attempt)
         server.alive = False
         server.epoch += 1
         self.count("crashed_servers")
@@ -646,9 +663,8 @@ class _Simulation:
         if collecting:
             gc.collect(0)
         counters = dict(self.counters)
-        for device in self.devices:
-            for name, value in device.core.counters.items():  # Counter.update: an ABC check per call
-                counters[name] = counters.get(name, 0) + value
+        for name, value in self.core_counters.items():
+            counters[name] = counters.get(name, 0) + value
         for name in [name for name in counters if name.startswith("outcome_") or name == "submitted"]:
             del counters[name]  # the records say it
         for name, value in self.table_counters.items():

@@ -220,13 +220,9 @@ def run_emulation(scenario: Scenario, policy: str, *, broker_url: str, protocol:
             agent_rng = random.Random(f"{scenario.seed}:decide:{device.index}")
             edge = EdgeAgent(
                 EdgeConfig(id=device.node, broker=broker_url, prefix=tree.prefix, tasks=[],
-                           policy=policy, policy_config=settings,
-                           local_workers=device.group.workers, local_queue_size=100_000,
-                           max_attempts=scenario.max_attempts, stale_after=scenario.stale_after,
-                           probe_interval=scenario.ping_interval,
-                           default_timeout=scenario.timeout_min,
-                           timeout_factor=scenario.timeout_factor,
-                           heartbeat_interval=scenario.heartbeat_interval),
+                           policy=policy, policy_config=settings, local_workers=device.group.workers,
+                           heartbeat_interval=scenario.heartbeat_interval,
+                           **scenario.device_tuning(device.group).settings()),
                 transport(device.node, device_link(device)),
                 _registry(scenario, names, device.node, device.group.speed, fleet), rng=agent_rng)
             edge.add_record_listener(on_record)
@@ -314,8 +310,9 @@ def _drain_budget(scenario: Scenario) -> float:
     """How long to wait after the last arrival for the outcomes still in flight."""
     longest = max(cost.service_time for cost in scenario.tasks.values())
     deadline = max((group.deadline or 0.0) for group in scenario.devices)
-    return 10.0 + scenario.max_attempts * max(scenario.timeout_min, deadline,
-                                              scenario.timeout_factor * longest * 4)
+    tuning = scenario.tuning
+    return 10.0 + tuning.max_attempts * max(tuning.default_timeout, deadline,
+                                            tuning.timeout_factor * longest * 4)
 
 
 def _wait_for_discovery(devices: dict[str, EdgeAgent], servers: int, timeout: float,

@@ -26,6 +26,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_agent.policy import POLICIES, PolicyConfig
+from edge_agent.tuning import Tuning
 from sim.oracle import ORACLE
 
 if sys.version_info >= (3, 11):
@@ -110,8 +111,8 @@ class DeviceGroup(_Model):
     speed: Positive = 1.0
     """Compute speed factor: a task costs ``service_time * work / speed`` seconds here."""
     workers: Annotated[int, Field(ge=1, le=1024)] = 1
-    local_queue_size: Annotated[int, Field(ge=0)] = 32
-    """Local tasks waiting beyond the busy workers (the edge agent's default); then it offloads."""
+    local_queue_size: Annotated[int, Field(ge=0)] | None = None
+    """Local tasks waiting beyond the busy workers; then it offloads. Default: ``tuning.local_queue_size``."""
     task: TaskNameField
     workload: Workload
     payload_bytes: Annotated[int, Field(ge=0)] = 1_000
@@ -218,13 +219,10 @@ class Scenario(_Model):
     """Seconds during which tasks are created; the run continues until every task has an outcome."""
     seed: int = 1
     heartbeat_interval: Positive = 1.0
-    stale_after: Annotated[int, Field(ge=1)] = 3
-    """A server is stale after this many missed heartbeats."""
-    ping_interval: Positive = 2.0
-    max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
-    timeout_factor: Positive = 4.0
-    """An offloaded attempt times out after ``timeout_factor`` x its estimate (bounded by the deadline)."""
-    timeout_min: Positive = 0.25
+    """Seconds between the servers' heartbeats."""
+    tuning: Tuning = Tuning()
+    """The devices' tuning (:class:`edge_agent.tuning.Tuning`, the edge agent's defaults): retries,
+    timeouts, staleness, probes, failure half-life, the gains of their estimates, local queue size."""
     policies: tuple[str, ...] = ("local", "random", "min_rtt", "ect")
     policy: dict[str, Any] = Field(default_factory=dict)
     """Overrides of :class:`edge_agent.policy.PolicyConfig` fields (``spread_k``, ``hysteresis``, ...)."""
@@ -233,6 +231,38 @@ class Scenario(_Model):
     servers: tuple[ServerGroup, ...] = ()
     links: Links = Links()
     events: tuple[Event, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tuning_at_the_top(cls, data: Any) -> Any:
+        """Earlier files set some tuning at the top level (``timeout_min``, ``ping_interval``...): moved
+        into ``[tuning]`` under its name there; the same number in both places is refused."""
+        if not isinstance(data, dict) or not any(key in data for key in _TOP_LEVEL_TUNING):
+            return data
+        data = dict(data)
+        tuning = dict(data.get("tuning") or {})
+        for key, name in _TOP_LEVEL_TUNING.items():
+            if key in data:
+                if name in tuning:
+                    raise _FieldError(key, f"also set as tuning.{name}: keep one")
+                tuning[name] = data.pop(key)
+        data["tuning"] = tuning
+        return data
+
+    @property
+    def max_attempts(self) -> int:
+        return self.tuning.max_attempts
+
+    @property
+    def ping_interval(self) -> float:
+        """Seconds between round-trip probes (``tuning.probe_interval``)."""
+        return self.tuning.probe_interval
+
+    def device_tuning(self, group: DeviceGroup) -> Tuning:
+        """The tuning of the devices of ``group``: the scenario's, with the group's local queue if set."""
+        if group.local_queue_size is None or group.local_queue_size == self.tuning.local_queue_size:
+            return self.tuning
+        return self.tuning.model_copy(update={"local_queue_size": group.local_queue_size})
 
     @model_validator(mode="after")
     def _consistent(self) -> Scenario:
@@ -308,6 +338,12 @@ class Scenario(_Model):
         if limit is None or limit >= count:
             return list(range(count))
         return sorted(random.Random(f"{self.seed}:known:{device.index}").sample(range(count), limit))
+
+
+_TOP_LEVEL_TUNING = {"max_attempts": "max_attempts", "stale_after": "stale_after",
+                     "ping_interval": "probe_interval", "timeout_factor": "timeout_factor",
+                     "timeout_min": "default_timeout"}
+"""Tuning keys an older scenario file may have at its top level, and their names in ``[tuning]``."""
 
 
 class _FieldError(ValueError):
