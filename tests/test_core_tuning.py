@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from cloud_agent.registry import TaskRegistry
+from agent_common.registry import TaskRegistry
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
 from edge_agent.tuning import DEFAULT_TUNING, Estimators, Tuning
