@@ -400,11 +400,13 @@ class EdgeAgent:
             actions = event(*args, **kwargs)
             rest: list[Action] = []
             for action in actions:
-                if isinstance(action, Timer):
-                    self._timers.push(action)
-                    if action.at < self._next_wake:
+                timer = action if isinstance(action, Timer) else (
+                    action.timer if isinstance(action, Send | RunLocal) else None)
+                if timer is not None:
+                    self._timers.push(timer)
+                    if timer.at < self._next_wake:
                         self._wake.set()  # the timer thread sleeps past this one: wake it
-                else:
+                if timer is not action:
                     rest.append(action)
         for action in rest:
             self._perform(action, value)

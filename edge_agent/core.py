@@ -6,9 +6,10 @@ own link coming up or going down) and returns **actions** for its driver to perf
 
 =================  ==================================================================================
 :class:`Send`      publish attempt ``attempt`` of ``task`` to ``server`` (``resend``: the same attempt
-                   again, after the link came back)
+                   again, after the link came back) and arm its ``timer``
 :class:`Ping`      publish a round-trip probe to ``server``
-:class:`RunLocal`  queue ``task`` on the local pool; when a worker takes it, call :meth:`local_start`
+:class:`RunLocal`  queue ``task`` on the local pool (and arm its deadline ``timer``, if any); when a
+                   worker takes it, call :meth:`local_start`
 :class:`Execute`   run ``task`` now (the answer to :meth:`local_start`); then :meth:`local_done`
 :class:`Complete`  ``task`` has its one outcome; :attr:`Complete.record` is its :class:`TaskRecord`
 :class:`Timer`     call :meth:`fire` with this timer at ``at`` (stale timers are ignored there)
@@ -171,12 +172,14 @@ class CoreTask:
 
 @dataclass(slots=True, eq=False)
 class Send:
-    """Publish attempt ``attempt`` of ``task`` to ``server`` (``resend``: again, as the same attempt)."""
+    """Publish attempt ``attempt`` of ``task`` to ``server`` (``resend``: again, as the same attempt),
+    and arm ``timer``, the attempt's timeout."""
 
     task: CoreTask
     server: str
     attempt: int
-    resend: bool = False
+    resend: bool
+    timer: Timer
 
 
 @dataclass(slots=True, eq=False)
@@ -190,9 +193,11 @@ class Ping:
 
 @dataclass(slots=True, eq=False)
 class RunLocal:
-    """Queue ``task`` on the local pool (FIFO); call :meth:`DeviceCore.local_start` when a worker takes it."""
+    """Queue ``task`` on the local pool (FIFO); call :meth:`DeviceCore.local_start` when a worker takes it.
+    Arm ``timer`` (the task's deadline) when there is one."""
 
     task: CoreTask
+    timer: Timer | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -695,10 +700,11 @@ class DeviceCore:
         pool.queued += 1
         pool.info_of = None
         self.counters["local_runs"] += 1
+        timer = None
         if task.deadline is not None and not task.deadline_armed:
             task.deadline_armed = True
-            out.append(Timer(task.deadline, _DEADLINE, task, 0))
-        out.append(RunLocal(task))
+            timer = Timer(task.deadline, _DEADLINE, task, 0)
+        out.append(RunLocal(task, timer))
 
     def _send(self, task: CoreTask, target: str, decision: Decision, now: float, out: list[Action], *,
               resend: bool = False) -> None:
@@ -738,8 +744,7 @@ class DeviceCore:
             at = stale_at
         self._tokens += 1
         task.timer = self._tokens
-        out.append(Timer(at, _ATTEMPT, task, self._tokens))
-        out.append(Send(task, target, task.attempts, resend))
+        out.append(Send(task, target, task.attempts, resend, Timer(at, _ATTEMPT, task, self._tokens)))
 
     def _rearm(self, task: CoreTask, now: float, out: list[Action]) -> None:
         """The attempt's timer again: at its timeout, or earlier at its server's (new) stale time."""

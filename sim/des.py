@@ -268,29 +268,23 @@ class _Simulation:
 
     def perform(self, device: _Device, actions: Sequence[Action], now: float) -> None:
         """Do what ``device``'s core asked for."""
-        held: Timer | None = None
         for action in actions:
             kind = type(action)
-            if held is not None:
-                # A timer followed by the attempt it is for (Send, RunLocal): held, see release().
-                if (kind is Send or kind is RunLocal) and action.task is held.task:  # type: ignore[union-attr]
-                    held.task.context.held = (held, next(self.order))  # type: ignore[union-attr]
+            if kind is Send or kind is RunLocal:
+                timer = action.timer  # type: ignore[union-attr]
+                if timer is not None:  # the new attempt's timer: held, see release()
+                    if self.hold_timers:
+                        action.task.context.held = (timer, next(self.order))  # type: ignore[union-attr]
+                    else:
+                        heappush(self.heap, (timer.at, next(self.order), _TIMER, device, timer))
+                if kind is Send:
+                    self.send(device, action, now)  # type: ignore[arg-type]
                 else:
-                    heappush(self.heap, (held.at, next(self.order), _TIMER, device, held))
-                held = None
-            if kind is Timer:
-                if self.hold_timers:
-                    held = action  # type: ignore[assignment]
-                else:
-                    heappush(self.heap, (action.at, next(self.order), _TIMER, device, action))  # type: ignore[union-attr]
-            elif kind is Send:
-                self.send(device, action, now)  # type: ignore[arg-type]
+                    self.run_local(device, action.task, now)  # type: ignore[union-attr, arg-type]
             elif kind is Complete:
                 self.complete(action.task, now)  # type: ignore[union-attr, arg-type]
-            elif kind is RunLocal:
-                self.run_local(device, action.task, now)  # type: ignore[union-attr, arg-type]
-        if held is not None:
-            heappush(self.heap, (held.at, next(self.order), _TIMER, device, held))
+            elif kind is Timer:
+                heappush(self.heap, (action.at, next(self.order), _TIMER, device, action))  # type: ignore[union-attr]
 
     # A new attempt's timer is held on its job rather than put in the event queue: most attempts are
     # answered before their timer, which then does nothing. It goes into the queue as soon as the

@@ -55,16 +55,22 @@ class Rig:
         self.completions: list[str] = []
         self.faults: list[Fault] = []
 
+    def arm(self, timer: Timer | None) -> None:
+        if timer is not None:
+            assert timer.at >= self.now - 1e-12, "a timer in the past"
+            heapq.heappush(self.timers, (timer.at, next(self.order), timer))
+
     def take(self, actions: Sequence[Action]) -> list[Action]:
         for action in actions:
             if isinstance(action, Timer):
-                assert action.at >= self.now - 1e-12, "a timer in the past"
-                heapq.heappush(self.timers, (action.at, next(self.order), action))
+                self.arm(action)
             elif isinstance(action, Send):
+                self.arm(action.timer)
                 self.sends.append(action)
             elif isinstance(action, Ping):
                 self.pings.append(action)
             elif isinstance(action, RunLocal):
+                self.arm(action.timer)
                 self.local.append(action.task)
             elif isinstance(action, Execute):
                 self.executing.append(action.task)
@@ -130,7 +136,7 @@ def test_an_offloaded_task_is_sent_with_a_timer_and_ends_with_the_result() -> No
     actions = rig.take(rig.core.submit("t1", "job", 100, 0.0, deadline=1.0))
     send = next(a for a in actions if isinstance(a, Send))
     assert (send.server, send.attempt, send.resend) == ("s", 1, False)
-    assert any(isinstance(a, Timer) and a.at <= 1.0 for a in actions)
+    assert send.timer.at <= 1.0  # the attempt's timeout, within the deadline
     assert rig.core.views(0.0)[0].in_flight == 1 and rig.core.views(0.0)[0].sent_since_report == 1
     rig.now = 0.05
     rig.take(rig.core.result("t1", "s", 1, "ok", 0.05, queue_wait=0.01, service_time=0.02))

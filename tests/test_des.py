@@ -286,7 +286,7 @@ def test_devices_sharing_one_heartbeat_view_decide_as_with_their_own(
 
     def shape(actions: list[Any]) -> list[tuple[Any, ...]]:
         return [(type(a).__name__, getattr(a, "server", None), getattr(a, "attempt", None),
-                 getattr(a, "at", None)) for a in actions]
+                 getattr(a, "at", None), getattr(getattr(a, "timer", None), "at", None)) for a in actions]
 
     for number, (kind, which, value) in enumerate(script):
         node = nodes[which]

@@ -519,7 +519,7 @@ def test_sent_since_report_counts_only_tasks_still_waiting_on_the_server() -> No
 
 
 def test_attempt_timeout_ignores_the_failure_penalty() -> None:
-    from edge_agent.core import DeviceCore, Send, Timer
+    from edge_agent.core import DeviceCore, Send
     from edge_agent.policy import PolicyConfig
     from edge_agent.servers import ServerReport
     from edge_agent.tuning import Tuning
@@ -536,8 +536,7 @@ def test_attempt_timeout_ignores_the_failure_penalty() -> None:
     actions = core.submit("t", "square", 0, 0.0)
     send = next(a for a in actions if isinstance(a, Send))
     assert send.task.decision is not None and send.task.decision.expected == pytest.approx(0.05 + penalty)
-    timer = next(a for a in actions if isinstance(a, Timer))
-    assert timer.at == pytest.approx(4.0 * 0.05)
+    assert send.timer.at == pytest.approx(4.0 * 0.05)
 
 
 def test_submit_returns_a_handle_with_the_task_id_and_its_record(make_edge: EdgeFactory,
