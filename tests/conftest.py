@@ -164,3 +164,9 @@ def stack() -> Iterator[Stack]:
     yield actions
     for action in reversed(actions):
         action()
+
+
+@pytest.fixture
+def cleanup(stack: Stack) -> Stack:
+    """The same undo stack, under the name the edge agent tests use."""
+    return stack

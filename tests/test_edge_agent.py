@@ -11,7 +11,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -131,14 +131,6 @@ def memory() -> MemoryBroker:
 
 
 Cleanup = list[Callable[[], None]]
-
-
-@pytest.fixture
-def cleanup() -> Iterator[Cleanup]:
-    actions: Cleanup = []
-    yield actions
-    for action in reversed(actions):
-        action()
 
 
 EdgeFactory = Callable[..., EdgeAgent]

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import cbor2
@@ -40,14 +40,6 @@ from topics.transport import Message, NotConnectedError
 
 PREFIX = "test/hostile"
 Cleanup = list[Callable[[], None]]
-
-
-@pytest.fixture
-def cleanup() -> Iterator[Cleanup]:
-    actions: Cleanup = []
-    yield actions
-    for action in reversed(actions):
-        action()
 
 
 def square_registry(gate: threading.Event | None = None) -> TaskRegistry:
