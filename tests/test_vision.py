@@ -225,6 +225,9 @@ def test_camera_without_a_broker_runs_everything_locally_in_order() -> None:
     ({"frames": 5, "target_fps": -1.0}, "target_fps"),
     ({"frames": 5, "slowdown": 0.5}, "slowdown"),
     ({"frames": 5, "jpeg_quality": 0}, "jpeg_quality"),
+    ({"frames": 5, "slowdown": 2.0, "device_stage_s": (0.01,) * 7}, "not both"),
+    ({"frames": 5, "device_stage_s": (0.01, -0.01, 0, 0, 0, 0, 0)}, "device_stage_s"),
+    ({"frames": 5, "device_stage_s": (float("nan"),) * 7}, "device_stage_s"),
 ])
 def test_camera_options_are_checked(options: dict[str, Any], words: str) -> None:
     from examples.vision.camera import CameraOptions
@@ -240,6 +243,47 @@ def test_camera_rejects_a_split_outside_the_pipeline() -> None:
     with pytest.raises(SplitError, match="outside the pipeline"):
         Camera(None, CameraOptions(frames=3, split=8))
     assert main(["--split", "0", "--frames", "2"]) == 2
+
+
+def test_device_stage_times_need_one_time_per_stage() -> None:
+    from examples.vision.camera import Camera, CameraOptions, main
+
+    with pytest.raises(ValueError, match="one time per stage"):
+        Camera(None, CameraOptions(frames=3, device_stage_s=(0.01, 0.02)))
+    assert main(["--device-ms", "5,10", "--frames", "2"]) == 2
+    with pytest.raises(SystemExit):
+        main(["--device-ms", "5,fast", "--frames", "2"])
+
+
+def test_device_stage_times_fix_each_local_stage_to_the_device_time() -> None:
+    from examples.vision.camera import Camera, CameraOptions
+
+    class FakeTime:
+        """A clock that each stage advances by 1 ms of work; sleeps advance it as asked."""
+
+        def __init__(self) -> None:
+            self.now = 0.0
+            self.slept: list[float] = []
+
+        def clock(self) -> float:
+            self.now += 0.0001
+            return self.now
+
+        def sleep(self, seconds: float) -> None:
+            self.slept.append(seconds)
+            self.now += seconds
+
+    fake = FakeTime()
+    times = (0.005, 0.010, 0.030, 0.015, 0.010, 0.008, 0.004)
+    camera = Camera(None, CameraOptions(frames=1, device_stage_s=times), source=BallVideo(seed=2),
+                    clock=fake.clock, sleep=fake.sleep)
+    report = camera.run()
+    assert report.frames == 1
+    # Each stage slept what the device needed beyond the (fake) time it took here.
+    assert len(fake.slept) == len(times)
+    for slept, device in zip(fake.slept, times, strict=True):
+        assert device - 0.001 < slept < device
+    assert report.duration_s == pytest.approx(sum(times), rel=0.05)
 
 
 def test_camera_reads_a_video_file_until_it_ends(tmp_path: Any) -> None:

@@ -17,7 +17,10 @@ of offloaded stages now and then.
 ``--slowdown F`` emulates a device F times slower than this machine (a Raspberry Pi is several
 times slower): every local stage is followed by a sleep of ``(F - 1)`` times the CPU time it took
 (the thread's CPU time, not the wall clock: a stage preempted by another process on a busy machine
-is not stretched F times over).
+is not stretched F times over). The stretch follows this machine's noise, amplified F times.
+``--device-ms 5,10,30,15,10,8,4`` instead gives each local stage the time it takes on the device
+(measured there): a stage that finishes sooner here sleeps the rest, so the emulated device runs at
+the same speed however busy this machine is, as long as each stage here is faster than on it.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ class CameraOptions:
     camera_fps: float | None = None
     """Frame pacing of the source; automatic mode defaults it to ``target_fps``."""
     slowdown: float = 1.0
+    device_stage_s: tuple[float, ...] | None = None
+    """Seconds each local stage takes on the emulated device (instead of ``slowdown``)."""
     jpeg_quality: int = 80
     window_s: float = 1.0
     hysteresis: float = 0.15
@@ -92,10 +97,23 @@ class CameraOptions:
             raise ValueError(f"target_fps must be positive, got {self.target_fps}")
         if self.in_flight < 1 or self.frame_timeout <= 0 or self.slowdown < 1.0:
             raise ValueError("in_flight >= 1, frame_timeout > 0 and slowdown >= 1 are required")
+        if self.device_stage_s is not None:
+            if self.slowdown != 1.0:
+                raise ValueError("choose either slowdown or device_stage_s, not both")
+            if not all(math.isfinite(s) and s >= 0 for s in self.device_stage_s):
+                raise ValueError(f"device_stage_s must be finite and >= 0, got "
+                                 f"{self.device_stage_s}")
         if self.camera_fps is not None and self.camera_fps <= 0:
             raise ValueError(f"camera_fps must be positive, got {self.camera_fps}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be 1..100, got {self.jpeg_quality}")
+
+
+def check_device_times(options: CameraOptions, stages: int) -> None:
+    """Raise ValueError unless ``options.device_stage_s`` (if set) has one time per stage."""
+    if options.device_stage_s is not None and len(options.device_stage_s) != stages:
+        raise ValueError(f"device_stage_s needs one time per stage ({stages}), got "
+                         f"{len(options.device_stage_s)}")
 
 
 @dataclass(frozen=True)
@@ -177,6 +195,7 @@ class Camera:
         self._bad = BadInputLog(log)
         if options.split is not None:
             check_split(options.split, self.n)
+        check_device_times(options, self.n)
         self.controller: SplitController | None = None
         if options.target_fps is not None:
             self.controller = SplitController(
@@ -194,13 +213,19 @@ class Camera:
 
     # Local execution ---------------------------------------------------------------------------
 
-    def _emulate(self, started: float, worked_from: float) -> float:
-        """Stretch the work begun at ``started`` by the device slowdown; return its duration.
+    def _emulate(self, started: float, worked_from: float, stage: int | None = None) -> float:
+        """Stretch the work begun at ``started`` to the device's time; return its duration.
 
+        With ``device_stage_s``, a ``stage`` lasts at least the device's time for it. Otherwise
         ``worked_from`` is the work clock (thread CPU time) at the start: the stretch is the CPU
         time spent times ``slowdown - 1``, so waiting for a core is not multiplied.
         """
-        if self.options.slowdown > 1.0:
+        if self.options.device_stage_s is not None:
+            if stage is not None:
+                rest = self.options.device_stage_s[stage] - (self._clock() - started)
+                if rest > 0:
+                    self._sleep(rest)
+        elif self.options.slowdown > 1.0:
             worked = self._work_clock() - worked_from
             if worked > 0:
                 self._sleep(worked * (self.options.slowdown - 1.0))
@@ -213,7 +238,7 @@ class Camera:
             out = capture({"frame": value, "thumbnail": self.options.thumbnail}, self.source)
         else:
             out = self.spec.stages[stage](value)
-        elapsed = self._emulate(started, worked_from)
+        elapsed = self._emulate(started, worked_from, stage)
         if self.controller is not None:
             with self._lock:
                 now = self._clock()
@@ -528,6 +553,14 @@ def plot_report(report: CameraReport, path: str | Path) -> bool:
 # Command line ----------------------------------------------------------------------------------
 
 
+def _milliseconds(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) / 1000.0 for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"comma-separated milliseconds expected, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m examples.vision.camera",
                                      description=__doc__.split("\n\n")[0] if __doc__ else None)
@@ -541,6 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--camera-fps", type=float, help="pace the source (default: the target)")
     parser.add_argument("--slowdown", type=float, default=1.0,
                         help="emulate a device this many times slower")
+    parser.add_argument("--device-ms", type=_milliseconds, metavar="MS,MS,...",
+                        help="emulate a device whose stages take these times (one per stage)")
     parser.add_argument("--jpeg-quality", type=int, default=80)
     parser.add_argument("--window", type=float, default=1.0, help="seconds between re-evaluations")
     parser.add_argument("--video", help="a video file instead of the synthetic source")
@@ -591,9 +626,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = CameraOptions(
             frames=args.frames, split=args.split, target_fps=args.target_fps,
             in_flight=args.in_flight, frame_timeout=args.frame_timeout,
-            camera_fps=args.camera_fps, slowdown=args.slowdown, jpeg_quality=args.jpeg_quality,
-            window_s=args.window)
+            camera_fps=args.camera_fps, slowdown=args.slowdown, device_stage_s=args.device_ms,
+            jpeg_quality=args.jpeg_quality, window_s=args.window)
         check_split(options.split, len(BALL.stages)) if options.split is not None else None
+        check_device_times(options, len(BALL.stages))
     except (ValueError, SplitError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
