@@ -17,7 +17,7 @@ from sim.cli import SCENARIO_DIR, main
 from sim.des import run_des
 from sim.emulate import run_emulation
 from sim.linkemu import DelayScheduler, LinkEmulator, LinkParams
-from sim.report import summarize
+from sim.report import TaskRecord, summarize
 from sim.scenario import Scenario, generate_arrivals, load_scenario, parse_scenario
 from topics.brokers import EmbeddedBroker
 from topics.memory import MemoryBroker, MemoryTransport
@@ -45,7 +45,7 @@ def expected_tasks(scenario: Scenario) -> int:
     return sum(len(generate_arrivals(scenario, node.index)) for node in scenario.device_nodes())
 
 
-def assert_one_outcome_each(records: list, scenario: Scenario) -> None:
+def assert_one_outcome_each(records: list[TaskRecord], scenario: Scenario) -> None:
     ids = Counter((record.device, record.task_id) for record in records)  # ids are per device
     assert all(count == 1 for count in ids.values()), "a task reported more than one outcome"
     assert len(ids) == expected_tasks(scenario), "tasks were lost or invented"
