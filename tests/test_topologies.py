@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
 from brokers_support import (
@@ -48,6 +48,15 @@ from topics.transport import Message
 REPO = Path(__file__).resolve().parent.parent
 
 
+class BridgeArguments(TypedDict, total=False):
+    """The MosquittoBridge arguments test_bridge_configuration gives wrong values."""
+
+    address: str
+    prefixes: tuple[str, ...]
+    keepalive_interval: int
+    remote_password: str
+
+
 def test_bridge_configuration(tmp_path: Path) -> None:
     """The bridge section comes last in mosquitto.conf (it takes every following bridge option)."""
     bridge = MosquittoBridge(address="cloud.example.net:1883", prefixes=("offload/v1", "lab/x"),
@@ -61,11 +70,14 @@ def test_bridge_configuration(tmp_path: Path) -> None:
                  "topic lab/x/# both 1"):
         assert line in section
     assert "set_tcp_nodelay true" in lines[:lines.index("connection site-1")]
-    for bad in ({"address": "cloud"}, {"address": "h:x"}, {"prefixes": ()}, {"prefixes": ("a/#",)},
-                {"prefixes": ("a/",)}, {"prefixes": ("a b",)}, {"keepalive_interval": 4},
-                {"remote_password": "pw"}):
+    bad_cases: list[BridgeArguments] = [
+        {"address": "cloud"}, {"address": "h:x"}, {"prefixes": ()}, {"prefixes": ("a/#",)},
+        {"prefixes": ("a/",)}, {"prefixes": ("a b",)}, {"keepalive_interval": 4},
+        {"remote_password": "pw"}]
+    for bad in bad_cases:
+        arguments: BridgeArguments = {"address": "h:1883", **bad}
         with pytest.raises(ValueError):
-            MosquittoBridge(**{"address": "h:1883", **bad})
+            MosquittoBridge(**arguments)
 
 
 @dataclass(frozen=True)
