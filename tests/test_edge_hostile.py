@@ -113,6 +113,15 @@ def usable(agent: EdgeAgent, node: str) -> Callable[[], bool]:
     return check
 
 
+def completed(server: CloudAgent, count: int) -> Callable[[], bool]:
+    """Whether ``server`` has completed ``count`` tasks, whatever their status."""
+    def check() -> bool:
+        by_status: dict[str, int] = server.stats()["completed"]
+        return sum(by_status.values()) == count
+
+    return check
+
+
 def records_of(agent: EdgeAgent) -> list[TaskRecord]:
     records: list[TaskRecord] = []
     agent.add_record_listener(records.append)
@@ -434,8 +443,7 @@ def _restart_cycles(endpoint: BrokerEndpoint, cleanup: Cleanup, prefix: str, cyc
         # that would be delivered after the reconnect, with no re-send needed.
         wait_for(lambda: not server_link.connected, message="the server noticing the outage")
         gate.release.set()  # its result goes out while the broker is down: lost
-        wait_for(lambda expected=answered + 1: sum(server.stats()["completed"].values()) == expected,
-                 message="the server's answer into the outage")
+        wait_for(completed(server, answered + 1), message="the server's answer into the outage")
         time.sleep(max(0.0, down_for - (time.monotonic() - went_down)))  # the outage itself
         endpoint.broker.start()
         restarted = time.monotonic()
