@@ -474,6 +474,7 @@ def test_server_table_sessions_probes_bandwidth_and_failures() -> None:
     table.transfer_observed("s", 100, 0.5, 0.0)  # too small to say anything about bandwidth
     assert table.views(11.0)[0].bandwidth is None
     table.transfer_observed("s", MIN_BANDWIDTH_BYTES * 10, 0.105, 0.0)
+    assert view.rtt is not None
     assert table.views(11.0)[0].bandwidth == pytest.approx(MIN_BANDWIDTH_BYTES * 10 / (0.105 - view.rtt))
 
     table.failure("s", 20.0)
