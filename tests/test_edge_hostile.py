@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import cbor2
 import pytest
@@ -72,8 +72,8 @@ class ScriptedServer:
                               load=Load(service_time={"square": 0.001}, **load))
         self.transport.publish(self.tree.heartbeat(self.node), self.codec.encode(heartbeat))
 
-    def state(self, status: str) -> None:
-        state = NodeState(node=self.node, role=Role.SERVER, status=status,  # type: ignore[arg-type]
+    def state(self, status: Literal["online", "offline"]) -> None:
+        state = NodeState(node=self.node, role=Role.SERVER, status=status,
                           session=self.session, time=time.time())
         self.transport.publish(self.tree.state(self.node), self.codec.encode(state), qos=1, retain=True)
 

@@ -19,7 +19,7 @@ from sim.emulate import run_emulation
 from sim.linkemu import DelayScheduler, LinkEmulator, LinkParams
 from sim.report import TaskRecord, summarize
 from sim.scenario import Scenario, generate_arrivals, load_scenario, parse_scenario
-from topics.brokers import EmbeddedBroker
+from topics.brokers import EmbeddedBroker, MosquittoBroker
 from topics.memory import MemoryBroker, MemoryTransport
 from topics.names import TopicTree
 from topics.transport import Message
@@ -205,11 +205,11 @@ def test_cli_des_run_writes_the_results_folder(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("path", sorted(SCENARIO_DIR.glob("*.toml")), ids=lambda p: p.stem)
 def test_shipped_scenario_in_emulation_gives_every_task_one_outcome(
-        path: Path, mosquitto_broker: object) -> None:
+        path: Path, mosquitto_broker: MosquittoBroker) -> None:
     """The slow tier: each shipped scenario, every one of its policies, on a spawned Mosquitto."""
     scenario = load_scenario(path)
     scenario = scenario.model_copy(update={"duration": min(scenario.duration, 6.0)})
-    url = mosquitto_broker.url  # type: ignore[attr-defined]
+    url = mosquitto_broker.url
     for policy in scenario.policies:
         result = run_emulation(scenario, policy, broker_url=url)
         assert_one_outcome_each(result.records, scenario)
