@@ -58,9 +58,11 @@ def endpoint(broker: Broker, protocol: ProtocolVersion = "3.1.1") -> BrokerEndpo
 
 def split_id(broker_id: str) -> tuple[str, ProtocolVersion]:
     kind, _, protocol = broker_id.partition("-")
-    if protocol not in ("3.1.1", "5"):
-        raise ValueError(f"unknown broker id {broker_id!r}")
-    return kind, protocol  # type: ignore[return-value]
+    if protocol == "3.1.1":
+        return kind, "3.1.1"
+    if protocol == "5":
+        return kind, "5"
+    raise ValueError(f"unknown broker id {broker_id!r}")
 
 
 def require(present: bool, missing: str) -> None:

@@ -19,7 +19,7 @@ from cloud_agent.http_adapter import HttpAdapterError, HttpForwarder
 from cloud_agent.server import CloudAgent
 from topics.codec import Codec
 from topics.memory import MemoryBroker, MemoryTransport
-from topics.models import DeadLetter, Heartbeat, NodeState, Ping, Pong, Result, Task
+from topics.models import DeadLetter, Heartbeat, NodeState, Ping, Pong, Result, Status, Task
 from topics.names import TopicTree
 from topics.transport import Message, TransportError
 
@@ -527,7 +527,7 @@ def test_config_validation() -> None:
 def test_result_cache_bounds() -> None:
     from cloud_agent.server import _ResultCache
 
-    result = Result(task_id="a", status="ok", server="s", payload="x")
+    result = Result(task_id="a", status=Status.OK, server="s", payload="x")
     cache = _ResultCache(capacity=2, ttl=10.0, max_bytes=100)
     cache.put(("d", "1"), result, 0.0, 40)
     cache.put(("d", "2"), result, 0.0, 40)

@@ -249,6 +249,22 @@ def test_will_marks_killed_agent_offline(broker: BrokerEndpoint, make_device: De
     assert will.session == session
 
 
+def reconnect_failures_reach(transport: MqttTransport, count: int) -> Callable[[], bool]:
+    """Whether ``transport`` has failed at least ``count`` reconnect attempts."""
+    def check() -> bool:
+        return transport.stats()["reconnect_failures"] >= count
+
+    return check
+
+
+def length_is(items: list[float], length: int) -> Callable[[], bool]:
+    """Whether ``items`` has grown to ``length``."""
+    def check() -> bool:
+        return len(items) == length
+
+    return check
+
+
 @pytest.mark.mosquitto
 def test_back_within_the_reconnect_cap_after_every_broker_restart(
         broker_factory: Callable[..., BrokerEndpoint], make_device: DeviceFactory,
@@ -275,11 +291,11 @@ def test_back_within_the_reconnect_cap_after_every_broker_restart(
             target.broker.stop()
             wait_for(lambda: not transport.connected, 5.0, message="the agent noticing the outage")
             failed = transport.stats()["reconnect_failures"]
-            wait_for(lambda f=failed: transport.stats()["reconnect_failures"] >= f + 4, 15.0,
+            wait_for(reconnect_failures_reach(transport, failed + 4), 15.0,
                      message="the backoff escalating during the outage")
             target.broker.start()
             answering = time.monotonic()
-            wait_for(lambda k=n: len(back) == k + 2, config.reconnect_max_delay + 5.0,
+            wait_for(length_is(back, n + 2), config.reconnect_max_delay + 5.0,
                      message=f"the agent back after restart {n + 1}")
             delays.append(back[-1] - answering)
             wait_for(lambda: device.transport.connected, 10.0, message="the test device back")

@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from brokers_support import wait_for
@@ -103,8 +103,8 @@ class FakeServer:
                                         service_time={name: self.service_time for name in self.tasks}))
         self.transport.publish(self.tree.heartbeat(self.node), self.codec.encode(heartbeat))
 
-    def state(self, status: str, session: int | None = None) -> None:
-        state = NodeState(node=self.node, role=Role.SERVER, status=status,  # type: ignore[arg-type]
+    def state(self, status: Literal["online", "offline"], session: int | None = None) -> None:
+        state = NodeState(node=self.node, role=Role.SERVER, status=status,
                           session=self.session if session is None else session, time=time.time())
         self.transport.publish(self.tree.state(self.node), self.codec.encode(state), qos=1, retain=True)
 
@@ -448,8 +448,8 @@ def test_server_table_sessions_probes_bandwidth_and_failures() -> None:
         return table.on_heartbeat(Heartbeat(node=node, role=role, session=session, seq=seq, interval=1.0,
                                             time=0.0, capabilities={"square": TaskCapability()}), 0.0)
 
-    def state(status: str, session: int) -> bool:
-        return table.on_state(NodeState(node="s", role=Role.SERVER, status=status,  # type: ignore[arg-type]
+    def state(status: Literal["online", "offline"], session: int) -> bool:
+        return table.on_state(NodeState(node="s", role=Role.SERVER, status=status,
                                         session=session, time=0.0), 0.0)
 
     assert not beat("me-peer", 1, 1) and not beat("phone", 1, 1, Role.DEVICE)  # never servers
@@ -474,6 +474,7 @@ def test_server_table_sessions_probes_bandwidth_and_failures() -> None:
     table.transfer_observed("s", 100, 0.5, 0.0)  # too small to say anything about bandwidth
     assert table.views(11.0)[0].bandwidth is None
     table.transfer_observed("s", MIN_BANDWIDTH_BYTES * 10, 0.105, 0.0)
+    assert view.rtt is not None
     assert table.views(11.0)[0].bandwidth == pytest.approx(MIN_BANDWIDTH_BYTES * 10 / (0.105 - view.rtt))
 
     table.failure("s", 20.0)

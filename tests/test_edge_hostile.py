@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import cbor2
 import pytest
@@ -72,8 +72,8 @@ class ScriptedServer:
                               load=Load(service_time={"square": 0.001}, **load))
         self.transport.publish(self.tree.heartbeat(self.node), self.codec.encode(heartbeat))
 
-    def state(self, status: str) -> None:
-        state = NodeState(node=self.node, role=Role.SERVER, status=status,  # type: ignore[arg-type]
+    def state(self, status: Literal["online", "offline"]) -> None:
+        state = NodeState(node=self.node, role=Role.SERVER, status=status,
                           session=self.session, time=time.time())
         self.transport.publish(self.tree.state(self.node), self.codec.encode(state), qos=1, retain=True)
 
@@ -109,6 +109,15 @@ def scripted(memory: MemoryBroker, cleanup: Cleanup, node: str, **kwargs: Any) -
 def usable(agent: EdgeAgent, node: str) -> Callable[[], bool]:
     def check() -> bool:
         return any(v.node == node and not v.stale for v in agent.servers())
+
+    return check
+
+
+def completed(server: CloudAgent, count: int) -> Callable[[], bool]:
+    """Whether ``server`` has completed ``count`` tasks, whatever their status."""
+    def check() -> bool:
+        by_status: dict[str, int] = server.stats()["completed"]
+        return sum(by_status.values()) == count
 
     return check
 
@@ -434,8 +443,7 @@ def _restart_cycles(endpoint: BrokerEndpoint, cleanup: Cleanup, prefix: str, cyc
         # that would be delivered after the reconnect, with no re-send needed.
         wait_for(lambda: not server_link.connected, message="the server noticing the outage")
         gate.release.set()  # its result goes out while the broker is down: lost
-        wait_for(lambda expected=answered + 1: sum(server.stats()["completed"].values()) == expected,
-                 message="the server's answer into the outage")
+        wait_for(completed(server, answered + 1), message="the server's answer into the outage")
         time.sleep(max(0.0, down_for - (time.monotonic() - went_down)))  # the outage itself
         endpoint.broker.start()
         restarted = time.monotonic()

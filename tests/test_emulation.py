@@ -17,9 +17,9 @@ from sim.cli import SCENARIO_DIR, main
 from sim.des import run_des
 from sim.emulate import run_emulation
 from sim.linkemu import DelayScheduler, LinkEmulator, LinkParams
-from sim.report import summarize
+from sim.report import TaskRecord, summarize
 from sim.scenario import Scenario, generate_arrivals, load_scenario, parse_scenario
-from topics.brokers import EmbeddedBroker
+from topics.brokers import EmbeddedBroker, MosquittoBroker
 from topics.memory import MemoryBroker, MemoryTransport
 from topics.names import TopicTree
 from topics.transport import Message
@@ -45,7 +45,7 @@ def expected_tasks(scenario: Scenario) -> int:
     return sum(len(generate_arrivals(scenario, node.index)) for node in scenario.device_nodes())
 
 
-def assert_one_outcome_each(records: list, scenario: Scenario) -> None:
+def assert_one_outcome_each(records: list[TaskRecord], scenario: Scenario) -> None:
     ids = Counter((record.device, record.task_id) for record in records)  # ids are per device
     assert all(count == 1 for count in ids.values()), "a task reported more than one outcome"
     assert len(ids) == expected_tasks(scenario), "tasks were lost or invented"
@@ -205,11 +205,11 @@ def test_cli_des_run_writes_the_results_folder(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("path", sorted(SCENARIO_DIR.glob("*.toml")), ids=lambda p: p.stem)
 def test_shipped_scenario_in_emulation_gives_every_task_one_outcome(
-        path: Path, mosquitto_broker: object) -> None:
+        path: Path, mosquitto_broker: MosquittoBroker) -> None:
     """The slow tier: each shipped scenario, every one of its policies, on a spawned Mosquitto."""
     scenario = load_scenario(path)
     scenario = scenario.model_copy(update={"duration": min(scenario.duration, 6.0)})
-    url = mosquitto_broker.url  # type: ignore[attr-defined]
+    url = mosquitto_broker.url
     for policy in scenario.policies:
         result = run_emulation(scenario, policy, broker_url=url)
         assert_one_outcome_each(result.records, scenario)

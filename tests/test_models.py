@@ -264,8 +264,9 @@ def test_clocks_are_finite(model: type[WireModel], field: str, value: float) -> 
 def test_strings_lists_and_maps_are_bounded() -> None:
     names = [f"t{i}" for i in range(MAX_ENTRIES + 1)]
     pools = [f"p{i}" for i in range(MAX_POOLS + 1)]
-    for fields in ({"capabilities": {n: {} for n in names}}, {"pools": pools},
-                   {"load": {"service_time": {n: 0.1 for n in names}}}):
+    cases: list[dict[str, object]] = [{"capabilities": {n: {} for n in names}}, {"pools": pools},
+                                      {"load": {"service_time": {n: 0.1 for n in names}}}]
+    for fields in cases:
         assert Heartbeat.model_validate(heartbeat_fields(**{k: _trim(v) for k, v in fields.items()}))
         with pytest.raises(ValidationError, match="at most"):
             Heartbeat.model_validate(heartbeat_fields(**fields))

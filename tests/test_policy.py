@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_agent.policy import (
+    DEFAULT_POLICY_CONFIG,
     LOCAL,
     POLICIES,
     Decision,
@@ -29,8 +30,10 @@ NO_LOCAL = LocalInfo(capable=False)
 
 
 def run(policy: str, servers: list[ServerInfo], *, local: LocalInfo = NO_LOCAL, task: TaskInfo = TASK,
-        seed: int = 0, **kwargs: object) -> Decision:
-    return decide(policy, task, local, servers, now=100.0, rng=random.Random(seed), **kwargs)  # type: ignore[arg-type]
+        seed: int = 0, previous: str | None = None, exclude: frozenset[str] = frozenset(),
+        allow_local: bool = True, config: PolicyConfig = DEFAULT_POLICY_CONFIG) -> Decision:
+    return decide(policy, task, local, servers, now=100.0, rng=random.Random(seed), previous=previous,
+                  exclude=exclude, allow_local=allow_local, config=config)
 
 
 def test_ect_formula_with_fixed_numbers() -> None:

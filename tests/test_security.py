@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from brokers_support import make_test_certificates, require_mosquitto, wait_for
+from pydantic import SecretStr
 
 from agent_common.registry import TaskRegistry, load_tasks
 from cloud_agent.config import CloudConfig
@@ -134,9 +135,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         server = CloudAgent(server_config, server_transport, load_tasks("agent_common.demo_tasks"))
         server.start()
         closers.append(lambda: server.stop(grace=0.0))
-        edge_config = EdgeConfig(id="cam1", broker=broker.url, username="cam1", password=passwords["cam1"],
-                                 tls=TlsConfig(ca_file=str(ca_file)), policy="remote", probe_interval=0.2,
-                                 heartbeat_interval=1.0, default_timeout=10.0)
+        edge_config = EdgeConfig(id="cam1", broker=broker.url, username="cam1",
+                                 password=SecretStr(passwords["cam1"]), tls=TlsConfig(ca_file=str(ca_file)),
+                                 policy="remote", probe_interval=0.2, heartbeat_interval=1.0,
+                                 default_timeout=10.0)
         edge = EdgeAgent(edge_config, MqttTransport(edge_config.transport_config(), name="cam1"),
                          TaskRegistry())
         edge.start()
@@ -288,8 +290,9 @@ def test_a_serving_device_logs_its_peer_in_as_its_own_user() -> None:
     device's own connection off, again and again."""
     from edge_agent.cli import build_peer
 
-    config = EdgeConfig(id="cam1", broker="mqtt://127.0.0.1:1", username="cam1", password="device-secret",
-                        peer_username="cam1-peer", peer_password="peer-secret",
+    config = EdgeConfig(id="cam1", broker="mqtt://127.0.0.1:1", username="cam1",
+                        password=SecretStr("device-secret"), peer_username="cam1-peer",
+                        peer_password=SecretStr("peer-secret"),
                         tasks=["agent_common.demo_tasks"])
     peer = build_peer(config, load_tasks("agent_common.demo_tasks"))
     transport = peer.config.transport_config()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 import pytest
 
@@ -29,6 +30,23 @@ OVERHEAD = 0.003  # device CPU per offloaded frame (encode, publish, take the re
 SIZES = [16, 921_600, 230_400, 230_400, 76_800, 300, 64]
 RTT = 0.002
 GIGABIT = 800e6  # bits per second
+
+
+class ServerMeasurements(TypedDict, total=False):
+    """The choose_split arguments that say what is known of the server and the link."""
+
+    stage_remote_s: Sequence[float] | None
+    rtt_s: float | None
+    bandwidth_bps: float | None
+
+
+class SplitArguments(ServerMeasurements, total=False):
+    """The choose_split arguments test_inconsistent_inputs_are_rejected varies."""
+
+    stage_local_s: Sequence[float]
+    transfer_bytes: Sequence[int | None]
+    target_fps: float
+    hysteresis: float
 
 
 def test_reachable_target_keeps_the_most_stages_local() -> None:
@@ -76,12 +94,10 @@ def test_server_slows_down_split_moves_toward_local() -> None:
     {"bandwidth_bps": 0.0},
     {"stage_remote_s": [float("inf")] * 7},
 ])
-def test_server_gone_means_all_local(gone: dict[str, object]) -> None:
-    arguments: dict[str, object] = {"stage_remote_s": FAST_SERVER, "rtt_s": RTT,
-                                    "bandwidth_bps": GIGABIT}
+def test_server_gone_means_all_local(gone: ServerMeasurements) -> None:
+    arguments: ServerMeasurements = {"stage_remote_s": FAST_SERVER, "rtt_s": RTT, "bandwidth_bps": GIGABIT}
     arguments.update(gone)
-    decision = choose_split(LOCAL, transfer_bytes=SIZES, target_fps=60.0, current=2,
-                            **arguments)  # type: ignore[arg-type]
+    decision = choose_split(LOCAL, transfer_bytes=SIZES, target_fps=60.0, current=2, **arguments)
     assert decision.k == 7
     assert all(c.fps == 0.0 for c in decision.candidates[:-1])
 
@@ -182,13 +198,13 @@ def test_split_outside_the_pipeline_is_rejected(bad: int) -> None:
     ({"hysteresis": 1.0}, "hysteresis"),
     ({"rtt_s": -0.1}, "rtt_s"),
 ])
-def test_inconsistent_inputs_are_rejected(arguments: dict[str, object], words: str) -> None:
-    base: dict[str, object] = {"stage_local_s": LOCAL, "stage_remote_s": FAST_SERVER,
-                               "transfer_bytes": SIZES, "rtt_s": RTT, "bandwidth_bps": GIGABIT,
-                               "target_fps": 30.0}
+def test_inconsistent_inputs_are_rejected(arguments: SplitArguments, words: str) -> None:
+    base: SplitArguments = {"stage_local_s": LOCAL, "stage_remote_s": FAST_SERVER,
+                            "transfer_bytes": SIZES, "rtt_s": RTT, "bandwidth_bps": GIGABIT,
+                            "target_fps": 30.0}
     base.update(arguments)
     with pytest.raises(SplitError, match=words):
-        choose_split(**base)  # type: ignore[arg-type]
+        choose_split(**base)
 
 
 # Workers and the fitted remote model --------------------------------------------------------------

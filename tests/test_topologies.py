@@ -20,8 +20,9 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
 from brokers_support import (
@@ -48,6 +49,15 @@ from topics.transport import Message
 REPO = Path(__file__).resolve().parent.parent
 
 
+class BridgeArguments(TypedDict, total=False):
+    """The MosquittoBridge arguments test_bridge_configuration gives wrong values."""
+
+    address: str
+    prefixes: tuple[str, ...]
+    keepalive_interval: int
+    remote_password: str
+
+
 def test_bridge_configuration(tmp_path: Path) -> None:
     """The bridge section comes last in mosquitto.conf (it takes every following bridge option)."""
     bridge = MosquittoBridge(address="cloud.example.net:1883", prefixes=("offload/v1", "lab/x"),
@@ -61,11 +71,14 @@ def test_bridge_configuration(tmp_path: Path) -> None:
                  "topic lab/x/# both 1"):
         assert line in section
     assert "set_tcp_nodelay true" in lines[:lines.index("connection site-1")]
-    for bad in ({"address": "cloud"}, {"address": "h:x"}, {"prefixes": ()}, {"prefixes": ("a/#",)},
-                {"prefixes": ("a/",)}, {"prefixes": ("a b",)}, {"keepalive_interval": 4},
-                {"remote_password": "pw"}):
+    bad_cases: list[BridgeArguments] = [
+        {"address": "cloud"}, {"address": "h:x"}, {"prefixes": ()}, {"prefixes": ("a/#",)},
+        {"prefixes": ("a/",)}, {"prefixes": ("a b",)}, {"keepalive_interval": 4},
+        {"remote_password": "pw"}]
+    for bad in bad_cases:
+        arguments: BridgeArguments = {"address": "h:1883", **bad}
         with pytest.raises(ValueError):
-            MosquittoBridge(**{"address": "h:1883", **bad})
+            MosquittoBridge(**arguments)
 
 
 @dataclass(frozen=True)
@@ -85,7 +98,7 @@ def wait_bridged(source: BrokerEndpoint, target: BrokerEndpoint, prefix: str, st
     sender = MqttTransport(source.config(f"{name}-tx"), name=f"{name}-tx")
     for transport in (listener, sender):
         transport.connect(timeout=5.0)
-        stack.append(lambda t=transport: t.close(timeout=2.0))  # type: ignore[misc]
+        stack.append(partial(transport.close, timeout=2.0))
     topic = f"{prefix}/probe/{name}"
     listener.subscribe(topic, seen.put, qos=0)
     deadline = time.monotonic() + 15.0
@@ -205,8 +218,7 @@ def test_pool_is_shared_by_the_cloud_brokers_subscribers(topology: Topology, sta
     client = RawClient(topology.site, topology.prefix, stack)
     watcher = RawClient(topology.site, topology.prefix, stack)
     for node in servers:  # both servers' pool subscriptions are live once they answer a ping
-        wait_for(lambda n=node: _answers(watcher, n), timeout=10.0,  # type: ignore[misc]
-                 message=f"{node} through the bridge")
+        wait_for(partial(_answers, watcher, node), timeout=10.0, message=f"{node} through the bridge")
     count = 40
     ids = [client.send_task(client.tree.pool_inbox("gpu"), "square", {"x": i}) for i in range(count)]
     answers = [client.results.get(timeout=10.0) for _ in ids]
@@ -325,7 +337,7 @@ def test_bridge_round_trip_against_a_single_broker(topology: Topology, stack: St
     single = RawClient(topology.cloud, topology.prefix, stack)
     bridged = RawClient(topology.site, topology.prefix, stack)
     for client in (single, bridged):
-        wait_for(lambda c=client: _answers(c, "srv-rtt"), timeout=10.0)  # type: ignore[misc]
+        wait_for(partial(_answers, client, "srv-rtt"), timeout=10.0)
     pings: dict[str, list[float]] = {"single": [], "bridged": []}
     tasks: dict[str, list[float]] = {"single": [], "bridged": []}
     inbox = single.tree.task_inbox("srv-rtt")
@@ -411,7 +423,7 @@ class RabbitCluster:
                     [str(RABBITMQ_SERVER)], env=self._node_env(index), stdin=subprocess.DEVNULL,
                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
         for index in (0, 1):
-            wait_for(lambda i=index: mqtt_answers("127.0.0.1", self.mqtt_ports[i]),  # type: ignore[misc]
+            wait_for(partial(mqtt_answers, "127.0.0.1", self.mqtt_ports[index]),
                      timeout=120.0, interval=0.2, message=f"RabbitMQ node {index + 1} answering MQTT")
         self.ctl(1, "stop_app")
         self.ctl(1, "join_cluster", self.nodes[0])

@@ -37,6 +37,13 @@ def video() -> BallVideo:
     return BallVideo(seed=3, hidden=((40, 45),))
 
 
+def step(video: BallVideo, frame: int) -> float:
+    """How far the ball moves from ``frame`` to the next (both must show it)."""
+    here, there = video.truth(frame), video.truth(frame + 1)
+    assert here is not None and there is not None
+    return float(np.hypot(*np.subtract(there, here)))
+
+
 def run_split(frame: int, k: int, video: BallVideo, codec: Codec, *,
               jpeg_quality: int | None = None) -> tuple[Any, int]:
     """Stages 0..k-1 here, the value through a CBOR Task and back, stages k..n-1 'remotely'."""
@@ -92,7 +99,7 @@ def test_video_is_seeded_and_moves() -> None:
     assert frame.shape == (480, 640, 3) and frame.dtype == np.uint8
     positions = [a.truth(n) for n in range(0, 60, 5)]
     assert len({(round(p[0]), round(p[1])) for p in positions if p}) == len(positions)
-    speeds = [np.hypot(*np.subtract(a.truth(n + 1), a.truth(n))) for n in range(0, 90)]  # type: ignore[arg-type]
+    speeds = [step(a, n) for n in range(0, 90)]
     assert max(speeds) > 1.5 * min(speeds), "speed should vary"
     for n in range(0, 400, 7):
         x, y = a.truth(n) or (None, None)
@@ -310,7 +317,8 @@ def test_camera_reads_a_video_file_until_it_ends(tmp_path: Any) -> None:
     for outcome in camera.outcomes:  # but the ball is found where the synthetic source drew it
         truth = video.truth(outcome.frame)
         assert truth is not None
-        assert tracking_error(outcome.result, truth) is not None
-        assert tracking_error(outcome.result, truth) < 3.0  # type: ignore[operator]
+        error = tracking_error(outcome.result, truth)
+        assert error is not None
+        assert error < 3.0
     with pytest.raises(OSError, match="cannot open"):
         VideoCaptureSource(str(tmp_path / "missing.avi"))

@@ -17,7 +17,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import cbor2
 import pytest
@@ -52,6 +52,8 @@ DECODE_REASONS = {"empty", "oversized", "malformed", "too-deep", "too-many-items
                   "version", "bad-reply-to", "bad-topic"}
 CASES = [(family, kind) for family in FAMILIES for kind in TARGETS if applies(family, kind)]
 SAMPLES = 25
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def samples(family: str, kind: Kind, count: int = SAMPLES) -> Iterator[Hostile]:
@@ -109,6 +111,24 @@ class Work:
             sys.settrace(None)
 
 
+def counting(counter: Counter[str], key: str, real: Callable[P, R]) -> Callable[P, R]:
+    """``real``, counting each call under ``key`` in ``counter``."""
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        counter.update([key])
+        return real(*args, **kwargs)
+    return wrapper
+
+
+def decoding(codec: Codec, item: Hostile) -> Callable[[], object]:
+    """A call that decodes ``item`` as its model (bound here, not to the caller's loop variable)."""
+    return lambda: codec.decode(item.data, item.model)
+
+
+def decoding_task(codec: Codec, data: bytes) -> Callable[[], object]:
+    """A call that decodes ``data`` as a Task."""
+    return lambda: codec.decode(data, Task)
+
+
 def peak_memory(action: Callable[[], object]) -> int:
     tracemalloc.start()
     try:
@@ -129,16 +149,16 @@ CHEAP_FAMILIES = ["cbor-tag", "bomb-28-29", "big-int-cbor", "big-int-json", "nan
 def test_refusals_take_little_memory_and_few_steps(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
     decoders = Counter[str]()
     real = cbor2.CBORDecoder
-    monkeypatch.setattr(cbor2, "CBORDecoder", lambda *a, **k: decoders.update(["made"]) or real(*a, **k))
+    monkeypatch.setattr(cbor2, "CBORDecoder", counting(decoders, "made", real))
     codec = Codec()
     for kind in TARGETS:
         if not applies(family, kind):
             continue
         for item in samples(family, kind, 6):
             work = Work()
-            work.run(lambda item=item: codec.decode(item.data, item.model))
+            work.run(decoding(codec, item))
             assert work.calls < 300 and work.lines < 3000, (family, work.calls, work.lines)
-            assert peak_memory(lambda item=item: codec.decode(item.data, item.model)) < 256 * 1024
+            assert peak_memory(decoding(codec, item)) < 256 * 1024
     if family in ("cbor-tag", "bomb-28-29"):
         assert decoders["made"] == 0  # refused before cbor2 sees a byte
 
@@ -153,8 +173,8 @@ def test_a_shared_reference_bomb_costs_the_same_at_any_size() -> None:
         with pytest.raises(DecodeError, match="tag 28 \\(shared value\\)"):
             codec.decode(data, Task)
         work = Work()
-        work.run(lambda data=data: codec.decode(data, Task))
-        costs.append((work.calls, work.lines, peak_memory(lambda data=data: codec.decode(data, Task))))
+        work.run(decoding_task(codec, data))
+        costs.append((work.calls, work.lines, peak_memory(decoding_task(codec, data))))
     lines = [cost[1] for cost in costs]
     assert max(lines) - min(lines) < 50 and max(cost[0] for cost in costs) < 100, costs
     assert max(cost[2] for cost in costs) < 64 * 1024, costs
@@ -245,6 +265,11 @@ def fleet_targets(tree: TopicTree) -> list[tuple[str, Kind, str]]:
             ("device", Kind.STATE, tree.state(FUZZ_NODE))]
 
 
+def bad_input_is(stats: Callable[[], dict[str, Any]], expected: Counter[str]) -> Callable[[], bool]:
+    """Whether an agent's bad-input counters are ``expected``, asked anew at each call."""
+    return lambda: stats()["bad_input"] == dict(expected)
+
+
 def counted_as(agent: str, kind: Kind, reason: str) -> str:
     """The key a bad-input counter has: a server counts the decode reason, a device prefixes it."""
     return reason if agent == "server" else f"{kind.value}-{reason}"
@@ -271,7 +296,7 @@ def test_agents_on_mosquitto_count_every_family_and_keep_serving(mosquitto_broke
                     expected[agent][counted_as(agent, kind, item.reason)] += 1
                     fuzzer.publish(topic, item.data, qos=1)
         for agent, stats in (("server", server.stats), ("device", device.stats)):
-            wait_for(lambda stats=stats, agent=agent: stats()["bad_input"] == dict(expected[agent]), 30.0,
+            wait_for(bad_input_is(stats, expected[agent]), 30.0,
                      message=f"{agent} counts {stats()['bad_input']} != {dict(expected[agent])}")
         for transport in transports:
             assert transport.connected

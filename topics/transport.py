@@ -74,27 +74,27 @@ class TransportConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     host: str = "127.0.0.1"
-    port: int = Field(1883, ge=1, le=65535)
+    port: int = Field(default=1883, ge=1, le=65535)
     protocol: ProtocolVersion = "3.1.1"
     client_id: str = ""
     username: str | None = None
     password: SecretStr | None = None
     tls: TlsConfig | None = None
-    keepalive: int = Field(10, ge=1, le=65535)
-    connect_timeout: float = Field(10.0, gt=0)
-    reconnect_min_delay: float = Field(0.1, gt=0)
+    keepalive: int = Field(default=10, ge=1, le=65535)
+    connect_timeout: float = Field(default=10.0, gt=0)
+    reconnect_min_delay: float = Field(default=0.1, gt=0)
     #: Cap of the reconnect backoff (full jitter: each wait is uniform in [min, ceiling]): after an
     #: outage the transport is back within about this long of the broker answering again.
-    reconnect_max_delay: float = Field(1.0, gt=0, le=3600)
-    max_queued_messages: int = Field(10_000, ge=0)
+    reconnect_max_delay: float = Field(default=1.0, gt=0, le=3600)
+    max_queued_messages: int = Field(default=10_000, ge=0)
     #: Seconds a QoS 1/2 publish waits for room when ``max_queued_messages`` are unacknowledged
     #: (backpressure) before it raises "outgoing queue full"; 0 raises at once.
-    publish_wait: float = Field(0.0, ge=0, le=3600)
-    dispatch_queue: int = Field(10_000, ge=1)
+    publish_wait: float = Field(default=0.0, ge=0, le=3600)
+    dispatch_queue: int = Field(default=10_000, ge=1)
     #: MQTT 5 Receive Maximum sent in CONNECT: QoS 1/2 messages the broker may send before we
     #: acknowledge them. Unset: the broker's own limit (Mosquitto ``max_inflight_messages``, also for
     #: MQTT 5 clients; 3.1.1 has no such field).
-    receive_maximum: int | None = Field(None, ge=1, le=65535)
+    receive_maximum: int | None = Field(default=None, ge=1, le=65535)
     tcp_nodelay: bool = True
 
     @classmethod
