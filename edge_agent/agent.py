@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import heapq
 import itertools
 import logging
@@ -61,7 +62,7 @@ from edge_agent.records import TaskFailed, TaskHandle, TaskRecord
 from edge_agent.servers import ServerReport, ServerView
 from edge_agent.tuning import Tuning
 from topics.codec import Codec, EncodeError
-from topics.errors import TopicError
+from topics.errors import DecodeError, TopicError
 from topics.models import MAX_TTL, Heartbeat, Load, NodeState, Pong, Result, Role, Task
 from topics.models import Ping as PingMessage
 from topics.names import DELIVERY, Kind, TopicTree, topic_matches, validate_publish_topic
@@ -77,6 +78,9 @@ from topics.transport import (
 log = logging.getLogger(__name__)
 
 RecordListener = Callable[[TaskRecord], None]
+NodeListener = Callable[[str, "Heartbeat | NodeState | None", str], None]
+"""``(topic, record, problem)`` for each heartbeat and state heard, of any node; ``record`` is None
+(and ``problem`` says why) when the message could not be read."""
 
 MAX_WAIT = 0.5
 """Longest the timer thread sleeps, so that stop() stays prompt and a jumping clock is noticed."""
@@ -215,6 +219,7 @@ class EdgeAgent:
         self._jobs: dict[str, _Job] = {}
         self._timers = _Timers()
         self._listeners: list[RecordListener] = []
+        self._node_listeners: list[NodeListener] = []
         self.counters: Counter[str] = Counter()
         """The driver's own counters (connections, heartbeats, listeners); :meth:`stats` has all."""
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=config.local_workers,
@@ -261,8 +266,9 @@ class EdgeAgent:
             return
         transport = self._transport
         if transport is not None:
-            transport.set_will(self._tree.state(self.id), self._state_bytes("offline"), qos=_STATE.qos,
-                               retain=_STATE.retain)
+            if self.config.announce:
+                transport.set_will(self._tree.state(self.id), self._state_bytes("offline"),
+                                   qos=_STATE.qos, retain=_STATE.retain)
             transport.add_connect_listener(self._on_connect)
             subscriptions: tuple[tuple[str, Kind, Callable[[Message], None]], ...] = (
                 (self._result_topic, Kind.RESULT, self._on_result),
@@ -327,7 +333,7 @@ class EdgeAgent:
         self._wake.set()
         self._feed(self._core.stop, self._mono())
         if self._transport is not None:
-            if self._transport.connected:
+            if self._transport.connected and self.config.announce:
                 with contextlib.suppress(TransportError):
                     self._transport.publish(self._tree.state(self.id), self._state_bytes("offline"),
                                             qos=_STATE.qos, retain=_STATE.retain)
@@ -349,6 +355,19 @@ class EdgeAgent:
         """Call ``listener`` with one :class:`TaskRecord` per finished task (on the finishing thread)."""
         with self._lock:
             self._listeners.append(listener)
+
+    def add_node_listener(self, listener: NodeListener) -> None:
+        """Call ``listener`` with every heartbeat and state record this agent hears, of devices and
+        servers, and with ``None`` and the reason for one it cannot read (fleet views use this)."""
+        with self._lock:
+            self._node_listeners.append(listener)
+
+    def _tell_nodes(self, topic: str, record: Heartbeat | NodeState | None, problem: str = "") -> None:
+        for listener in list(self._node_listeners):
+            try:
+                listener(topic, record, problem)
+            except Exception:  # a listener's bug must not stop the agent hearing its fleet
+                log.exception("node=%s node listener failed", self.id)
 
     def remove_record_listener(self, listener: RecordListener) -> None:
         """Stop calling ``listener`` (no error if it was not added)."""
@@ -554,7 +573,8 @@ class EdgeAgent:
                    service_time=result.service_time, error=result.error, value=result.payload)
 
     def _on_heartbeat(self, message: Message) -> None:
-        heartbeat = decode_or_count(self._codec, message, Heartbeat, self._bad, kind="heartbeat")
+        heartbeat = decode_or_count(self._codec, message, Heartbeat, self._bad, kind="heartbeat",
+                                    on_error=functools.partial(self._unreadable, message, "heartbeat"))
         if heartbeat is None:
             return
         parsed = self._tree.parse(message.topic)
@@ -562,19 +582,24 @@ class EdgeAgent:
             self._bad.record("heartbeat-topic", f"heartbeat of {heartbeat.node} on a foreign topic",
                              topic=message.topic)
             return
+        if self._node_listeners:
+            self._tell_nodes(message.topic, heartbeat)
         if heartbeat.role == Role.SERVER.value:
             self._feed(self._core.heartbeat, ServerReport.of(heartbeat), self._mono())
 
     def _on_state(self, message: Message) -> None:
         if not message.payload:
             return  # a cleared retained state
-        state = decode_or_count(self._codec, message, NodeState, self._bad, kind="state")
+        state = decode_or_count(self._codec, message, NodeState, self._bad, kind="state",
+                                on_error=functools.partial(self._unreadable, message, "state"))
         if state is None:
             return
         parsed = self._tree.parse(message.topic)
         if parsed is None or parsed.node != state.node:
             self._bad.record("state-topic", f"state of {state.node} on a foreign topic", topic=message.topic)
             return
+        if self._node_listeners:
+            self._tell_nodes(message.topic, state)
         if state.role != Role.SERVER.value:
             return
         online = state.status == "online"
@@ -583,6 +608,10 @@ class EdgeAgent:
         self._feed(self._core.state, state.node, state.session, online, self._mono(), live=not message.retain)
         if not online and not was_dead and self._core.table.dead(state.node):
             log.info("node=%s server=%s session=%d went offline", self.id, state.node, state.session)
+
+    def _unreadable(self, message: Message, kind: str, error: DecodeError) -> None:
+        if self._node_listeners:
+            self._tell_nodes(message.topic, None, f"{kind}: {error.reason}")
 
     def _on_pong(self, message: Message) -> None:
         pong = decode_or_count(self._codec, message, Pong, self._bad, kind="pong")
@@ -610,11 +639,12 @@ class EdgeAgent:
     def _on_connect(self) -> None:
         """After every (re)connect, on the dispatch thread, before any message of the new link."""
         self._feed(self._core.link_up, self._mono())
-        try:
-            self.publish(self._tree.state(self.id), self._state_bytes("online"), qos=_STATE.qos,
-                         retain=_STATE.retain)
-        except TransportError as exc:
-            log.warning("node=%s cannot publish birth: %s", self.id, exc)
+        if self.config.announce:
+            try:
+                self.publish(self._tree.state(self.id), self._state_bytes("online"), qos=_STATE.qos,
+                             retain=_STATE.retain)
+            except TransportError as exc:
+                log.warning("node=%s cannot publish birth: %s", self.id, exc)
         self._next_heartbeat = 0.0
         self._wake.set()
 
@@ -645,7 +675,7 @@ class EdgeAgent:
             fired = self._timers.due(mono)
         for timer in fired:
             self._feed(self._core.fire, timer, mono)
-        if self.connected:
+        if self.connected and self.config.announce:
             if mono >= self._next_heartbeat:
                 self._send_heartbeat()
                 self._next_heartbeat = mono + self.config.heartbeat_interval
@@ -697,5 +727,5 @@ class EdgeAgent:
         return values
 
 
-__all__ = ["EdgeAgent", "RecordListener", "TaskFailed", "TaskHandle", "TaskRecord", "attempt_timeout",
-           "payload_size"]
+__all__ = ["EdgeAgent", "NodeListener", "RecordListener", "TaskFailed", "TaskHandle", "TaskRecord",
+           "attempt_timeout", "payload_size"]

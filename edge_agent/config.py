@@ -154,6 +154,9 @@ class EdgeConfig(_Frozen):
     estimators: Estimators = Estimators()
     """Gains of the round-trip, bandwidth and local service-time averages (``edge_agent.tuning``)."""
     heartbeat_interval: PositiveSeconds = 1.0
+    announce: bool = True
+    """Publish this device's heartbeats and retained birth/death (with its Will). One-shot clients
+    (``edge-agent submit``, ``edge-agent servers``) turn it off and leave nothing retained."""
     format: Literal["cbor", "json"] = "cbor"
     max_payload: int = Field(default=DEFAULT_MAX_PAYLOAD, ge=1024)
     routes: list[BridgeRoute] = Field(default_factory=list)
