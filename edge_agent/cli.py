@@ -3,6 +3,7 @@
     edge-agent run --config /etc/offload/device.toml
     edge-agent run --broker mqtt://127.0.0.1:1883 --id cam1 --tasks agent_common.demo_tasks --policy ect
     edge-agent submit --broker mqtt://127.0.0.1:1883 square '{"x": 7}'
+    edge-agent servers --broker mqtt://127.0.0.1:1883 [--watch | --json]
 
 Settings come from the TOML file, then ``EDGE_AGENT_<FIELD>`` variables, then flags. Logs go to
 stderr as ``key=value`` lines. Exit codes: 0 ok, 1 the submitted task failed or the agent hit a
@@ -21,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import asdict
 from types import FrameType
 from typing import Any, get_args
 
@@ -105,6 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--discover", type=float, default=3.0,
                         help="seconds to wait for a server announcing the task (default 3)")
     submit.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the outcome")
+    servers = commands.add_parser("servers", help="list the fleet's nodes: liveness, load, round trip",
+                                  description="Listen to the fleet's heartbeats, states and dead letters "
+                                  "and print every node once each has been heard (or --listen passes).")
+    _add_common(servers)
+    servers.add_argument("--listen", type=float, default=5.0,
+                         help="seconds to listen at most before printing (default 5)")
+    shown = servers.add_mutually_exclusive_group()
+    shown.add_argument("--watch", action="store_true",
+                       help="a live view, refreshed until Ctrl-C (needs rich: the 'fleet' extra)")
+    shown.add_argument("--json", action="store_true", help="print the rows as JSON")
     return parser
 
 
@@ -237,7 +249,7 @@ def submit(args: argparse.Namespace) -> int:
         payload = json.loads(args.payload)
     except json.JSONDecodeError as exc:
         raise UsageError(f"JSON_PAYLOAD is not valid JSON: {exc}") from exc
-    device = Device(config.model_copy(update={"serve": False}), load_registry(config))
+    device = Device(config.model_copy(update={"serve": False, "announce": False}), load_registry(config))
     agent = device.agent
     try:
         device.start()
@@ -268,6 +280,77 @@ def submit(args: argparse.Namespace) -> int:
         device.stop()
 
 
+def servers(args: argparse.Namespace) -> int:
+    from edge_agent.fleet import FleetWatch, render_table
+
+    config = load_config(args, default_id=f"cli-{uuid.uuid4().hex[:8]}")
+    setup_logging(args.log_level or "warning", config.id)
+    if not config.broker:
+        raise UsageError("servers needs a broker (--broker)")
+    if args.listen <= 0:
+        raise UsageError(f"--listen must be positive, got {args.listen}")
+    live = _rich_live() if args.watch else None
+    device = Device(config.model_copy(update={"serve": False, "announce": False, "tasks": []}),
+                    TaskRegistry())
+    watch = FleetWatch(device.agent)
+    try:
+        device.start()
+        if live is not None:
+            return _watch(watch, live)
+        end = time.monotonic() + args.listen
+        while time.monotonic() < end and not _all_heard(watch):
+            time.sleep(0.05)
+        rows = watch.rows()
+        if args.json:
+            print(json.dumps([asdict(row) for row in rows], indent=2))
+        else:
+            print(render_table(rows) if rows else "no node heard")
+        return EXIT_OK
+    finally:
+        device.stop()
+
+
+def _all_heard(watch: Any) -> bool:
+    """Every node heard has a heartbeat (servers also a round trip), or is known to be offline."""
+    rows = watch.rows()
+    return bool(rows) and all(row.status == "offline" or (
+        row.heartbeat_age is not None and (row.role != "server" or row.rtt is not None)) for row in rows)
+
+
+def _rich_live() -> Any:
+    try:
+        from rich.live import Live
+    except ImportError:
+        raise UsageError("--watch needs rich: pip install 'mqtt-offload[fleet]'") from None
+    return Live
+
+
+def _watch(watch: Any, live_class: Any) -> int:
+    from rich.table import Table
+
+    from edge_agent.fleet import columns, row_cells
+
+    stop_requested = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop_requested.set())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def table() -> Table:
+        shown = Table(*columns(), title="fleet")
+        for row in watch.rows():
+            shown.add_row(*row_cells(row), style={"offline": "red", "stale": "yellow",
+                                                  "unreadable": "magenta"}.get(row.status))
+        return shown
+
+    try:
+        with live_class(table(), refresh_per_second=2) as live:
+            while not stop_requested.wait(0.5):
+                live.update(table())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``edge-agent``; returns the exit code."""
     parser = build_parser()
@@ -278,6 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run(args)
         if args.command == "submit":
             return submit(args)
+        if args.command == "servers":
+            return servers(args)
         parser.print_help(sys.stderr)
         return EXIT_USAGE
 

@@ -162,13 +162,15 @@ Stack = list[Callable[[], None]]
 
 def start_cloud(target: BrokerEndpoint, stack: Stack, prefix: str, node: str, *,
                 registry: TaskRegistry | None = None, clock: Callable[[], float] = time.time,
-                **fields: Any) -> CloudAgent:
-    """A started cloud agent ``node`` on ``target`` (demo tasks unless ``registry``), stopped last."""
+                transport: MqttTransport | None = None, **fields: Any) -> CloudAgent:
+    """A started cloud agent ``node`` on ``target`` (demo tasks unless ``registry``), stopped last;
+    on ``transport`` if given (a test that crashes the server holds it)."""
     values: dict[str, Any] = {"id": node, "broker": target.url, "protocol": target.protocol,
                               "prefix": prefix, "heartbeat_interval": 0.2, "workers": 2, "grace_period": 0.0}
     values.update(fields)
     config = CloudConfig.model_validate(values)
-    transport = MqttTransport(target.config(node, reconnect_max_delay=0.5), name=node)
+    if transport is None:
+        transport = MqttTransport(target.config(node, reconnect_max_delay=0.5), name=node)
     agent = CloudAgent(config, transport, load_tasks("agent_common.demo_tasks") if registry is None
                        else registry, clock=clock)
     agent.start()
