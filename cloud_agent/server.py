@@ -34,6 +34,7 @@ from typing import Any, Literal
 from pydantic import TypeAdapter, ValidationError
 
 from agent_common.badinput import BadInputLog, RateLimitedLog
+from agent_common.decoding import decode_or_count
 from agent_common.registry import TaskRegistry, TaskSpec, load_tasks, run_spec
 from agent_common.settings import load_settings
 from cloud_agent.config import ENV_PREFIX, CloudConfig
@@ -485,10 +486,14 @@ class CloudAgent:
 
     # ------------------------------------------------------------------ input
 
-    def _reject(self, message: Message, error: BadInput | DecodeError, task_id: str = "") -> None:
+    def _reject(self, message: Message, error: BadInput, task_id: str = "") -> None:
         """Count, log (rate-limited) and dead-letter one piece of bad input."""
+        self.bad_input.record(error.reason, error.detail, topic=message.topic, task_id=task_id)
+        self._dead_letter(message, error)
+
+    def _dead_letter(self, message: Message, error: BadInput | DecodeError) -> None:
+        """Publish a copy of rejected input, with its reason, on this node's dead-letter topic."""
         reason, detail = error.reason, error.detail
-        self.bad_input.record(reason, detail, topic=message.topic, task_id=task_id)
         letter = DeadLetter(node=self.node_id, topic=message.topic[:1024] or "?", reason=reason[:64],
                             detail=detail[:4096], payload=message.payload[:DEAD_LETTER_PAYLOAD],
                             size=len(message.payload), time=max(0.0, self._clock()))
@@ -498,17 +503,20 @@ class CloudAgent:
         except (TransportError, EncodeError) as exc:
             log.debug("%s dead letter not sent: %s", self.node_id, exc)
 
-    def _decode(self, message: Message, model: type[Task] | type[Ping]) -> tuple[Any, Codec]:
-        fmt = sniff_format(message.payload) or self.config.format
-        codec = self._codecs[fmt]
-        return codec.decode(message.payload, model, topic=message.topic), codec
+    def _codec_for(self, message: Message) -> Codec:
+        """The codec of the format ``message`` is in (the configured one when it cannot tell)."""
+        return self._codecs[sniff_format(message.payload) or self.config.format]
 
     def _on_ping(self, message: Message) -> None:
         """Answer a ping at once, on the dispatch thread, ahead of any queued work."""
+        codec = self._codec_for(message)
+        ping = decode_or_count(codec, message, Ping, self.bad_input, kind=None,
+                               on_error=lambda exc: self._dead_letter(message, exc))
+        if ping is None:
+            return
         try:
-            ping, codec = self._decode(message, Ping)
             self._replies.check(ping.reply_to, ping.sender)
-        except (DecodeError, BadInput) as exc:
+        except BadInput as exc:
             self._reject(message, exc)
             return
         pong = Pong(nonce=ping.nonce, responder=self.node_id, sent=ping.sent)
@@ -539,11 +547,13 @@ class CloudAgent:
             if parsed.pool is not None and parsed.pool not in self.config.pools:
                 raise BadInput("wrong-pool", f"task for pool {parsed.pool!r}, this node serves "
                                f"{list(self.config.pools)}")
-            task, codec = self._decode(message, Task)
-        except (DecodeError, BadInput) as exc:
+        except BadInput as exc:
             self._reject(message, exc)
-            if isinstance(exc, DecodeError) and exc.reason in _ANSWERABLE:
-                self._answer_invalid(message, exc)
+            return
+        codec = self._codec_for(message)
+        task = decode_or_count(codec, message, Task, self.bad_input, kind=None,
+                               on_error=lambda exc: self._refuse_invalid(message, exc))
+        if task is None:
             return
         try:
             self._replies.check(task.reply_to, task.sender)
@@ -553,10 +563,16 @@ class CloudAgent:
         self.clock_offsets.observe(task.sender, task.created, self._clock())
         self._admit(task, codec)
 
+    def _refuse_invalid(self, message: Message, error: DecodeError) -> None:
+        """Dead-letter a task that cannot be decoded; answer it when it failed only validation."""
+        self._dead_letter(message, error)
+        if error.reason in _ANSWERABLE:
+            self._answer_invalid(message, error)
+
     def _answer_invalid(self, message: Message, error: DecodeError) -> None:
         """An ``error`` Result for a task that failed validation, when its mapping names a usable
         ``id``, ``sender`` and ``reply_to`` (the reply rules apply): the client need not time out."""
-        codec = self._codecs[sniff_format(message.payload) or self.config.format]
+        codec = self._codec_for(message)
         try:
             fields = codec.decode_mapping(message.payload, topic=message.topic)
         except DecodeError:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_common.badinput import BadInputLog
+from agent_common.decoding import decode_or_count
 from agent_common.registry import TaskRegistry, TaskSpec, UnknownTaskError, load_tasks, run_spec
 from edge_agent.bridge import Bridge
 from edge_agent.config import EdgeConfig, load_edge_config
@@ -60,7 +61,7 @@ from edge_agent.records import TaskFailed, TaskHandle, TaskRecord
 from edge_agent.servers import ServerReport, ServerView
 from edge_agent.tuning import Tuning
 from topics.codec import Codec, EncodeError
-from topics.errors import DecodeError, TopicError
+from topics.errors import TopicError
 from topics.models import MAX_TTL, Heartbeat, Load, NodeState, Pong, Result, Role, Task
 from topics.models import Ping as PingMessage
 from topics.names import Kind, TopicTree, topic_matches, validate_publish_topic
@@ -536,10 +537,8 @@ class EdgeAgent:
     # ------------------------------------------------------------------------------ handlers
     def _on_result(self, message: Message) -> None:
         now = self._mono()
-        try:
-            result = self._codec.decode(message.payload, Result, topic=message.topic)
-        except DecodeError as exc:
-            self._bad.record(f"result-{exc.reason}", exc.detail, topic=message.topic)
+        result = decode_or_count(self._codec, message, Result, self._bad, kind="result")
+        if result is None:
             return
         job = self._jobs.get(result.task_id)
         sent = 0 if job is None else job.sent_bytes
@@ -548,10 +547,8 @@ class EdgeAgent:
                    service_time=result.service_time, error=result.error, value=result.payload)
 
     def _on_heartbeat(self, message: Message) -> None:
-        try:
-            heartbeat = self._codec.decode(message.payload, Heartbeat, topic=message.topic)
-        except DecodeError as exc:
-            self._bad.record(f"heartbeat-{exc.reason}", exc.detail, topic=message.topic)
+        heartbeat = decode_or_count(self._codec, message, Heartbeat, self._bad, kind="heartbeat")
+        if heartbeat is None:
             return
         parsed = self._tree.parse(message.topic)
         if parsed is None or parsed.node != heartbeat.node:
@@ -564,10 +561,8 @@ class EdgeAgent:
     def _on_state(self, message: Message) -> None:
         if not message.payload:
             return  # a cleared retained state
-        try:
-            state = self._codec.decode(message.payload, NodeState, topic=message.topic)
-        except DecodeError as exc:
-            self._bad.record(f"state-{exc.reason}", exc.detail, topic=message.topic)
+        state = decode_or_count(self._codec, message, NodeState, self._bad, kind="state")
+        if state is None:
             return
         parsed = self._tree.parse(message.topic)
         if parsed is None or parsed.node != state.node:
@@ -583,21 +578,17 @@ class EdgeAgent:
             log.info("node=%s server=%s session=%d went offline", self.id, state.node, state.session)
 
     def _on_pong(self, message: Message) -> None:
-        try:
-            pong = self._codec.decode(message.payload, Pong, topic=message.topic)
-        except DecodeError as exc:
-            self._bad.record(f"pong-{exc.reason}", exc.detail, topic=message.topic)
+        pong = decode_or_count(self._codec, message, Pong, self._bad, kind="pong")
+        if pong is None:
             return
         with self._lock:
             self._core.pong(pong.responder, pong.nonce, pong.sent, self._mono())
 
     def _on_ping(self, message: Message) -> None:
-        try:
-            ping = self._codec.decode(message.payload, PingMessage, topic=message.topic)
-            data = self._codec.encode(Pong(nonce=ping.nonce, responder=self.id, sent=ping.sent))
-        except DecodeError as exc:
-            self._bad.record(f"ping-{exc.reason}", exc.detail, topic=message.topic)
+        ping = decode_or_count(self._codec, message, PingMessage, self._bad, kind="ping")
+        if ping is None:
             return
+        data = self._codec.encode(Pong(nonce=ping.nonce, responder=self.id, sent=ping.sent))
         try:
             reply_to = self._ping_replies.check(ping)
         except TopicError as exc:

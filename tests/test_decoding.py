@@ -31,3 +31,13 @@ def test_every_channel_has_one_delivery() -> None:
     assert set(DELIVERY) == set(Kind)
     assert DELIVERY[Kind.STATE].retain and DELIVERY[Kind.STATE].qos == 1
     assert not any(DELIVERY[kind].retain for kind in Kind if kind is not Kind.STATE)
+
+
+def test_decode_or_count_without_kind_counts_the_reason_alone_then_calls_on_error() -> None:
+    codec, bad = Codec(), BadInputLog(logging.getLogger("test"))
+    message = Message(topic="offload/v1/node/srv1/ping", payload=b"\xff\x00 not cbor")
+    seen: list[tuple[str, dict[str, int]]] = []
+    assert decode_or_count(codec, message, Pong, bad, kind=None,
+                           on_error=lambda exc: seen.append((exc.reason, bad.snapshot()))) is None
+    assert seen == [("malformed", {"malformed": 1})]  # counted before on_error runs
+    assert bad.snapshot() == {"malformed": 1}
