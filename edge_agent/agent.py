@@ -64,7 +64,7 @@ from topics.codec import Codec, EncodeError
 from topics.errors import TopicError
 from topics.models import MAX_TTL, Heartbeat, Load, NodeState, Pong, Result, Role, Task
 from topics.models import Ping as PingMessage
-from topics.names import Kind, TopicTree, topic_matches, validate_publish_topic
+from topics.names import DELIVERY, Kind, TopicTree, topic_matches, validate_publish_topic
 from topics.transport import (
     ConnectError,
     Message,
@@ -81,6 +81,7 @@ RecordListener = Callable[[TaskRecord], None]
 MAX_WAIT = 0.5
 """Longest the timer thread sleeps, so that stop() stays prompt and a jumping clock is noticed."""
 _NO_VALUE = object()
+_STATE = DELIVERY[Kind.STATE]
 
 
 def payload_size(value: Any, _depth: int = 0) -> int:
@@ -260,13 +261,18 @@ class EdgeAgent:
             return
         transport = self._transport
         if transport is not None:
-            transport.set_will(self._tree.state(self.id), self._state_bytes("offline"), qos=1, retain=True)
+            transport.set_will(self._tree.state(self.id), self._state_bytes("offline"), qos=_STATE.qos,
+                               retain=_STATE.retain)
             transport.add_connect_listener(self._on_connect)
-            transport.subscribe(self._result_topic, self._on_result, qos=1)
-            transport.subscribe(self._tree.all_of(Kind.HEARTBEAT), self._on_heartbeat, qos=0)
-            transport.subscribe(self._tree.all_of(Kind.STATE), self._on_state, qos=1)
-            transport.subscribe(self._pong_topic, self._on_pong, qos=0)
-            transport.subscribe(self._tree.ping(self.id), self._on_ping, qos=0)
+            subscriptions: tuple[tuple[str, Kind, Callable[[Message], None]], ...] = (
+                (self._result_topic, Kind.RESULT, self._on_result),
+                (self._tree.all_of(Kind.HEARTBEAT), Kind.HEARTBEAT, self._on_heartbeat),
+                (self._tree.all_of(Kind.STATE), Kind.STATE, self._on_state),
+                (self._pong_topic, Kind.PONG, self._on_pong),
+                (self._tree.ping(self.id), Kind.PING, self._on_ping),
+            )
+            for topic_filter, kind, handler in subscriptions:
+                transport.subscribe(topic_filter, handler, qos=DELIVERY[kind].qos)
             if self.config.routes:
                 self.bridge = Bridge(self, self.config.routes)
                 self.bridge.start()
@@ -324,7 +330,7 @@ class EdgeAgent:
             if self._transport.connected:
                 with contextlib.suppress(TransportError):
                     self._transport.publish(self._tree.state(self.id), self._state_bytes("offline"),
-                                            qos=1, retain=True)
+                                            qos=_STATE.qos, retain=_STATE.retain)
             self._transport.close()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5.0)
@@ -448,7 +454,7 @@ class EdgeAgent:
                       server)
         assert self._transport is not None  # the core offers servers only while connected
         try:
-            self._transport.publish(self._inbox(server), data, qos=1)
+            self._transport.publish(self._inbox(server), data, qos=DELIVERY[Kind.TASK].qos)
         except TransportError as exc:
             self._feed(self._core.publish_failed, task, action.attempt, self._mono(),
                        not_connected=isinstance(exc, NotConnectedError),
@@ -490,7 +496,8 @@ class EdgeAgent:
     def _ping(self, action: Ping) -> None:
         ping = PingMessage(nonce=action.nonce, sender=self.id, reply_to=self._pong_topic, sent=action.sent)
         with contextlib.suppress(TransportError):
-            self.publish(self._tree.ping(action.server), self._codec.encode(ping))
+            self.publish(self._tree.ping(action.server), self._codec.encode(ping),
+                         qos=DELIVERY[Kind.PING].qos)
 
     def _inbox(self, node: str) -> str:
         topic = self._inboxes.get(node)
@@ -596,7 +603,7 @@ class EdgeAgent:
                              topic=message.topic)
             return
         try:
-            self.publish(reply_to, data)
+            self.publish(reply_to, data, qos=DELIVERY[Kind.PONG].qos)
         except (TransportError, ValueError) as exc:
             self._bad.record("ping-reply", str(exc), topic=message.topic)
 
@@ -604,7 +611,8 @@ class EdgeAgent:
         """After every (re)connect, on the dispatch thread, before any message of the new link."""
         self._feed(self._core.link_up, self._mono())
         try:
-            self.publish(self._tree.state(self.id), self._state_bytes("online"), qos=1, retain=True)
+            self.publish(self._tree.state(self.id), self._state_bytes("online"), qos=_STATE.qos,
+                         retain=_STATE.retain)
         except TransportError as exc:
             log.warning("node=%s cannot publish birth: %s", self.id, exc)
         self._next_heartbeat = 0.0
@@ -659,7 +667,8 @@ class EdgeAgent:
                               interval=self.config.heartbeat_interval, time=max(0.0, self._clock()),
                               capabilities=self._registry.capabilities(), load=load)
         try:
-            self.publish(self._tree.heartbeat(self.id), self._codec.encode(heartbeat))
+            self.publish(self._tree.heartbeat(self.id), self._codec.encode(heartbeat),
+                         qos=DELIVERY[Kind.HEARTBEAT].qos)
         except TransportError:
             self.counters["heartbeat_failures"] += 1
 
