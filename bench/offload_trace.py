@@ -24,7 +24,8 @@ from typing import Any
 
 from bench.offload_bench import OffloadPair
 from bench.transport_rtt import RawPahoPair, amqtt_subprocess, mosquitto
-from cloud_agent.server import CloudAgent
+from cloud_agent.admission import Admission
+from cloud_agent.workers import Workers
 from edge_agent.agent import EdgeAgent
 from topics.mqtt import MqttTransport
 
@@ -34,8 +35,8 @@ STEPS: list[tuple[type, str]] = [
     (EdgeAgent, "submit"),  # decide, encode, publish (on the caller's thread)
     (MqttTransport, "publish"),  # paho queues the packet and wakes the network thread
     (MqttTransport, "_on_message"),  # network thread: route to the dispatch thread
-    (CloudAgent, "_on_task"),  # dispatch thread: decode, validate, admit to the work queue
-    (CloudAgent, "_run"),  # worker: run, encode the result, publish
+    (Admission, "on_task"),  # the server's dispatch thread: decode, validate, admit to the work queue
+    (Workers, "_run"),  # the server's worker: run, encode the result, publish
     (EdgeAgent, "_on_result"),  # dispatch thread: decode the result, finish the task
 ]
 
