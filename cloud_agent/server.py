@@ -102,7 +102,7 @@ class CloudAgent:
         return self._registry
 
     @property
-    def _draining(self) -> bool:
+    def draining(self) -> bool:
         """True from the start of :meth:`stop`: new tasks get rejected-busy."""
         return self._node.board.draining
 

@@ -240,11 +240,12 @@ def test_birth_will_and_clean_offline(memory_broker: MemoryBroker, blocker: Bloc
     offline = CBOR.decode(memory_broker.retained[state_topic].payload, NodeState)
     assert offline.status == "offline" and offline.session == agent.session
 
-    crashed = CloudAgent(config(), MemoryTransport(memory_broker, "srv1"), make_registry(blocker))
+    link = MemoryTransport(memory_broker, "srv1")
+    crashed = CloudAgent(config(), link, make_registry(blocker))
     crashed.start()
     wait_for(lambda: CBOR.decode(memory_broker.retained[state_topic].payload, NodeState).status
              == "online", 5.0)
-    crashed._transport.abort()  # what a crash looks like to the broker: the Will
+    link.abort()  # what a crash looks like to the broker: the Will
     will = CBOR.decode(memory_broker.retained[state_topic].payload, NodeState)
     assert will.status == "offline" and will.session == crashed.session
     crashed.stop(grace=0.1)
@@ -399,7 +400,7 @@ def test_stop_drains_queue_and_rejects_new(memory_broker: MemoryBroker, device: 
     assert slow.started.acquire(timeout=5.0)
     stopper = threading.Thread(target=agent.stop, kwargs={"grace": 5.0})
     stopper.start()
-    wait_for(lambda: agent._draining, 5.0)
+    wait_for(lambda: agent.draining, 5.0)
     late = device.send("echo", "late")
     assert device.result_of(late).status == "rejected-busy"
     slow.release.set()
