@@ -1,7 +1,8 @@
 """Demo tasks, served by ``cloud-agent run --tasks agent_common.demo_tasks`` and run locally by devices.
 
 * ``noop``: returns its payload (overhead measurements).
-* ``square``: ``{"x": number, "cost": seconds (optional, simulated work: sleeps)}`` -> ``{"y": x*x}``.
+* ``square``: ``{"x": number, "cost": seconds (optional, simulated work: sleeps)}`` -> ``{"y": x*x}``,
+  exact for integers (refused when the square would not fit the wire's 64-bit integers).
 * ``sleep``: ``{"seconds": s}`` (or a bare number) -> ``{"slept": s}``; at most 600 s.
 * ``cpu_burn``: ``{"n": iterations}`` -> ``{"n": n, "sum": ...}``: a pure-Python loop, run in the
   process pool (it holds the GIL).
@@ -47,17 +48,23 @@ def noop(payload: Any) -> Any:
     return payload
 
 
+SQUARE_LIMIT = math.isqrt(2**64 - 1)
+"""The largest integer whose square still fits the wire's integers."""
+
+
 @registry.task("square")
-def square(payload: Any) -> dict[str, float]:
-    """Square ``x``; sleep ``cost`` seconds first to simulate work."""
+def square(payload: Any) -> dict[str, int | float]:
+    """Square ``x`` (exactly, for an integer); sleep ``cost`` seconds first to simulate work."""
     if not isinstance(payload, dict) or "x" not in payload:
         raise ValueError('square needs {"x": number, "cost": seconds (optional)}')
-    x = _number(payload["x"], "x")
+    raw = payload["x"]
+    x = _number(raw, "x")
+    if isinstance(raw, int) and abs(raw) > SQUARE_LIMIT:
+        raise ValueError(f"x must be at most {SQUARE_LIMIT} in magnitude: its square must fit 64 bits")
     cost = _seconds(payload.get("cost", 0.0), "cost")
     if cost:
         time.sleep(cost)
-    result = x * x
-    return {"y": int(result) if isinstance(payload["x"], int) else result}
+    return {"y": raw * raw if isinstance(raw, int) else x * x}
 
 
 @registry.task("sleep")

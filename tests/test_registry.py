@@ -289,3 +289,16 @@ def test_load_the_example_tasks() -> None:
     assert {"noop", "square"} <= set(loaded.names())
     result: Any = loaded.get("square").run({"x": 7})
     assert result == {"y": 49}
+
+
+@pytest.mark.parametrize("x", [100_000_001, -(2**31 + 7), 4_294_967_295])  # squares above 2**53
+def test_the_example_square_is_exact_for_integers(x: int) -> None:
+    square = load_tasks("agent_common.demo_tasks").get("square")
+    assert square.run({"x": x}) == {"y": x * x}
+
+
+def test_the_example_square_refuses_an_integer_whose_square_is_too_big_for_the_wire() -> None:
+    square = load_tasks("agent_common.demo_tasks").get("square")
+    with pytest.raises(ValueError, match="64 bits"):
+        square.run({"x": 2**32})
+    assert square.run({"x": 1.5}) == {"y": 2.25}
