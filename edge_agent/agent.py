@@ -67,6 +67,7 @@ from topics.models import MAX_TTL, Heartbeat, Load, NodeState, Pong, Result, Rol
 from topics.models import Ping as PingMessage
 from topics.names import DELIVERY, Kind, TopicTree, topic_matches, validate_publish_topic
 from topics.transport import (
+    BrokerRefused,
     ConnectError,
     Message,
     NotConnectedError,
@@ -220,6 +221,8 @@ class EdgeAgent:
         self._timers = _Timers()
         self._listeners: list[RecordListener] = []
         self._node_listeners: list[NodeListener] = []
+        self._fatal_error: BrokerRefused | None = None
+        self._connect_problem: str | None = None
         self.counters: Counter[str] = Counter()
         """The driver's own counters (connections, heartbeats, listeners); :meth:`stats` has all."""
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=config.local_workers,
@@ -261,7 +264,10 @@ class EdgeAgent:
 
     # ------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Register the Will, subscribe, connect (or keep retrying in the background), start timers."""
+        """Register the Will, subscribe, connect (or keep retrying in the background), start timers.
+
+        Raises :class:`BrokerRefused` when the broker refuses this device's credentials,
+        authorisation or protocol (an unreachable broker is retried in the background instead)."""
         if self._thread is not None:
             return
         transport = self._transport
@@ -282,7 +288,11 @@ class EdgeAgent:
             if self.config.routes:
                 self.bridge = Bridge(self, self.config.routes)
                 self.bridge.start()
-            self._try_connect()
+            try:
+                self._try_connect(first=True)
+            except BrokerRefused:
+                transport.close()
+                raise
         self._thread = threading.Thread(target=self._run_timers, name=f"{self.id}-edge", daemon=True)
         self._thread.start()
 
@@ -312,11 +322,31 @@ class EdgeAgent:
     def connected(self) -> bool:
         return self._transport is not None and self._transport.connected
 
-    def _try_connect(self) -> None:
+    @property
+    def fatal_error(self) -> BrokerRefused | None:
+        """Why this agent gave up connecting for good (the broker refused its credentials,
+        authorisation or protocol), or None. It keeps running its local tasks meanwhile."""
+        return self._fatal_error
+
+    @property
+    def connect_problem(self) -> str | None:
+        """Why the last attempt to connect failed, while it has not succeeded since (None once
+        connected): what to tell a user instead of "no server knows this task"."""
+        return self._connect_problem
+
+    def _try_connect(self, *, first: bool = False) -> None:
         assert self._transport is not None
         try:
             self._transport.connect(timeout=self.config.connect_timeout)
+        except BrokerRefused as exc:
+            if first:
+                raise  # start() fails: a setting is wrong, retrying cannot help
+            self._fatal_error = exc
+            self._next_connect = None
+            log.error("node=%s broker refused this device, no more retries: %s", self.id, exc)
+            return
         except ConnectError as exc:
+            self._connect_problem = str(exc)
             delay = self._connect_backoff()
             self._next_connect = self._mono() + delay
             self.counters["connect_failures"] += 1
@@ -324,6 +354,7 @@ class EdgeAgent:
                 log.warning("node=%s broker unreachable, running locally and retrying: %s", self.id, exc)
             return
         self._next_connect = None
+        self._connect_problem = None
 
     def stop(self) -> None:
         """Fail what is unfinished (one outcome each), publish a clean death, close, stop threads."""

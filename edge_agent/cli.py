@@ -223,6 +223,9 @@ def run(args: argparse.Namespace) -> int:
                  len(config.routes), config.serve)
         next_report = time.monotonic() + 60.0
         while not stop_requested.wait(0.2):
+            if device.agent.fatal_error is not None:
+                device.stop()
+                raise device.agent.fatal_error  # one line, exit 1: systemd sees the failure
             if time.monotonic() >= next_report:
                 next_report += 60.0
                 log.info("stats %s", summary(device.agent.stats()))
@@ -262,7 +265,13 @@ def submit(args: argparse.Namespace) -> int:
         agent.add_record_listener(records.append)
         try:
             future = agent.submit(args.task, payload, deadline=args.deadline)
-        except (UnknownTaskError, UnknownPolicyError, ValueError) as exc:
+        except UnknownTaskError as exc:
+            if config.broker and not agent.connected:  # the real cause, not "no server knows it"
+                print(f"edge-agent: error: {agent.connect_problem or 'not connected to the broker'}",
+                      file=sys.stderr)
+                return EXIT_FAILED
+            raise UsageError(str(exc)) from exc
+        except (UnknownPolicyError, ValueError) as exc:
             raise UsageError(str(exc)) from exc
         try:
             result = future.result(timeout=args.timeout)

@@ -19,6 +19,7 @@ from topics.models import (
 )
 from topics.names import DEFAULT_PREFIX, Kind, TopicTree, topic_matches, validate_node_id
 from topics.transport import (
+    BrokerRefused,
     ConnectError,
     Message,
     NotConnectedError,
@@ -30,6 +31,7 @@ from topics.transport import (
 __all__ = [
     "DEFAULT_PREFIX",
     "SCHEMA_VERSION",
+    "BrokerRefused",
     "Codec",
     "ConnectError",
     "DeadLetter",

@@ -31,6 +31,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from topics.names import topic_matches, validate_filter, validate_publish_topic
 from topics.transport import (
+    BrokerRefused,
     ConnectError,
     ConnectListener,
     Dispatcher,
@@ -238,6 +239,8 @@ class MqttTransport:
         self._stopping = threading.Event()
         self._connack = threading.Event()
         self._connack_problem: str | None = None
+        self._connack_refused = False
+        """The last CONNACK was a refusal (not a lost or silent connection)."""
         self._first_subscribed: threading.Event | None = None
         """Set when the filters subscribed before the first connect are acknowledged."""
         self._connected = False
@@ -299,6 +302,7 @@ class MqttTransport:
         url = self.config.url
         self._connack.clear()
         self._connack_problem = None
+        self._connack_refused = False
         self._stopping.clear()
         try:
             if self.config.protocol == "5":
@@ -332,7 +336,8 @@ class MqttTransport:
         if not self._connack.wait(wait) or self._connack_problem is not None:
             problem = self._connack_problem or f"no CONNACK within {wait:.1f}s"
             self._shutdown_threads(timeout=wait)
-            raise ConnectError(f"cannot connect to {url} as {self._client_id!r}: {problem}")
+            error = BrokerRefused if self._connack_refused else ConnectError
+            raise error(f"cannot connect to {url} as {self._client_id!r}: {problem}")
         subscribed = self._first_subscribed
         if subscribed is not None and not subscribed.wait(wait):
             log.warning("%s: subscriptions not acknowledged within %.1fs of connecting", self._name, wait)
@@ -616,6 +621,7 @@ class MqttTransport:
             problem = _connack_problem(reason, self.config.protocol)
             if not self._established:
                 self._connack_problem = problem
+                self._connack_refused = True
                 self._connack.set()
             else:
                 log.warning("%s: %s refused the reconnect: %s", self._name, self.config.url, problem)

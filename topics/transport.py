@@ -37,6 +37,11 @@ class ConnectError(TransportError):
     """The broker could not be reached, refused us, or did not answer in time."""
 
 
+class BrokerRefused(ConnectError):
+    """The broker answered and refused us (credentials, authorisation, protocol version):
+    retrying with the same settings cannot help, so agents treat it as fatal."""
+
+
 class NotConnectedError(TransportError):
     """A publish was attempted while the connection is down; nothing was sent."""
 
