@@ -66,8 +66,9 @@ class Liveness:
 
     def _state_payload(self, status: Literal["online", "offline"]) -> bytes:
         node = self._node
-        return self._replies.codec.encode(NodeState(node=node.id, role=Role.SERVER, status=status,
-                                                    session=self.session, time=max(0.0, node.clock())))
+        state = NodeState(node=node.id, role=Role.SERVER, status=status, session=self.session,
+                          time=max(0.0, node.clock()))
+        return self._replies.channel_codec(Kind.STATE).encode(state)
 
     def _on_connect(self) -> None:
         node = self._node
@@ -105,8 +106,8 @@ class Liveness:
                               pools=tuple(node.config.pools), load=self.load())
         self._seq += 1
         try:
-            node.transport.publish(node.tree.heartbeat(node.id), self._replies.codec.encode(heartbeat),
-                                   qos=DELIVERY[Kind.HEARTBEAT].qos)
+            data = self._replies.channel_codec(Kind.HEARTBEAT).encode(heartbeat)
+            node.transport.publish(node.tree.heartbeat(node.id), data, qos=DELIVERY[Kind.HEARTBEAT].qos)
             node.board.count("heartbeats")
         except TransportError as exc:
             node.board.count("heartbeats_failed")

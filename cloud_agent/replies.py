@@ -78,11 +78,15 @@ class Replies:
             "json": Codec("json", max_payload=config.max_payload),
         }
         self.codec = self._codecs[config.format]
-        """The configured format's codec: what the server's own messages (state, heartbeats, dead
-        letters) are encoded with."""
+        """The configured format's codec."""
         self.rules = ReplyRules(node.tree, config.reply_allowlist)
         self.bad_input = bad_input
         self._unsent = unsent
+
+    def channel_codec(self, kind: Kind) -> Codec:
+        """The codec the server's own messages on ``kind`` go out in (DELIVERY's fixed format:
+        state, heartbeats and dead letters are JSON)."""
+        return self._codecs[DELIVERY[kind].format or self._node.config.format]
 
     def codec_for(self, message: Message) -> Codec:
         """The codec of the format ``message`` is in (the configured one when it cannot tell): its
@@ -101,8 +105,8 @@ class Replies:
                             detail=detail[:4096], payload=message.payload[:DEAD_LETTER_PAYLOAD],
                             size=len(message.payload), time=max(0.0, node.clock()))
         try:
-            node.transport.publish(node.tree.dead_letter(node.id), self.codec.encode(letter),
-                                   qos=DELIVERY[Kind.DEAD_LETTER].qos)
+            data = self.channel_codec(Kind.DEAD_LETTER).encode(letter)
+            node.transport.publish(node.tree.dead_letter(node.id), data, qos=DELIVERY[Kind.DEAD_LETTER].qos)
         except (TransportError, EncodeError) as exc:
             log.debug("%s dead letter not sent: %s", node.id, exc)
 

@@ -213,6 +213,8 @@ class EdgeAgent:
             ignore=frozenset({config.id, config.peer_id}), epoch=clock() - monotonic())
         self._tree = TopicTree(config.prefix)
         self._codec = Codec(config.format, max_payload=config.max_payload)
+        self._json = self._codec if config.format == "json" else Codec("json", max_payload=config.max_payload)
+        """What heartbeats and states go out in (DELIVERY fixes JSON for the operators' channels)."""
         self._bad = BadInputLog(log)
         self._throttle = _Throttle()
         self._ping_replies = PingReplies(self._tree, tuple(config.ping_reply_allow))
@@ -728,7 +730,7 @@ class EdgeAgent:
                               interval=self.config.heartbeat_interval, time=max(0.0, self._clock()),
                               capabilities=self._registry.capabilities(), load=load)
         try:
-            self.publish(self._tree.heartbeat(self.id), self._codec.encode(heartbeat),
+            self.publish(self._tree.heartbeat(self.id), self._json.encode(heartbeat),
                          qos=DELIVERY[Kind.HEARTBEAT].qos)
         except TransportError:
             self.counters["heartbeat_failures"] += 1
@@ -736,7 +738,7 @@ class EdgeAgent:
     def _state_bytes(self, status: str) -> bytes:
         state = NodeState(node=self.id, role=Role.DEVICE, status=status,  # type: ignore[arg-type]
                           session=self._session, time=max(0.0, self._clock()))
-        return self._codec.encode(state)
+        return self._json.encode(state)
 
     # ------------------------------------------------------------------------------ views
     def servers(self) -> list[ServerView]:

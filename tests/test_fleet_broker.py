@@ -169,3 +169,24 @@ def test_the_cli_prints_a_table_and_refuses_nonsense(
     assert "--listen" in capsys.readouterr().err
     assert main(["servers", "--listen", "1"]) == 2
     assert "broker" in capsys.readouterr().err
+
+
+def test_heartbeats_state_and_dead_letters_are_json_from_a_cbor_configured_fleet(
+        mosquitto: BrokerEndpoint, stack: Stack, topic_prefix: str) -> None:
+    tree = TopicTree(topic_prefix)
+    reader = connected(mosquitto, stack, "json-only")
+    seen: dict[str, bytes] = {}
+
+    def first_of_each(message: Message) -> None:
+        seen.setdefault(message.topic, message.payload)
+
+    reader.subscribe(f"{topic_prefix}/node/+/+", first_of_each, qos=1)
+    start_fleet(mosquitto, stack, topic_prefix)  # srv-a and srv-c are configured for CBOR
+    device = start_edge(mosquitto, stack, topic_prefix, registry=TaskRegistry(), heartbeat_interval=0.2)
+    reader.publish(tree.task_inbox("srv-a"), b"not a task", qos=1)
+    watched = [tree.heartbeat("srv-a"), tree.state("srv-a"), tree.dead_letter("srv-a"),
+               tree.heartbeat(device.id), tree.state(device.id)]
+    wait_for(lambda: all(topic in seen for topic in watched), message="each watched channel")
+    for topic in watched:
+        record = json.loads(seen[topic])  # what a JSON-only client (Node-RED's json node) does
+        assert record["node"] in ("srv-a", device.id), topic

@@ -4,11 +4,11 @@ Every topic lives under a prefix (default ``offload/v1``)::
 
     {prefix}/node/{node}/task        task inbox of one node              QoS 1
     {prefix}/node/{node}/result      result inbox of one node            QoS 1
-    {prefix}/node/{node}/heartbeat   periodic load report                QoS 0
+    {prefix}/node/{node}/heartbeat   periodic load report                QoS 0, JSON
     {prefix}/node/{node}/ping        round-trip probe to a node          QoS 0
     {prefix}/node/{node}/pong        probe answers back to the pinger    QoS 0
-    {prefix}/node/{node}/state       birth/death, retained               QoS 1
-    {prefix}/node/{node}/dead-letter copies of input a node rejected     QoS 0
+    {prefix}/node/{node}/state       birth/death, retained               QoS 1, JSON
+    {prefix}/node/{node}/dead-letter copies of input a node rejected     QoS 0, JSON
     {prefix}/pool/{pool}/task        pool inbox (shared subscription)    QoS 1
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import Enum
+from typing import Literal
 
 from topics.errors import TopicError
 
@@ -78,22 +79,27 @@ class Kind(str, Enum):
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """How a channel is published: its MQTT QoS and whether the broker keeps the last message."""
+    """How a channel is published: its MQTT QoS, whether the broker keeps the last message, and
+    its wire format when the channel fixes one (None: the node's configured format)."""
 
     qos: int
     retain: bool = False
+    format: Literal["json"] | None = None
 
 
 DELIVERY: dict[Kind, Delivery] = {
     Kind.TASK: Delivery(1),
     Kind.RESULT: Delivery(1),
-    Kind.HEARTBEAT: Delivery(0),
+    Kind.HEARTBEAT: Delivery(0, format="json"),
     Kind.PING: Delivery(0),
     Kind.PONG: Delivery(0),
-    Kind.STATE: Delivery(1, retain=True),
-    Kind.DEAD_LETTER: Delivery(0),
+    Kind.STATE: Delivery(1, retain=True, format="json"),
+    Kind.DEAD_LETTER: Delivery(0, format="json"),
 }
-"""QoS and retain per channel (the table in this module's docstring): both agents publish by it."""
+"""QoS, retain and format per channel (the table in this module's docstring): both agents publish
+by it. The channels operators watch (heartbeats, state, dead letters) are always JSON, so any MQTT
+tool (mosquitto_sub, Node-RED's JSON node, Home Assistant) reads them; every node reads both formats
+on every channel."""
 
 
 def validate_node_id(node_id: str, *, what: str = "node id") -> str:
