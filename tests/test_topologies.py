@@ -413,6 +413,18 @@ class RabbitCluster:
         subprocess.run([str(RABBITMQCTL), "--erlang-cookie", self.cookie, "-n", self.nodes[index], *args],
                        env=self._env, check=True, capture_output=True, timeout=120)
 
+    def join(self, *, attempts: int) -> None:
+        """Node 2 joins node 1; "unavailable" (exit 69, seen on a loaded machine while node 1's
+        distribution port settles) is retried after node 1 answers ``await_startup`` again."""
+        for attempt in range(attempts):
+            try:
+                self.ctl(1, "join_cluster", self.nodes[0])
+                return
+            except subprocess.CalledProcessError as exc:
+                if exc.returncode != 69 or attempt == attempts - 1:
+                    raise
+                self.ctl(0, "await_startup")
+
     def start(self) -> RabbitCluster:
         self._processes.append(subprocess.Popen(
             ["epmd", "-address", "127.0.0.1", "-port", str(self.epmd_port)], env=self._env,
@@ -425,8 +437,10 @@ class RabbitCluster:
         for index in (0, 1):
             wait_for(partial(mqtt_answers, "127.0.0.1", self.mqtt_ports[index]),
                      timeout=120.0, interval=0.2, message=f"RabbitMQ node {index + 1} answering MQTT")
+        for index in (0, 1):
+            self.ctl(index, "await_startup")  # MQTT answers before the node takes cluster commands
         self.ctl(1, "stop_app")
-        self.ctl(1, "join_cluster", self.nodes[0])
+        self.join(attempts=5)
         self.ctl(1, "start_app")
         wait_for(lambda: mqtt_answers("127.0.0.1", self.mqtt_ports[1]), timeout=120.0, interval=0.2,
                  message="node 2 answering MQTT after joining the cluster")
