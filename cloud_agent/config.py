@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from topics.codec import DEFAULT_MAX_PAYLOAD, Format
-from topics.names import DEFAULT_PREFIX, TopicTree, validate_filter, validate_node_id
+from topics.names import DEFAULT_PREFIX, TopicTree, validate_filter, validate_node_id, validate_topic_name
 from topics.transport import ProtocolVersion, TlsConfig, TransportConfig
 
 ENV_PREFIX = "CLOUD_AGENT_"
@@ -61,8 +61,8 @@ class CloudConfig(BaseModel):
         default=64, description="tasks waiting for a worker; beyond it new tasks get rejected-busy")
     heartbeat_interval: Annotated[float, Field(gt=0.0, le=3600.0)] = Field(
         default=1.0, description="seconds between heartbeats (jittered +-10%)")
-    format: Format = Field(default="cbor", description="wire format of heartbeats and state (results answer "
-                           "in the request's format)")
+    format: Format = Field(default="cbor", description="default wire format (results and pongs answer in "
+                           "the request's format; heartbeats, state and dead letters are always JSON)")
     max_payload: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = Field(
         default=DEFAULT_MAX_PAYLOAD, description="largest accepted or sent message in bytes")
     grace_period: Annotated[float, Field(ge=0.0, le=3600.0)] = Field(
@@ -92,11 +92,20 @@ class CloudConfig(BaseModel):
     http_max_response: Annotated[int, Field(ge=1, le=256 * 1024 * 1024)] = Field(
         default=512 * 1024, description="largest HTTP response body forwarded, in bytes")
     log_level: LogLevel = Field(default="info", description="log level: debug, info, warning, error")
+    home_assistant: bool = Field(default=False, description="publish Home Assistant MQTT discovery "
+                                 "(retained) so this server appears there as a device with sensors")
+    home_assistant_prefix: str = Field(default="homeassistant",
+                                       description="Home Assistant's discovery topic prefix")
 
     @field_validator("id")
     @classmethod
     def _check_id(cls, value: str) -> str:
         return validate_node_id(value)
+
+    @field_validator("home_assistant_prefix")
+    @classmethod
+    def _check_discovery_prefix(cls, value: str) -> str:
+        return validate_topic_name(value, what="home_assistant_prefix")
 
     @field_validator("pools")
     @classmethod

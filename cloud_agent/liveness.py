@@ -8,6 +8,7 @@ number of the current start, so that a late Will cannot kill a newer session.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import random
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from agent_common.decoding import decode_or_count
+from cloud_agent.home_assistant import discovery_messages
 from cloud_agent.node import ServerNode
 from cloud_agent.replies import BadInput, Replies
 from topics.models import Heartbeat, Load, NodeState, Ping, Pong, Role
@@ -25,6 +27,13 @@ from topics.transport import Message, TransportError
 log = logging.getLogger("cloud_agent.server")  # the server's one logger, as before its modules split
 
 _STATE = DELIVERY[Kind.STATE]
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("mqtt-offload")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class Liveness:
@@ -78,6 +87,19 @@ class Liveness:
             node.board.count("births")
         except TransportError as exc:
             log.warning("%s could not publish its birth: %s", node.id, exc)
+        if node.config.home_assistant:
+            self._announce_to_home_assistant()
+
+    def _announce_to_home_assistant(self) -> None:
+        """Home Assistant discovery configs, retained, after every connect (after the birth)."""
+        node = self._node
+        messages = discovery_messages(node.id, node.tree, node.registry.names(), version=_version(),
+                                      discovery_prefix=node.config.home_assistant_prefix)
+        try:
+            for topic, data in messages:
+                node.transport.publish(topic, data, qos=1, retain=True)
+        except TransportError as exc:
+            log.warning("%s could not publish its Home Assistant discovery: %s", node.id, exc)
 
     def load(self) -> Load:
         """What the next heartbeat will report."""

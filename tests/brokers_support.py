@@ -193,3 +193,34 @@ def start_edge(target: BrokerEndpoint, stack: Stack, prefix: str, *, registry: T
     agent.start()
     stack.append(agent.stop)
     return agent
+
+
+def connected(target: BrokerEndpoint, stack: Stack, name: str) -> MqttTransport:
+    transport = MqttTransport(target.config(f"{name}-{uuid.uuid4().hex[:4]}"))
+    transport.connect()
+    stack.append(transport.close)
+    return transport
+
+
+def retained_on(target: BrokerEndpoint, stack: Stack, topic_filter: str) -> list[Message]:
+    """Every retained message the broker holds under ``topic_filter``.
+
+    A marker published after the subscription is acknowledged comes back after the retained
+    messages the broker sent for it (one connection, in order), so its arrival ends the wait.
+    """
+    marker = f"{topic_filter.rstrip('#/')}/marker-{uuid.uuid4().hex[:6]}"
+    got: list[Message] = []
+    done = threading.Event()
+
+    def collect(message: Message) -> None:
+        if message.topic == marker:
+            done.set()
+        elif message.retain:
+            got.append(message)
+
+    look = connected(target, stack, "look")
+    look.subscribe(topic_filter, collect, qos=1)
+    look.subscribe(marker, collect, qos=1)
+    look.publish(marker, b"x", qos=1)
+    assert done.wait(15.0), "marker never came back"
+    return got

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
-import threading
-import uuid
 
 import pytest
-from brokers_support import BrokerEndpoint, Stack, endpoint, start_cloud, start_edge, wait_for
+from brokers_support import (
+    BrokerEndpoint,
+    Stack,
+    connected,
+    endpoint,
+    retained_on,
+    start_cloud,
+    start_edge,
+    wait_for,
+)
 
 from agent_common.registry import TaskRegistry
 from edge_agent.cli import main
@@ -106,37 +113,6 @@ def test_garbage_on_a_heartbeat_topic_shows_the_node_unreadable_and_the_view_goe
     vandal.publish(tree.task_inbox("srv-a"), b"not a task", qos=1)  # srv-a dead-letters it
     wait_for(lambda: rows_of(watch)["srv-a"].dead_letters, message="srv-a's dead letter")
     assert rows_of(watch)["srv-a"].dead_letters == {"malformed": 1}
-
-
-def connected(target: BrokerEndpoint, stack: Stack, name: str) -> MqttTransport:
-    transport = MqttTransport(target.config(f"{name}-{uuid.uuid4().hex[:4]}"))
-    transport.connect()
-    stack.append(transport.close)
-    return transport
-
-
-def retained_on(target: BrokerEndpoint, stack: Stack, topic_filter: str) -> list[Message]:
-    """Every retained message the broker holds under ``topic_filter``.
-
-    A marker published after the subscription is acknowledged comes back after the retained
-    messages the broker sent for it (one connection, in order), so its arrival ends the wait.
-    """
-    marker = f"{topic_filter.rstrip('#/')}/marker-{uuid.uuid4().hex[:6]}"
-    got: list[Message] = []
-    done = threading.Event()
-
-    def collect(message: Message) -> None:
-        if message.topic == marker:
-            done.set()
-        elif message.retain:
-            got.append(message)
-
-    look = connected(target, stack, "look")
-    look.subscribe(topic_filter, collect, qos=1)
-    look.subscribe(marker, collect, qos=1)
-    look.publish(marker, b"x", qos=1)
-    assert done.wait(15.0), "marker never came back"
-    return got
 
 
 def test_the_cli_lists_the_fleet_as_json_and_leaves_nothing_retained(
