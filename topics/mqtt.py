@@ -138,6 +138,25 @@ class _Outbox:
                 self._waiters -= 1
         return still_connected()
 
+    def pending(self) -> int:
+        """Outgoing QoS 1/2 messages not acknowledged yet (queued or in flight)."""
+        store = self._store()
+        if store is None:
+            return 0
+        with store[0]:
+            return len(store[1])
+
+    def wait_drained(self, timeout: float, still_connected: Callable[[], bool]) -> bool:
+        """Wait (bounded) until every outgoing QoS 1/2 message is acknowledged; False if not."""
+        end = time.monotonic() + timeout
+        while self.pending():
+            seen = self._acknowledged
+            left = end - time.monotonic()
+            if left <= 0 or not still_connected():
+                return False
+            self.wait_for_room(seen, min(left, 0.05), still_connected)
+        return True
+
     def _store(self) -> tuple[Any, dict[int, Any]] | None:
         lock = getattr(self._client, "_out_message_mutex", None)
         pending = getattr(self._client, "_out_messages", None)
@@ -425,10 +444,19 @@ class MqttTransport:
             self._outbox.wait_for_room(seen, left, lambda: self._connected)
 
     # ---------------------------------------------------------------------------------- shutdown
-    def close(self, *, timeout: float = 5.0) -> None:
-        """Send DISCONNECT (the broker discards the Will), stop both threads; idempotent."""
+    def close(self, *, timeout: float = 5.0, drain: float = 1.0) -> None:
+        """Wait up to ``drain`` seconds for unacknowledged QoS 1 publishes, send DISCONNECT (the
+        broker discards the Will), stop both threads; idempotent.
+
+        Without the wait, a QoS 1 message published just before (a one-shot client's task, a
+        death record) may be lost, and Mosquitto logs the client as "disconnected due to out of
+        memory" when it closes with messages in flight.
+        """
         if self._closed:
             return
+        if self._connected and drain > 0 and threading.current_thread() is not self._thread \
+                and not self._outbox.wait_drained(drain, lambda: self._connected):
+            log.debug("%s: closing with %d unacknowledged message(s)", self._name, self._outbox.pending())
         self._closed = True
         self._stopping.set()
         if self._connected:
