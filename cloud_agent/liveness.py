@@ -75,8 +75,9 @@ class Liveness:
 
     def _state_payload(self, status: Literal["online", "offline"]) -> bytes:
         node = self._node
+        tasks = tuple(node.registry.names()) if status == "online" else ()
         state = NodeState(node=node.id, role=Role.SERVER, status=status, session=self.session,
-                          time=max(0.0, node.clock()))
+                          time=max(0.0, node.clock()), tasks=tasks)
         return self._replies.channel_codec(Kind.STATE).encode(state)
 
     def _on_connect(self) -> None:

@@ -158,6 +158,8 @@ FIELD_NOTES: dict[type[BaseModel], dict[str, str]] = {
         "status": "`online` (birth) or `offline` (death)",
         "session": "session the record is about; an `offline` for an older session is ignored",
         "time": "Unix time the record was made (for the Will: when the node connected)",
+        "tasks": "the tasks a server serves (its birth carries them, so a device can offload "
+                 "before the first heartbeat; empty in a death, and for older nodes)",
     },
     DeadLetter: {
         "v": "schema version",

@@ -217,6 +217,8 @@ class NodeState(WireModel):
     status: Literal["online", "offline"]
     session: Count
     time: UnixTime
+    tasks: Annotated[tuple[TaskName, ...], Field(max_length=MAX_ENTRIES)] = ()
+    """What a server serves (in its birth), so a device can offload before its first heartbeat."""
 
 
 class DeadLetter(WireModel):
