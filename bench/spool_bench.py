@@ -55,7 +55,12 @@ def measure(directory: Path, tasks: int, size: int, synchronous: str) -> dict[st
         timings[label] = time.perf_counter() - start
 
     spool = _spool(path, tasks, synchronous)
-    timed("put", lambda: [spool.put(entry) for entry in entries])
+
+    def put_all() -> None:
+        for entry in entries:
+            spool.put(entry)
+
+    timed("put", put_all)
     half = tasks // 2
     timed("take_ready(1)", lambda: [spool.take_ready(NOW, 1) for _ in range(half)])
 
@@ -64,11 +69,9 @@ def measure(directory: Path, tasks: int, size: int, synchronous: str) -> dict[st
             spool.remove(batch[0].task_id)
 
     timed("peek+remove", peek_remove)
-    for entry in entries:
-        spool.put(entry)
+    put_all()
     timed("take_ready(100)", lambda: [spool.take_ready(NOW, 100) for _ in range(tasks // 100 + 1)])
-    for entry in entries:
-        spool.put(entry)
+    put_all()
     spool.close()
     timed("open (full)", lambda: _spool(path, tasks, synchronous).close())
     spool = _spool(path, tasks, synchronous)
