@@ -166,6 +166,12 @@ class EdgeConfig(_Frozen):
     connect_timeout: PositiveSeconds = 5.0
     reconnect_max_delay: PositiveSeconds | None = None
     """Cap of the transport's reconnect backoff after a lost link (None: the transport's default)."""
+    persistent_session: bool = False
+    """Keep this device's MQTT session on the broker while it is away (clean session / clean start
+    off, client id = ``id``): results published meanwhile are delivered when it returns."""
+    session_expiry: Annotated[float, Field(gt=0.0, le=4294967295.0, allow_inf_nan=False)] = 3600.0
+    """MQTT 5: seconds the broker keeps the session after the link is lost (4294967295: for ever);
+    under 3.1.1 the broker decides (Mosquitto: ``persistent_client_expiration``)."""
     ping_reply_allow: list[str] = Field(default_factory=list)
     """MQTT filters a ping's ``reply_to`` may also match; by default pings are answered only on the
     pinger's own pong topic, ``{prefix}/node/{sender}/pong``."""
@@ -220,6 +226,9 @@ class EdgeConfig(_Frozen):
                                      "connect_timeout": self.connect_timeout}
         if self.reconnect_max_delay is not None:
             overrides["reconnect_max_delay"] = self.reconnect_max_delay
+        if self.persistent_session:
+            overrides["persistent_session"] = True
+            overrides["session_expiry"] = self.session_expiry
         if self.username is not None:
             overrides["username"] = self.username
         if self.password is not None:
