@@ -14,6 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent_common.settings import SettingsError
+from edge_agent.config import EdgeConfig, load_edge_config
 from edge_agent.spool import (
     APPLICATION_ID,
     SCHEMA_VERSION,
@@ -378,3 +380,36 @@ def test_behaves_like_a_bounded_list(ops: list[tuple[str, int, float | None]]) -
                 assert spool.next_expiry() == (min(expiries) if expiries else None)
         finally:
             spool.close()
+
+
+def test_the_edge_config_names_the_spool_and_its_bounds(tmp_path: Path) -> None:
+    config = EdgeConfig(id="cam1")
+    assert config.spool_path is None  # no spool unless asked for
+    assert (config.spool_max_tasks, config.spool_max_bytes, config.spool_ttl) == (1000, 64 * 2**20, 86_400.0)
+    file = tmp_path / "device.toml"
+    file.write_text(f'id = "cam1"\nspool_path = "{tmp_path / "spool.db"}"\nspool_max_tasks = 50\n')
+    loaded = load_edge_config(file, environ={"EDGE_AGENT_SPOOL_MAX_BYTES": "2000000",
+                                             "EDGE_AGENT_SPOOL_TTL": "600"})
+    assert loaded.spool_path == tmp_path / "spool.db"
+    assert (loaded.spool_max_tasks, loaded.spool_max_bytes, loaded.spool_ttl) == (50, 2_000_000, 600.0)
+    assert loaded.spool_path is not None
+    with Spool(loaded.spool_path, max_tasks=loaded.spool_max_tasks,
+               max_bytes=loaded.spool_max_bytes) as spool:
+        assert (spool.max_tasks, spool.max_bytes) == (50, 2_000_000)
+
+
+@pytest.mark.parametrize(("fields", "problem"), [
+    ({"spool_path": ""}, "must name a file"),
+    ({"spool_path": ":memory:"}, "must name a file"),
+    ({"spool_max_tasks": 0}, "greater than or equal to 1"),
+    ({"spool_ttl": 0}, "greater than 0"),
+    ({"spool_path": "s.db", "spool_max_bytes": 4096}, "smaller than max_payload"),
+])
+def test_the_edge_config_refuses_a_spool_that_cannot_work(fields: dict[str, object], problem: str) -> None:
+    with pytest.raises(SettingsError, match=problem):
+        load_edge_config(overrides={"id": "cam1", **fields}, environ={})
+
+
+def test_a_directory_is_not_a_spool_file(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"is a directory; name a file in it"):
+        load_edge_config(overrides={"id": "cam1", "spool_path": str(tmp_path)}, environ={})
