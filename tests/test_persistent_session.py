@@ -3,6 +3,7 @@ when it returns with the same client id, once each and in order; without the opt
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from topics.mqtt import MqttTransport
 from topics.transport import Message, ProtocolVersion, TransportConfig
 
 TransportFactory = Callable[..., MqttTransport]
+BrokerFactory = Callable[..., BrokerEndpoint]
 COUNT = 20
 
 
@@ -122,6 +124,24 @@ def test_a_new_session_then_a_resumed_one_on_the_same_transport(
     assert inbox.marker.wait(15)
     assert device.session_present is True and device.stats()["sessions_lost"] == 0
     forget_session(mosquitto, device)
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_a_broker_restarted_without_persistence_lost_the_session_and_the_transport_says_so(
+    protocol: str, broker_factory: BrokerFactory, make_transport: TransportFactory, topic_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    target = broker_factory(f"mosquitto-{protocol}")  # the test brokers run with persistence false
+    device = make_transport(target, f"dev-{uuid.uuid4().hex[:8]}", persistent_session=True,
+                            reconnect_max_delay=0.2)
+    device.subscribe(f"{topic_prefix}/x", Inbox(), qos=1)
+    assert device.session_present is False
+    with caplog.at_level(logging.WARNING, logger="topics.mqtt"):
+        target.broker.restart()
+        wait_for(lambda: device.stats()["reconnects"] >= 1, message="reconnected after the restart")
+    assert device.session_present is False
+    assert device.stats()["sessions_lost"] == 1 and device.stats()["sessions_resumed"] == 0
+    assert any("kept no session" in record.getMessage() for record in caplog.records)
 
 
 def test_a_persistent_session_needs_a_client_id() -> None:
