@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -169,7 +170,7 @@ class Spool:
         if name == "SQLITE_BUSY":
             return SpoolFileError(self._path, "in use by another process or Spool (one agent per spool file)")
         if name == "SQLITE_CANTOPEN":
-            return SpoolFileError(self._path, "cannot open it (does its directory exist, is it writable?)")
+            return SpoolFileError(self._path, "cannot open it (are it and its directory writable?)")
         if name == "SQLITE_NOTADB":
             return SpoolFileError(self._path, "not an SQLite database (not a spool file?)")
         if name in ("SQLITE_CORRUPT", "SQLITE_CORRUPT_INDEX", "SQLITE_CORRUPT_SEQUENCE"):
@@ -177,6 +178,13 @@ class Spool:
         return SpoolFileError(self._path, f"{exc} ({name or type(exc).__name__})")
 
     def _open(self) -> sqlite3.Connection:
+        try:  # a new spool is readable by its owner only (task payloads may be private);
+            # SQLite gives the -wal file the database file's permissions
+            os.close(os.open(self._path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise SpoolFileError(self._path, f"cannot create it: {exc.strerror or exc}") from exc
         try:
             db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=0)
         except sqlite3.Error as exc:

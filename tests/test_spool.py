@@ -238,9 +238,16 @@ def test_a_newer_schema_is_refused_and_left_alone(path: Path) -> None:
     assert sqlite3.connect(path).execute("SELECT count(*) FROM spool").fetchone() == (1,)
 
 
+def test_a_new_spool_is_private_to_its_owner(path: Path) -> None:
+    with Spool(path) as spool:
+        spool.put(task(0))
+        assert Path(f"{path}-wal").exists()
+        assert (path.stat().st_mode & 0o777, Path(f"{path}-wal").stat().st_mode & 0o777) == (0o600, 0o600)
+
+
 def test_a_missing_directory_and_a_memory_database(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / "spool.db"
-    with pytest.raises(SpoolFileError, match="does its directory exist") as caught:
+    with pytest.raises(SpoolFileError, match="cannot create it: No such file") as caught:
         Spool(missing)
     assert str(missing) in str(caught.value)
     with pytest.raises(ValueError, match="file path"):
