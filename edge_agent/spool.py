@@ -303,8 +303,10 @@ class Spool:
     def remove(self, task_id: str) -> SpooledTask | None:
         """Remove one entry (sent, or cancelled by its caller); None if it is not here."""
         with self._using() as db:
-            row = db.execute(f"DELETE FROM spool WHERE task_id = ? RETURNING {_COLUMNS}",
-                             (task_id,)).fetchone()
+            with _transaction(db):  # SELECT then DELETE: SQLite before 3.35 has no DELETE ... RETURNING
+                row = db.execute(f"SELECT {_COLUMNS} FROM spool WHERE task_id = ?", (task_id,)).fetchone()
+                if row is not None:
+                    db.execute("DELETE FROM spool WHERE task_id = ?", (task_id,))
             if row is None:
                 return None
             entry = _entry(row)
@@ -314,9 +316,12 @@ class Spool:
     def expire(self, now: float) -> list[SpooledTask]:
         """Remove and return, oldest first, every entry whose expiry is at or before ``now``."""
         with self._using() as db:
-            rows = db.execute(f"DELETE FROM spool WHERE expires_at <= ? RETURNING seq, {_COLUMNS}",
-                              (now,)).fetchall()
-            expired = [_entry(row[1:]) for row in sorted(rows)]
+            with _transaction(db):
+                rows = db.execute(f"SELECT {_COLUMNS} FROM spool WHERE expires_at <= ? ORDER BY seq",
+                                  (now,)).fetchall()
+                if rows:
+                    db.execute("DELETE FROM spool WHERE expires_at <= ?", (now,))
+            expired = [_entry(row) for row in rows]
             self._forget(expired)
             return expired
 
