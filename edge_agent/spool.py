@@ -22,7 +22,16 @@ pickles. It knows nothing of MQTT, policies or futures, and reads no clock: ever
 
 ``take_ready`` removes what it returns in the same transaction (a crash before the caller sent them
 loses them: at most once); ``peek`` then ``remove`` after sending keeps them until they are handed
-over (at least once).
+over (at least once)::
+
+    spool = Spool(config.spool_path, max_tasks=config.spool_max_tasks, max_bytes=config.spool_max_bytes)
+    spool.put(SpooledTask(task_id=tid, name="detect", payload=encoded, created=time.time(),
+                          deadline=deadline, ttl=config.spool_ttl))   # SpoolFull: refuse the submit
+    for entry in spool.peek(time.time(), limit=16):                   # a server is back
+        send(entry)
+        spool.remove(entry.task_id)
+    for entry in spool.expire(time.time()):                           # a timer at spool.next_expiry()
+        answer(entry.task_id, "expired")
 """
 
 from __future__ import annotations
