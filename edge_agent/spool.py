@@ -50,7 +50,7 @@ SCHEMA_VERSION = 1
 """``PRAGMA user_version`` of the files this code writes; a larger one is refused."""
 APPLICATION_ID = 0x4F46534B  # "OFSK": marks the file as an offload spool (PRAGMA application_id)
 
-_COLUMNS = "task_id, name, payload, stage, policy, created, deadline, ttl"
+_COLUMNS = "task_id, name, payload, stage, policy, created, deadline, ttl, origin"
 _SCHEMA = (
     """CREATE TABLE spool (
     seq INTEGER PRIMARY KEY,             -- insertion order: FIFO across restarts
@@ -62,7 +62,8 @@ _SCHEMA = (
     created REAL NOT NULL,               -- Unix time (wall clock: it must survive a restart)
     deadline REAL,                       -- Unix time or NULL
     ttl REAL,                            -- seconds from created, or NULL
-    expires_at REAL                      -- min(deadline, created + ttl), or NULL: never
+    expires_at REAL,                     -- min(deadline, created + ttl), or NULL: never
+    origin TEXT                          -- the caller's reference, returned as is
     )""",
     "CREATE INDEX spool_expiry ON spool (expires_at) WHERE expires_at IS NOT NULL",
     f"PRAGMA application_id = {APPLICATION_ID}",
@@ -103,6 +104,9 @@ class SpooledTask:
     """Seconds from ``created`` the task may wait in the spool, or None (only the deadline counts)."""
     stage: int | None = None
     policy: str | None = None
+    origin: str | None = None
+    """Who waits for the answer, in the caller's own terms (say JSON naming a bridge route and its
+    output topic), so a restarted agent can answer it; stored and returned as is."""
 
     def __post_init__(self) -> None:
         if not self.task_id or not self.name:
@@ -124,13 +128,13 @@ class SpooledTask:
         return min(ends) if ends else None
 
 
-_Row = tuple[str, str, bytes, int | None, str | None, float, float | None, float | None]
+_Row = tuple[str, str, bytes, int | None, str | None, float, float | None, float | None, str | None]
 
 
 def _entry(row: _Row) -> SpooledTask:
-    task_id, name, payload, stage, policy, created, deadline, ttl = row
+    task_id, name, payload, stage, policy, created, deadline, ttl, origin = row
     return SpooledTask(task_id=task_id, name=name, payload=bytes(payload), created=created,
-                       deadline=deadline, ttl=ttl, stage=stage, policy=policy)
+                       deadline=deadline, ttl=ttl, stage=stage, policy=policy, origin=origin)
 
 
 @contextlib.contextmanager
@@ -282,9 +286,9 @@ class Spool:
                                 f"{self._count} of {self._max_tasks} tasks and {self._bytes} of "
                                 f"{self._max_bytes} payload bytes used ({self._path})")
             try:
-                db.execute(f"INSERT INTO spool ({_COLUMNS}, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                db.execute(f"INSERT INTO spool ({_COLUMNS}, expires_at) VALUES ({', '.join('?' * 10)})",
                            (task.task_id, task.name, task.payload, task.stage, task.policy, task.created,
-                            task.deadline, task.ttl, task.expires_at))
+                            task.deadline, task.ttl, task.origin, task.expires_at))
             except sqlite3.IntegrityError:
                 raise ValueError(f"task {task.task_id!r} is already in the spool ({self._path})") from None
             except sqlite3.OperationalError as exc:

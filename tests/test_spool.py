@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def task(n: int, *, size: int = 10, deadline: float | None = None, ttl: float | None = None,
          created: float = NOW) -> SpooledTask:
     return SpooledTask(task_id=f"t{n}", name="square", payload=bytes([n % 256]) * size, created=created,
-                       deadline=deadline, ttl=ttl, stage=n % 3 or None, policy="ect" if n % 2 else None)
+                       deadline=deadline, ttl=ttl, stage=n % 3 or None, policy="ect" if n % 2 else None,
+                       origin='{"route": 0, "output": "results/kitchen"}' if n % 4 == 1 else None)
 
 
 def ids(entries: list[SpooledTask]) -> list[str]:
