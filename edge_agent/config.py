@@ -166,6 +166,12 @@ class EdgeConfig(_Frozen):
     connect_timeout: PositiveSeconds = 5.0
     reconnect_max_delay: PositiveSeconds | None = None
     """Cap of the transport's reconnect backoff after a lost link (None: the transport's default)."""
+    persistent_session: bool = False
+    """Keep this device's MQTT session on the broker while it is away (clean session / clean start
+    off, client id = ``id``): results published meanwhile are delivered when it returns."""
+    session_expiry: Annotated[float, Field(gt=0.0, le=4294967295.0, allow_inf_nan=False)] = 3600.0
+    """MQTT 5: seconds the broker keeps the session after the link is lost (4294967295: for ever);
+    under 3.1.1 the broker decides (Mosquitto: ``persistent_client_expiration``)."""
     ping_reply_allow: list[str] = Field(default_factory=list)
     """MQTT filters a ping's ``reply_to`` may also match; by default pings are answered only on the
     pinger's own pong topic, ``{prefix}/node/{sender}/pong``."""
@@ -174,6 +180,17 @@ class EdgeConfig(_Frozen):
     shipped ACL (client id = user name) it must be ``<id>-peer``."""
     peer_password: SecretStr | None = None
     """Password of the peer server's connection; default: ``password``."""
+    spool_path: Path | None = None
+    """SQLite file of the store-and-forward spool (``edge_agent.spool``): tasks that cannot run
+    anywhere now wait there, in order, across restarts, and are sent when a server is back.
+    None: no spool (such tasks are handled in memory, as without one)."""
+    spool_max_tasks: int = Field(default=1000, ge=1, le=10_000_000)
+    """Most tasks the spool holds; a task beyond it is refused at submit (``SpoolFull``)."""
+    spool_max_bytes: int = Field(default=64 * 2**20, ge=1024, le=2**40)
+    """Most payload bytes the spool holds (at least ``max_payload``); beyond it a submit is refused."""
+    spool_ttl: PositiveSeconds = 86_400.0
+    """Longest a task waits in the spool (counted from its submission), or until its deadline if that
+    is earlier; then it is answered ``expired``."""
 
     @field_validator("id")
     @classmethod
@@ -208,6 +225,30 @@ class EdgeConfig(_Frozen):
             TransportConfig.from_url(value)
         return value or None
 
+    @field_validator("spool_path", mode="before")
+    @classmethod
+    def _spool_path_named(cls, value: Any) -> Any:
+        if isinstance(value, str) and (not value.strip() or value == ":memory:"):
+            raise ValueError("spool_path must name a file (the spool exists to survive a restart)")
+        return value
+
+    @field_validator("spool_path")
+    @classmethod
+    def _valid_spool_path(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        if value.is_dir():
+            raise ValueError(f"spool_path {str(value)!r} is a directory; name a file in it, e.g. "
+                             f"{str(value / 'spool.db')!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _spool_holds_a_task(self) -> EdgeConfig:
+        if self.spool_path is not None and self.spool_max_bytes < self.max_payload:
+            raise ValueError(f"spool_max_bytes ({self.spool_max_bytes}) is smaller than max_payload "
+                             f"({self.max_payload}): the largest task could never be spooled")
+        return self
+
     @property
     def peer_id(self) -> str:
         return self.id + PEER_SUFFIX
@@ -220,6 +261,9 @@ class EdgeConfig(_Frozen):
                                      "connect_timeout": self.connect_timeout}
         if self.reconnect_max_delay is not None:
             overrides["reconnect_max_delay"] = self.reconnect_max_delay
+        if self.persistent_session:
+            overrides["persistent_session"] = True
+            overrides["session_expiry"] = self.session_expiry
         if self.username is not None:
             overrides["username"] = self.username
         if self.password is not None:

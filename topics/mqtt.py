@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import socket
 import ssl
 import threading
@@ -65,7 +66,7 @@ _UNSUPPORTED_PROTOCOL_V3 = 1
 _STAT_KEYS = ("published", "delivered", "dropped_dispatch_full", "handler_errors", "reconnects",
               "disconnects", "publish_queue_full", "publish_waited", "publish_dropped_refused",
               "subscribe_refused", "network_errors", "acks_stale", "read_pauses",
-              "reconnect_failures")
+              "reconnect_failures", "sessions_resumed", "sessions_lost")
 _IN_FLIGHT = frozenset({MessageState.MQTT_MS_WAIT_FOR_PUBACK, MessageState.MQTT_MS_WAIT_FOR_PUBREC,
                         MessageState.MQTT_MS_WAIT_FOR_PUBCOMP, MessageState.MQTT_MS_RESEND_PUBREL})
 
@@ -211,7 +212,7 @@ class MqttTransport:
             CallbackAPIVersion.VERSION2,
             client_id=self._client_id,
             protocol=self._protocol,
-            clean_session=None if config.protocol == "5" else True,
+            clean_session=None if config.protocol == "5" else not config.persistent_session,
             reconnect_on_failure=False,  # we reconnect ourselves, with jitter
             manual_ack=True,  # a QoS 1/2 message is acknowledged once its handlers returned
         )
@@ -264,6 +265,7 @@ class MqttTransport:
         """Set when the filters subscribed before the first connect are acknowledged."""
         self._connected = False
         self._established = False
+        self._session_present: bool | None = None
         self._closed = False
         self._link = 0  # changes at every connect and loss: acknowledgements of older links are void
         self._link_at_connect = 0
@@ -280,6 +282,16 @@ class MqttTransport:
     @property
     def connected(self) -> bool:
         return self._connected
+
+    @property
+    def session_present(self) -> bool | None:
+        """Whether the broker resumed our session at the latest CONNACK (None before the first).
+
+        With ``persistent_session``, True means what was queued for us while away is being
+        delivered; False on a reconnect means it is lost (the session expired, the broker restarted
+        without persistence, or it keeps no sessions): re-send what waits for an answer.
+        """
+        return self._session_present
 
     def socket_nodelay(self) -> bool | None:
         """Whether TCP_NODELAY is set on the live socket (None when there is no socket)."""
@@ -325,12 +337,10 @@ class MqttTransport:
         self._stopping.clear()
         try:
             if self.config.protocol == "5":
-                properties = None
-                if self.config.receive_maximum is not None:
-                    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-                    properties.ReceiveMaximum = self.config.receive_maximum
+                # paho keeps the flag and the properties for every reconnect.
                 self._client.connect(self.config.host, self.config.port, self.config.keepalive,
-                                     clean_start=True, properties=properties)
+                                     clean_start=not self.config.persistent_session,
+                                     properties=self._connect_properties())
             else:
                 self._client.connect(self.config.host, self.config.port, self.config.keepalive)
         except ssl.SSLCertVerificationError as exc:
@@ -360,6 +370,17 @@ class MqttTransport:
         subscribed = self._first_subscribed
         if subscribed is not None and not subscribed.wait(wait):
             log.warning("%s: subscriptions not acknowledged within %.1fs of connecting", self._name, wait)
+
+    def _connect_properties(self) -> Properties | None:
+        """MQTT 5 CONNECT properties: Receive Maximum and Session Expiry Interval, when set."""
+        if self.config.receive_maximum is None and not self.config.persistent_session:
+            return None
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        if self.config.receive_maximum is not None:
+            properties.ReceiveMaximum = self.config.receive_maximum
+        if self.config.persistent_session:
+            properties.SessionExpiryInterval = min(math.ceil(self.config.session_expiry), 0xFFFFFFFF)
+        return properties
 
     def _set_connect_timeout(self, wait: float) -> None:
         """paho refuses to change the timeout while a failed attempt left its state "connecting";
@@ -656,14 +677,18 @@ class MqttTransport:
             return
         first = not self._established
         self._established = True
+        self._note_session(bool(getattr(flags, "session_present", False)), first=first)
         with self._ack_lock:
             self._link += 1
             self._link_at_connect = self._link
         self._connected = True
         self._connected_since = time.monotonic()
         if first:
-            self._log_link("%s: connected to %s (MQTT %s)", self._name, self.config.url,
-                           self.config.protocol)
+            session = ""
+            if self.config.persistent_session:
+                session = ", session resumed" if self._session_present else ", new session"
+            self._log_link("%s: connected to %s (MQTT %s%s)", self._name, self.config.url,
+                           self.config.protocol, session)
         else:
             self._count("reconnects")
             self._log_link("%s: reconnected to %s", self._name, self.config.url)
@@ -689,6 +714,19 @@ class MqttTransport:
         if dispatcher is not None:  # call() never blocks, even behind a stuck handler
             dispatcher.call(lambda: self._after_connect(waiter, listeners))
         self._connack.set()
+
+    def _note_session(self, present: bool, *, first: bool) -> None:
+        """Record CONNACK's session-present flag; a persistent session lost on a reconnect is logged."""
+        self._session_present = present
+        if not self.config.persistent_session:
+            return
+        if present:
+            self._count("sessions_resumed")
+        elif not first:
+            self._count("sessions_lost")
+            log.warning("%s: %s kept no session for %r: messages sent to us while away are lost "
+                        "(session expired, broker restarted, or a broker that drops sessions)",
+                        self._name, self.config.url, self._client_id)
 
     def _after_connect(self, subscribed: threading.Event, listeners: list[ConnectListener]) -> None:
         """On the dispatch thread: wait (bounded) for the re-subscription, then run the listeners."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from topics.errors import WireError
 
@@ -101,6 +101,23 @@ class TransportConfig(BaseModel):
     #: MQTT 5 clients; 3.1.1 has no such field).
     receive_maximum: int | None = Field(default=None, ge=1, le=65535)
     tcp_nodelay: bool = True
+    #: Keep our session on the broker across disconnects and restarts (MQTT 3.1.1 clean session
+    #: off; MQTT 5 clean start off plus ``session_expiry``): QoS 1/2 messages matching our
+    #: subscriptions that arrive while we are away are queued by the broker and delivered when a
+    #: client with the same ``client_id`` (required) connects again. Mosquitto keeps them (up to its
+    #: ``max_queued_messages``; QoS 0 only with ``queue_qos0_messages``); amqtt drops the sessions
+    #: of anonymous clients.
+    persistent_session: bool = False
+    #: MQTT 5: seconds the broker keeps the session once the link is gone (4294967295: for ever),
+    #: rounded up to whole seconds. MQTT 3.1.1 has no such field: the broker decides (Mosquitto:
+    #: ``persistent_client_expiration``, unset = for ever).
+    session_expiry: float = Field(default=3600.0, gt=0, le=4294967295, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _stable_client_id(self) -> TransportConfig:
+        if self.persistent_session and not self.client_id:
+            raise ValueError("persistent_session needs a client_id: the broker finds the session by it")
+        return self
 
     @classmethod
     def from_url(cls, url: str, **overrides: object) -> TransportConfig:
