@@ -11,7 +11,7 @@ $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 
 $(VENV)/.installed: $(PY) pyproject.toml
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,sim,vision,broker,fleet]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,sim,vision,broker,fleet,metrics]"
 	touch $@
 
 demo: $(VENV)/.installed
