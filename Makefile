@@ -20,6 +20,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	bash scripts/ensure-installed.sh mosquitto mosquitto mosquitto-clients
 	bash scripts/ensure-installed.sh systemd-analyze systemd
+	bash scripts/ensure-installed.sh curl curl
 	$(PY) -m pytest -q -m "not slow"
 
 test-all: $(VENV)/.installed
