@@ -140,11 +140,11 @@ class CloudAgent:
         """Set the Will, connect, subscribe, publish the birth and start the worker threads."""
         if self._started:
             raise RuntimeError(f"cloud agent {self.node_id} already started")
-        if self.config.metrics_port is not None:  # first: a port in use fails with nothing running
+        port = self.config.metrics_port
+        if port is not None:  # first: a port in use fails with nothing running
             from cloud_agent.metrics import CloudMetrics
 
-            config = self.config
-            self.metrics = CloudMetrics(self).serve(host=config.metrics_host, port=config.metrics_port)
+            self.metrics = CloudMetrics(self).serve(host=self.config.metrics_host, port=port)
         self._started = True
         self._node.stopping.clear()
         self._node.board.draining = False

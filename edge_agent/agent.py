@@ -327,6 +327,7 @@ class EdgeAgent:
             except OSError:
                 if self.metrics is not None:
                     self.metrics.close()
+                    self.metrics = None
                 raise
 
     def subscribe(self, topic_filter: str, handler: Callable[[Message], None], *, qos: int = 0) -> None:

@@ -192,7 +192,7 @@ def test_a_port_in_use_fails_start_with_nothing_running(agents: list[EdgeAgent])
         both = EdgeAgent(EdgeConfig(id="clash2", metrics_port=0, http_port=port), None, TaskRegistry())
         with pytest.raises(OSError):
             both.start()
-        assert both.http_endpoint is None
+        assert both.http_endpoint is None and both.metrics is None
 
 
 def test_cloud_metrics_close_on_stop() -> None:
