@@ -59,8 +59,8 @@ READ_TIMEOUT = 10.0
 RETRY_AFTER = "1"
 LINGER_BYTES, LINGER_SECONDS = 4 * 1024 * 1024, 2.0
 """At most this much of a refused body is read (and dropped) before the connection is closed."""
-_TASK_PATH = re.compile(r"^/tasks/([^/]+)$")
-_TASK_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_TASK_PATH = re.compile(r"/tasks/([^/]+)")
+_TASK_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 # outcome of a failed task -> (HTTP status, Retry-After?)
 _FAILED: dict[str, tuple[HTTPStatus, bool]] = {
     "error": (HTTPStatus.BAD_GATEWAY, False),
@@ -297,27 +297,28 @@ class _Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         if path == "/healthz":
             self._json(HTTPStatus.OK, self.endpoint.health())
-        elif _TASK_PATH.match(path):
+        elif _TASK_PATH.fullmatch(path):
             self._refuse(_Refusal(HTTPStatus.METHOD_NOT_ALLOWED, "method", "POST a task", allow="POST"))
         else:
             self._refuse(_Refusal(HTTPStatus.NOT_FOUND, "bad-path", f"no such path {path[:100]!r}; "
                                   "POST /tasks/<name> or GET /healthz"))
 
     def do_POST(self) -> None:
+        name = ""
         try:
             parts = urlsplit(self.path)
-            matched = _TASK_PATH.match(parts.path)
+            matched = _TASK_PATH.fullmatch(parts.path)
             if matched is None:
                 raise _Refusal(HTTPStatus.NOT_FOUND, "bad-path", f"no such path {parts.path[:100]!r}; "
                                "POST /tasks/<name>", close=True)
             name = unquote(matched.group(1))
-            if not _TASK_NAME.match(name):
+            if not _TASK_NAME.fullmatch(name):
                 raise _Refusal(HTTPStatus.BAD_REQUEST, "bad-task-name", "a task name is 1-128 of "
                                "A-Z a-z 0-9 _ . : -", close=True)
             body = self._body()
             data, headers = self.endpoint.run_task(name, parts.query, body)
         except _Refusal as refusal:
-            self._refuse(refusal, task=locals().get("name", ""))
+            self._refuse(refusal, task=name)
             return
         self._send(HTTPStatus.OK, data, headers)
 

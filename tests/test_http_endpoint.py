@@ -186,9 +186,10 @@ def test_bodies_without_a_length_are_refused(local_endpoint: HttpEndpoint) -> No
     assert (status, body["error"]) == (411, "no-length")
     status, body = _raw(local_endpoint, b"POST /elsewhere HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
     assert (status, body["error"]) == (404, "bad-path")
-    status, body = _raw(local_endpoint, b"POST /tasks/sq%20uare HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
-                        b"\r\n{}")
-    assert (status, body["error"]) == (400, "bad-task-name")
+    for name in (b"sq%20uare", b"square%0A"):
+        status, body = _raw(local_endpoint, b"POST /tasks/" + name + b" HTTP/1.1\r\nHost: x\r\n"
+                            b"Content-Length: 2\r\n\r\n{}")
+        assert (status, body["error"]) == (400, "bad-task-name"), name
 
 
 def test_a_local_task_and_keep_alive(local_endpoint: HttpEndpoint) -> None:
