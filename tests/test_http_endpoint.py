@@ -207,3 +207,39 @@ def test_a_local_task_and_keep_alive(local_endpoint: HttpEndpoint) -> None:
         assert json.loads(response.read())["error"] == "json-too-deep"
     finally:
         conn.close()
+
+
+def test_connections_beyond_the_limit_get_503(stack: Stack) -> None:
+    agent = EdgeAgent(EdgeConfig(id="crowded", http_port=0, http_max_pending=1), None,
+                      load_tasks("agent_common.demo_tasks"))
+    agent.start()
+    stack.append(agent.stop)
+    endpoint_ = agent.http_endpoint
+    assert endpoint_ is not None
+    idle = []
+    try:
+        for _ in range(1 + 16):  # max_pending + 16 connections that send nothing
+            idle.append(socket.create_connection((endpoint_.host, endpoint_.port), timeout=10))
+        with socket.create_connection((endpoint_.host, endpoint_.port), timeout=10) as extra:
+            response = http.client.HTTPResponse(extra)
+            response.begin()
+            assert response.status == 503 and response.getheader("Retry-After") == "1"
+            assert json.loads(response.read())["error"] == "busy"
+    finally:
+        for conn in idle:
+            conn.close()
+    # once they are gone, requests are served again
+    client = http.client.HTTPConnection(endpoint_.host, endpoint_.port, timeout=10)
+    stack.append(client.close)
+    wait_for(lambda: _served(client), message="a request served after the crowd left")
+    assert endpoint_.stats()["responses"]["503"] >= 1  # more if a request came before the crowd left
+
+
+def _served(conn: http.client.HTTPConnection) -> bool:
+    try:
+        conn.request("POST", "/tasks/square", body=b'{"x": 5}')
+        response = conn.getresponse()
+        return response.status == 200 and json.loads(response.read()) == {"y": 25}
+    except (OSError, http.client.HTTPException):
+        conn.close()
+        return False
