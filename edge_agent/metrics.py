@@ -104,6 +104,11 @@ class _StatsCollector:
             for reason, count in sorted(reasons.items()):
                 bad.add_metric([source, reason], count)
         yield bad
+        bridge = stats.get("bridge")
+        if bridge is not None:
+            yield counter(f"{PREFIX}_bridge_messages", "bridged messages by what became of them (received, "
+                          "submitted, published, failed, ...)",
+                          {key: n for key, n in bridge.items() if isinstance(n, int)}, label="event")
         if endpoint is not None:
             yield counter(f"{PREFIX}_http_responses", "answers of the local HTTP endpoint by status code",
                           http.get("responses", {}), label="code")

@@ -195,6 +195,29 @@ def test_a_port_in_use_fails_start_with_nothing_running(agents: list[EdgeAgent])
         assert both.http_endpoint is None and both.metrics is None
 
 
+def test_bridge_messages_and_bad_input(agents: list[EdgeAgent]) -> None:
+    broker = MemoryBroker()
+    route = {"filter": "sensors/+/reading", "task": "square", "output": "results/{1}/square"}
+    agent = EdgeAgent(EdgeConfig.model_validate({"id": "bridged", "metrics_port": 0, "routes": [route]}),
+                      MemoryTransport(broker, "bridged"), load_tasks("agent_common.demo_tasks"))
+    agents.append(agent)
+    agent.start()
+    assert agent.metrics is not None
+    url = agent.metrics.url
+    client = MemoryTransport(broker, "sensor")
+    client.connect()
+    try:
+        client.publish("sensors/kitchen/reading", b'{"x": 3}')
+        client.publish("sensors/garage/reading", b"{not json")
+        wait_for(lambda: value(scrape(url), "offload_edge_bridge_messages_total", event="published") == 1,
+                 message="the bridged result published")
+    finally:
+        client.close()
+    samples = scrape(url)
+    assert value(samples, "offload_edge_bridge_messages_total", event="received") == 2
+    assert value(samples, "offload_edge_bad_input_total", source="bridge", reason="bridge-malformed") == 1
+
+
 def test_cloud_metrics_close_on_stop() -> None:
     config = CloudConfig(id="srv-x", metrics_port=0, heartbeat_interval=0.2, workers=1, grace_period=0.0)
     server = CloudAgent(config, MemoryTransport(MemoryBroker(), client_id="srv-x"),
