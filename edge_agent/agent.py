@@ -303,6 +303,7 @@ class EdgeAgent:
                 self._try_connect(first=True)
             except BrokerRefused:
                 transport.close()
+                self._close_endpoints()
                 raise
         self._thread = threading.Thread(target=self._run_timers, name=f"{self.id}-edge", daemon=True)
         self._thread.start()
@@ -325,10 +326,16 @@ class EdgeAgent:
                                                   max_body=config.http_max_body,
                                                   max_pending=config.http_max_pending)
             except OSError:
-                if self.metrics is not None:
-                    self.metrics.close()
-                    self.metrics = None
+                self._close_endpoints()
                 raise
+
+    def _close_endpoints(self) -> None:
+        if self.http_endpoint is not None:
+            self.http_endpoint.close()
+            self.http_endpoint = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
     def subscribe(self, topic_filter: str, handler: Callable[[Message], None], *, qos: int = 0) -> None:
         """Subscribe an extra handler on the agent's transport (the bridge uses this)."""

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from brokers_support import BrokerEndpoint, Stack, endpoint, start_cloud, start_edge, wait_for
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
 
 from agent_common.metrics import OTHER, LabelCap
 from agent_common.registry import TaskRegistry, load_tasks
@@ -26,7 +27,9 @@ from edge_agent.metrics import target_of
 from edge_agent.records import TaskRecord
 from topics.brokers import MosquittoBroker
 from topics.memory import MemoryBroker, MemoryTransport
+from topics.mqtt import MqttTransport
 from topics.names import TopicTree
+from topics.transport import BrokerRefused
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -216,6 +219,17 @@ def test_bridge_messages_and_bad_input(agents: list[EdgeAgent]) -> None:
     samples = scrape(url)
     assert value(samples, "offload_edge_bridge_messages_total", event="received") == 2
     assert value(samples, "offload_edge_bad_input_total", source="bridge", reason="bridge-malformed") == 1
+
+
+def test_a_refused_login_leaves_no_port_open(broker_factory: Any) -> None:
+    guarded: BrokerEndpoint = broker_factory("mosquitto-3.1.1", users={"cam1": "right"})
+    config = EdgeConfig(id="cam1", broker=guarded.url, username="cam1", password=SecretStr("wrong"),
+                        metrics_port=0, http_port=0)
+    agent = EdgeAgent(config, MqttTransport(config.transport_config()), TaskRegistry())
+    with pytest.raises(BrokerRefused):
+        agent.start()
+    assert agent.metrics is None and agent.http_endpoint is None
+    agent.stop()
 
 
 def test_cloud_metrics_close_on_stop() -> None:
