@@ -11,7 +11,7 @@ $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 
 $(VENV)/.installed: $(PY) pyproject.toml
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,sim,vision,broker,fleet]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,sim,vision,broker,fleet,metrics]"
 	touch $@
 
 demo: $(VENV)/.installed
@@ -20,6 +20,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	bash scripts/ensure-installed.sh mosquitto mosquitto mosquitto-clients
 	bash scripts/ensure-installed.sh systemd-analyze systemd
+	bash scripts/ensure-installed.sh curl curl
 	$(PY) -m pytest -q -m "not slow"
 
 test-all: $(VENV)/.installed

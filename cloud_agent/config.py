@@ -96,6 +96,10 @@ class CloudConfig(BaseModel):
                                  "(retained) so this server appears there as a device with sensors")
     home_assistant_prefix: str = Field(default="homeassistant",
                                        description="Home Assistant's discovery topic prefix")
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = Field(
+        default=None, description="serve Prometheus metrics on this port (0: any free port); unset: off "
+        "(needs the metrics extra, prometheus-client)")
+    metrics_host: str = Field(default="127.0.0.1", description="address the metrics server binds")
 
     @field_validator("id")
     @classmethod

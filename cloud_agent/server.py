@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent_common.badinput import BadInputLog, RateLimitedLog
 from agent_common.registry import TaskRegistry, TaskSpec, load_tasks
@@ -48,6 +48,9 @@ from cloud_agent.workers import EWMA_ALPHA, Workers
 from topics.models import Load, Status
 from topics.names import DELIVERY, Kind, TopicTree
 from topics.transport import Message, Transport
+
+if TYPE_CHECKING:
+    from agent_common.metrics import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,8 @@ class CloudAgent:
                                   rng=rng or random.Random(f"{config.id}-{os.getpid()}"))
         self._threads: list[threading.Thread] = []
         self._started = False
+        self.metrics: MetricsServer | None = None
+        """The Prometheus metrics server while started, when the config has ``metrics_port``."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -135,6 +140,11 @@ class CloudAgent:
         """Set the Will, connect, subscribe, publish the birth and start the worker threads."""
         if self._started:
             raise RuntimeError(f"cloud agent {self.node_id} already started")
+        port = self.config.metrics_port
+        if port is not None:  # first: a port in use fails with nothing running
+            from cloud_agent.metrics import CloudMetrics
+
+            self.metrics = CloudMetrics(self).serve(host=self.config.metrics_host, port=port)
         self._started = True
         self._node.stopping.clear()
         self._node.board.draining = False
@@ -154,6 +164,7 @@ class CloudAgent:
             self._transport.connect()
         except BaseException:
             self._shutdown_threads()
+            self._close_metrics()
             self._started = False
             raise
         if self.config.pools:
@@ -182,8 +193,14 @@ class CloudAgent:
         self._liveness.publish_offline()
         self._transport.close()
         self._workers.close()
+        self._close_metrics()
         self._started = False
         log.info("%s offline (%d tasks answered late or not run)", self.node_id, len(leftovers))
+
+    def _close_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

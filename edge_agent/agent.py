@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent_common.badinput import BadInputLog
 from agent_common.decoding import decode_or_count
@@ -75,6 +75,10 @@ from topics.transport import (
     TransportError,
     backoff_delays,
 )
+
+if TYPE_CHECKING:
+    from agent_common.metrics import MetricsServer
+    from edge_agent.http_endpoint import HttpEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +252,10 @@ class EdgeAgent:
         self._pong_topic = self._tree.pong(self.id)
         self.bridge: Bridge | None = None
         """The topic bridge, when the config has routes (created by :meth:`start`)."""
+        self.http_endpoint: HttpEndpoint | None = None
+        """The local HTTP endpoint, when the config has ``http_port`` (bound by :meth:`start`)."""
+        self.metrics: MetricsServer | None = None
+        """The Prometheus metrics server, when the config has ``metrics_port`` (started by :meth:`start`)."""
 
     @classmethod
     def from_config(cls, config: EdgeConfig | str | Path, *, registry: TaskRegistry | None = None,
@@ -272,6 +280,7 @@ class EdgeAgent:
         authorisation or protocol (an unreachable broker is retried in the background instead)."""
         if self._thread is not None:
             return
+        self._open_endpoints()
         transport = self._transport
         if transport is not None:
             if self.config.announce:
@@ -294,9 +303,39 @@ class EdgeAgent:
                 self._try_connect(first=True)
             except BrokerRefused:
                 transport.close()
+                self._close_endpoints()
                 raise
         self._thread = threading.Thread(target=self._run_timers, name=f"{self.id}-edge", daemon=True)
         self._thread.start()
+        if self.http_endpoint is not None:
+            self.http_endpoint.start()
+
+    def _open_endpoints(self) -> None:
+        """Start the metrics server and bind the HTTP endpoint the config asks for, before anything
+        else starts: a port in use fails :meth:`start` with nothing left running."""
+        config = self.config
+        if config.metrics_port is not None:
+            from edge_agent.metrics import EdgeMetrics
+
+            self.metrics = EdgeMetrics(self).serve(host=config.metrics_host, port=config.metrics_port)
+        if config.http_port is not None:
+            from edge_agent.http_endpoint import HttpEndpoint
+
+            try:
+                self.http_endpoint = HttpEndpoint(self, host=config.http_host, port=config.http_port,
+                                                  max_body=config.http_max_body,
+                                                  max_pending=config.http_max_pending)
+            except OSError:
+                self._close_endpoints()
+                raise
+
+    def _close_endpoints(self) -> None:
+        if self.http_endpoint is not None:
+            self.http_endpoint.close()
+            self.http_endpoint = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
     def subscribe(self, topic_filter: str, handler: Callable[[Message], None], *, qos: int = 0) -> None:
         """Subscribe an extra handler on the agent's transport (the bridge uses this)."""
@@ -364,6 +403,8 @@ class EdgeAgent:
             return
         self._stopping.set()
         self._wake.set()
+        if self.http_endpoint is not None:
+            self.http_endpoint.close()  # no new requests; waiting ones get their outcome below
         self._feed(self._core.stop, self._mono())
         if self._transport is not None:
             if self._transport.connected and self.config.announce:
@@ -376,6 +417,8 @@ class EdgeAgent:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._process_pool is not None:
             self._process_pool.shutdown(wait=False, cancel_futures=True)
+        if self.metrics is not None:
+            self.metrics.close()
 
     def __enter__(self) -> EdgeAgent:
         self.start()

@@ -66,8 +66,13 @@ _FLAGS: dict[str, tuple[str, Any, str]] = {
     "--peer-username": ("peer_username", str, "broker user of the peer server (password: "
                         "EDGE_AGENT_PEER_PASSWORD); default --username"),
     "--reconnect-max-delay": ("reconnect_max_delay", float, "cap of the reconnect backoff (s)"),
+    "--metrics-port": ("metrics_port", int, "serve Prometheus metrics on this port (127.0.0.1; 0: any)"),
+    "--http-port": ("http_port", int, "serve POST /tasks/<name> on this port (127.0.0.1; 0: any)"),
 }
 
+
+_NO_ENDPOINTS = {"metrics_port": None, "http_port": None}
+"""One-shot commands (submit, servers) never open the ports a running device's settings name."""
 
 _CHOICES: dict[str, tuple[str, ...]] = {"protocol": get_args(ProtocolVersion),
                                         "format": get_args(EdgeConfig.model_fields["format"].annotation)}
@@ -252,7 +257,8 @@ def submit(args: argparse.Namespace) -> int:
         payload = json.loads(args.payload)
     except json.JSONDecodeError as exc:
         raise UsageError(f"JSON_PAYLOAD is not valid JSON: {exc}") from exc
-    device = Device(config.model_copy(update={"serve": False, "announce": False}), load_registry(config))
+    device = Device(config.model_copy(update={"serve": False, "announce": False, **_NO_ENDPOINTS}),
+                    load_registry(config))
     agent = device.agent
     try:
         device.start()
@@ -299,8 +305,8 @@ def servers(args: argparse.Namespace) -> int:
     if args.listen <= 0:
         raise UsageError(f"--listen must be positive, got {args.listen}")
     live = _rich_live() if args.watch else None
-    device = Device(config.model_copy(update={"serve": False, "announce": False, "tasks": []}),
-                    TaskRegistry())
+    device = Device(config.model_copy(update={"serve": False, "announce": False, "tasks": [],
+                                              **_NO_ENDPOINTS}), TaskRegistry())
     watch = FleetWatch(device.agent)
     try:
         device.start()

@@ -191,6 +191,20 @@ class EdgeConfig(_Frozen):
     spool_ttl: PositiveSeconds = 86_400.0
     """Longest a task waits in the spool (counted from its submission), or until its deadline if that
     is earlier; then it is answered ``expired``."""
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Serve Prometheus metrics on this port (0: any free port); ``None`` = off. Needs the
+    ``metrics`` extra (prometheus-client)."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics server binds (loopback by default)."""
+    http_port: int | None = Field(default=None, ge=0, le=65535)
+    """Serve the local HTTP endpoint (``POST /tasks/<name>``) on this port (0: any free port);
+    ``None`` = off."""
+    http_host: str = "127.0.0.1"
+    """Address the HTTP endpoint binds: anything that reaches it can run tasks, so loopback by default."""
+    http_max_body: int = Field(default=1024 * 1024, ge=1, le=256 * 1024 * 1024)
+    """Largest request body the HTTP endpoint accepts (bytes); beyond it 413, unread."""
+    http_max_pending: int = Field(default=64, ge=1, le=100_000)
+    """HTTP requests that may wait for their task at once; beyond it 503 with Retry-After."""
 
     @field_validator("id")
     @classmethod
