@@ -37,6 +37,7 @@ over (at least once)::
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import sqlite3
@@ -82,10 +83,13 @@ class SpoolFull(SpoolError, ValueError):
 class SpoolFileError(SpoolError):
     """The spool file cannot be used (not SQLite, damaged, foreign, newer schema, in use)."""
 
-    def __init__(self, path: str, problem: str) -> None:
+    def __init__(self, path: str, problem: str, *, replaceable: bool = False) -> None:
         super().__init__(f"spool {path}: {problem}")
         self.path = path
         self.problem = problem
+        self.replaceable = replaceable
+        """The file is not a usable spool (not SQLite, damaged, foreign): :func:`open_spool` moves it
+        aside and starts afresh. Not for a file in use, unwritable, or of a newer version."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,9 +189,10 @@ class Spool:
         if name == "SQLITE_CANTOPEN":
             return SpoolFileError(self._path, "cannot open it (are it and its directory writable?)")
         if name == "SQLITE_NOTADB":
-            return SpoolFileError(self._path, "not an SQLite database (not a spool file?)")
+            return SpoolFileError(self._path, "not an SQLite database (not a spool file?)", replaceable=True)
         if name in ("SQLITE_CORRUPT", "SQLITE_CORRUPT_INDEX", "SQLITE_CORRUPT_SEQUENCE"):
-            return SpoolFileError(self._path, "the database is damaged (move it away to start afresh)")
+            return SpoolFileError(self._path, "the database is damaged (move it away to start afresh)",
+                                  replaceable=True)
         return SpoolFileError(self._path, f"{exc} ({name or type(exc).__name__})")
 
     def _open(self) -> sqlite3.Connection:
@@ -204,6 +209,7 @@ class Spool:
             raise self._file_error(exc) from exc
         try:
             db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            self._check_schema(db, create=False)  # a foreign file is refused before WAL touches it
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise SpoolFileError(self._path, f"cannot use WAL mode (journal mode stays {mode!r})")
@@ -214,7 +220,7 @@ class Spool:
             if problems != ["ok"]:
                 detail = " ".join(str(problems[-1]).split())[:200]
                 raise SpoolFileError(self._path, f"the database is damaged: {detail} "
-                                                 "(move it away to start afresh)")
+                                                 "(move it away to start afresh)", replaceable=True)
         except sqlite3.Error as exc:
             db.close()
             raise self._file_error(exc) from exc
@@ -223,23 +229,25 @@ class Spool:
             raise
         return db
 
-    def _check_schema(self, db: sqlite3.Connection) -> None:
-        """Create the schema in an empty file; refuse a foreign or newer one."""
+    def _check_schema(self, db: sqlite3.Connection, *, create: bool = True) -> None:
+        """Refuse a foreign or newer file; create the schema in an empty one (if ``create``)."""
         application = db.execute("PRAGMA application_id").fetchone()[0]
         version = db.execute("PRAGMA user_version").fetchone()[0]
         tables = db.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
         if application == 0 and version == 0 and tables == 0:
-            for statement in _SCHEMA:
-                db.execute(statement)
+            if create:
+                for statement in _SCHEMA:
+                    db.execute(statement)
             return
         if application != APPLICATION_ID:
             raise SpoolFileError(self._path, f"an SQLite database of another application "
-                                             f"(application_id {application:#x}), not a spool")
+                                             f"(application_id {application:#x}), not a spool",
+                                 replaceable=True)
         if version > SCHEMA_VERSION:
             raise SpoolFileError(self._path, f"written by a newer version (schema {version}; this one "
                                              f"reads up to {SCHEMA_VERSION})")
         if version < 1:
-            raise SpoolFileError(self._path, f"unknown spool schema {version}")
+            raise SpoolFileError(self._path, f"unknown spool schema {version}", replaceable=True)
 
     # ------------------------------------------------------------------------------ properties
     @property
@@ -382,5 +390,23 @@ class Spool:
                 raise self._file_error(exc) from exc
 
 
+def open_spool(path: Path | str, *, now: float, log: logging.Logger, max_tasks: int = 1000,
+               max_bytes: int = 64 * 2**20) -> Spool:
+    """The spool at ``path``; a file that is not a usable spool (not SQLite, damaged, foreign) is
+    moved aside to ``<path>.bad-<now>`` (with its ``-wal`` and ``-shm``), the reason logged, and a
+    fresh spool started there. Other problems (in use, unwritable, a newer version) raise."""
+    try:
+        return Spool(path, max_tasks=max_tasks, max_bytes=max_bytes)
+    except SpoolFileError as exc:
+        if not exc.replaceable:
+            raise
+        aside = f"{path}.bad-{int(now)}"
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(f"{path}{suffix}", f"{aside}{suffix}")
+        log.warning("%s; moved it to %s and started a fresh spool", exc, aside)
+        return Spool(path, max_tasks=max_tasks, max_bytes=max_bytes)
+
+
 __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "Spool", "SpoolError", "SpoolFileError", "SpoolFull",
-           "SpooledTask"]
+           "SpooledTask", "open_spool"]

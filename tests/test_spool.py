@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import subprocess
@@ -24,6 +25,7 @@ from edge_agent.spool import (
     SpoolError,
     SpoolFileError,
     SpoolFull,
+    open_spool,
 )
 
 NOW = 1_700_000_000.0
@@ -220,9 +222,11 @@ def test_another_applications_database_is_refused(path: Path) -> None:
     other.execute("CREATE TABLE readings (value REAL)")
     other.commit()
     other.close()
+    before = path.read_bytes()
     with pytest.raises(SpoolFileError, match="another application") as caught:
         Spool(path)
     assert str(path) in str(caught.value)
+    assert path.read_bytes() == before  # not even switched to WAL
     assert sqlite3.connect(path).execute("SELECT count(*) FROM readings").fetchone() == (0,)
 
 
@@ -421,3 +425,37 @@ def test_the_edge_config_refuses_a_spool_that_cannot_work(fields: dict[str, obje
 def test_a_directory_is_not_a_spool_file(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match=r"is a directory; name a file in it"):
         load_edge_config(overrides={"id": "cam1", "spool_path": str(tmp_path)}, environ={})
+
+
+@pytest.mark.parametrize("spoil", ["not-sqlite", "foreign"])
+def test_open_spool_moves_an_unusable_file_aside_and_starts_afresh(
+        path: Path, spoil: str, caplog: pytest.LogCaptureFixture) -> None:
+    if spoil == "not-sqlite":
+        path.write_bytes(b"this is not SQLite\n" * 300)
+    else:
+        other = sqlite3.connect(path)
+        other.execute("CREATE TABLE readings (value REAL)")
+        other.commit()
+        other.close()
+    before = path.read_bytes()
+    caplog.set_level(logging.WARNING, logger="spool-test")
+    with open_spool(path, now=1234.5, log=logging.getLogger("spool-test")) as spool:
+        spool.put(task(0))
+        assert len(spool) == 1
+    assert (path.parent / "spool.db.bad-1234").read_bytes() == before  # kept, for a post-mortem
+    warnings = [r.getMessage() for r in caplog.records if r.name == "spool-test"]
+    assert len(warnings) == 1 and "spool.db.bad-1234" in warnings[0] and str(path) in warnings[0]
+
+
+def test_open_spool_leaves_a_newer_or_busy_file_alone(path: Path) -> None:
+    with Spool(path) as spool:
+        spool.put(task(0))
+        with pytest.raises(SpoolFileError, match="in use"):
+            open_spool(path, now=1.0, log=logging.getLogger("spool-test"))
+    newer = sqlite3.connect(path)
+    newer.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    newer.commit()
+    newer.close()
+    with pytest.raises(SpoolFileError, match="newer version"):
+        open_spool(path, now=1.0, log=logging.getLogger("spool-test"))
+    assert not list(path.parent.glob("*.bad-*"))
