@@ -224,3 +224,16 @@ def retained_on(target: BrokerEndpoint, stack: Stack, topic_filter: str) -> list
     look.publish(marker, b"x", qos=1)
     assert done.wait(15.0), "marker never came back"
     return got
+
+
+def gate_registry(gate: threading.Event) -> TaskRegistry:
+    """The demo tasks plus ``gate``: returns once the test sets ``gate`` (a task held in flight)."""
+    registry = TaskRegistry()
+    registry.merge(load_tasks("agent_common.demo_tasks"))
+
+    @registry.task("gate")
+    def hold(payload: Any) -> Any:
+        gate.wait(30.0)
+        return payload
+
+    return registry

@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokers_support import BrokerEndpoint, Stack, endpoint, require, start_cloud, start_edge, wait_for
+from brokers_support import (
+    BrokerEndpoint,
+    Stack,
+    endpoint,
+    gate_registry,
+    require,
+    start_cloud,
+    start_edge,
+    wait_for,
+)
 
 from agent_common.registry import TaskRegistry, load_tasks
 from edge_agent.agent import EdgeAgent
@@ -71,15 +80,7 @@ def device(mosquitto_broker: MosquittoBroker, stack: Stack, topic_prefix: str) -
     require(shutil.which("curl") is not None, "curl not installed: apt-get install -y curl")
     target: BrokerEndpoint = endpoint(mosquitto_broker)
     gate = threading.Event()
-    registry = TaskRegistry()
-    registry.merge(load_tasks("agent_common.demo_tasks"))
-
-    @registry.task("gate")
-    def hold(payload: Any) -> Any:
-        gate.wait(30.0)
-        return payload
-
-    start_cloud(target, stack, topic_prefix, SERVER, registry=registry)
+    start_cloud(target, stack, topic_prefix, SERVER, registry=gate_registry(gate))
     edge = start_edge(target, stack, topic_prefix, registry=TaskRegistry(), http_port=0,
                       http_max_body=MAX_BODY, http_max_pending=1)
     stack.append(gate.set)  # before the agents stop

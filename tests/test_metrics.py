@@ -13,7 +13,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from brokers_support import BrokerEndpoint, Stack, endpoint, start_cloud, start_edge, wait_for
+from brokers_support import (
+    BrokerEndpoint,
+    Stack,
+    endpoint,
+    gate_registry,
+    start_cloud,
+    start_edge,
+    wait_for,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
@@ -56,19 +64,6 @@ def edge_bad_input(samples: Samples) -> float:
 @pytest.fixture
 def mosquitto(mosquitto_broker: MosquittoBroker) -> BrokerEndpoint:
     return endpoint(mosquitto_broker)
-
-
-def gate_registry(gate: threading.Event) -> TaskRegistry:
-    """The demo tasks plus ``gate``: returns once the test sets ``gate`` (a task held in flight)."""
-    registry = TaskRegistry()
-    registry.merge(load_tasks("agent_common.demo_tasks"))
-
-    @registry.task("gate")
-    def hold(payload: Any) -> Any:
-        gate.wait(30.0)
-        return payload
-
-    return registry
 
 
 def test_counters_move_between_scrapes(mosquitto: BrokerEndpoint, stack: Stack, topic_prefix: str) -> None:
