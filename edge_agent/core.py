@@ -771,6 +771,8 @@ class DeviceCore:
         at = task.timeout_at = now + _timeout(
             expected, None if deadline is None else deadline - now, alternative, tuning.default_timeout,
             tuning.timeout_factor, tuning.attempt_share, tuning.max_timeout)
+        if not resend:
+            self.table.expect(target, now + expected)
         stale_at += STALE_MARGIN
         if now < stale_at < at and self.connected and not task.resend:
             at = stale_at

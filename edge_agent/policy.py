@@ -16,21 +16,26 @@ Expected completion time (ECT) of an option, in seconds, and its spread::
                = (ahead - workers + in_flight_residual) * service / workers   otherwise
     ahead      = queue_length + in_flight (+ sent_since_report for a server)
     busy_wait  = busy * (queue_capacity or busy_tasks * workers) * service / workers
-    spread     = rtt_dev + error_dev + doubt (+ the default for an unknown rtt or service time)
+    spread     = rtt_dev + error_dev   (a server's; a local run's: the service time's mean deviation)
+                 + the default of an unknown round trip or service time
+    caution    = doubt
 
 ``in_flight_residual`` (default 0.5) is the part of a running task still to do when a new one
 arrives: the head of the line is on average half done. A server's ``queue_length`` comes from its last
 heartbeat, which may be old: ``sent_since_report`` adds what this device sent it since; an answer newer
 than the report replaces the report's queue by the wait it measured. ``backlog`` is the device's own
 send queue. ``busy`` (decayed ``rejected-busy``/``expired`` answers) is load: the queue was full;
-``doubt`` (decayed seconds waited for timed-out attempts) is uncertainty: it widens the spread, not the
-mean. Neither bans a server: both fade with time and halve on each answer.
+``doubt`` (decayed seconds waited for timed-out attempts, plus how late the oldest unanswered one is)
+is uncertainty: it is caution, not part of the mean. Neither bans a server: both fade with time and
+halve on each answer.
 
-``ect`` ranks an option by ``ECT + spread`` and counts it as meeting a deadline only when
-``ECT + risk x spread`` does (a high quantile, not the mean). It considers ``choices`` servers drawn at
-random from the table (plus the one chosen last time, and the local option): power of d choices, so
-devices reading the same stale report do not all pick the same server, and a decision costs O(d), not
-O(servers). When none of them meets the deadline it draws again, up to ``rounds`` times.
+``ect`` ranks an option by ``ECT + caution + u x spread`` (``u`` uniform in [-1, 1), drawn per option
+and decision: what the option may take, as Thompson sampling draws it) and counts it as meeting a
+deadline only when ``ECT + risk x (spread + caution)`` does (a high quantile, not the mean). It
+considers ``choices`` servers drawn at random from the table (plus the one chosen last time, and the
+local option): power of d choices, so devices reading the same stale report do not all pick the same
+server, and a decision costs O(d), not O(servers). When none of them meets the deadline it draws
+again, up to ``rounds`` times.
 
 Policies (:data:`POLICIES`): ``local``, ``remote`` (best server by ECT), ``random`` (uniform over
 usable servers), ``min_rtt`` (lowest round trip, blind to load), ``threshold`` (the old proxy's rule:
@@ -159,7 +164,7 @@ class PolicyConfig:
     default_bandwidth: float = 12.5e6
     """Bytes/s assumed when unknown (100 Mbit/s)."""
     default_service_time: float = 0.050
-    """Service time assumed for a task never timed on that node (s); it counts in the spread too."""
+    """Service time assumed for a task never timed on that node (s); ``ect`` counts it as caution too."""
     spread_k: int = 2
     """Spread over at most this many near-equal best options (1 = always the minimum)."""
     near_equal: float = 0.15
@@ -182,7 +187,7 @@ class PolicyConfig:
     rounds: int = 3
     """``ect``: draws of ``choices`` servers at most, while none drawn meets the deadline."""
     risk: float = 2.0
-    """``ect``: an option meets a deadline when ``ECT + risk x spread`` does."""
+    """``ect``: an option meets a deadline when ``ECT + risk x (spread + caution)`` does."""
     busy_tasks: int = 4
     """Queued tasks per worker a busy answer stands for when the server reports no queue capacity."""
 
@@ -246,9 +251,10 @@ def _queue_wait(ahead: int, workers: int, service: float, residual: float) -> fl
     return (ahead - workers + residual) * service / workers
 
 
-def _server_estimate(task: TaskInfo, server: ServerInfo, config: PolicyConfig) -> tuple[float, float]:
-    """(ECT, spread) of ``task`` on ``server`` (see the module docstring); the spread without ``doubt``."""
+def _server_estimate(task: TaskInfo, server: ServerInfo, config: PolicyConfig) -> tuple[float, float, float]:
+    """(ECT, spread, caution) of ``task`` on ``server`` (see the module docstring)."""
     spread = server.rtt_dev + server.error_dev
+    caution = server.doubt
     rtt = server.rtt
     if rtt is None:
         rtt = config.default_rtt
@@ -273,17 +279,16 @@ def _server_estimate(task: TaskInfo, server: ServerInfo, config: PolicyConfig) -
         estimate += server.busy * capacity * service / workers
     if server.recent_failures and config.failure_penalty:
         estimate += server.recent_failures * config.failure_penalty
-    return estimate, spread
+    return estimate, spread, caution
 
 
-def _local_estimate(local: LocalInfo, config: PolicyConfig) -> tuple[float, float]:
-    """(ECT, spread) of running the task on this device."""
+def _local_estimate(local: LocalInfo, config: PolicyConfig) -> tuple[float, float, float]:
+    """(ECT, spread, caution) of running the task on this device."""
     service, spread = local.service_time, local.service_dev
     if service is None:
-        service = config.default_service_time
-        spread += service
+        service = spread = config.default_service_time
     return (_queue_wait(local.queue_length + local.in_flight, local.workers, service,
-                        config.in_flight_residual) + service, spread)
+                        config.in_flight_residual) + service, spread, 0.0)
 
 
 def server_ect(task: TaskInfo, server: ServerInfo, config: PolicyConfig = DEFAULT_POLICY_CONFIG) -> float:
@@ -348,13 +353,17 @@ def _ect(task: TaskInfo, local: LocalInfo, servers: Sequence[ServerInfo], *, rng
     """The ``ect`` rule (see the module docstring)."""
     time_left = task.time_left
     risk = config.risk
-    # (label, rank = ECT + doubt + u x spread with u uniform in [-1, 1) per option and decision (a
-    #  draw from what the option may take: Thompson sampling), quantile = ECT + risk x (spread + doubt), ECT)
+    # (label, rank, quantile, ECT); rank = ECT + caution + u x spread, u uniform in [-1, 1) per option and
+    # decision: a draw from what the option may take (Thompson sampling); doubt counts in full.
     options: list[tuple[str, float, float, float]] = []
     random_ = rng.random
+
+    def add(label: str, mean: float, spread: float, caution: float) -> None:
+        options.append((label, mean + caution + (2.0 * random_() - 1.0) * spread,
+                        mean + risk * (spread + caution), mean))
+
     if allow_local and local.capable:
-        mean, spread = _local_estimate(local, config)
-        options.append((LOCAL, mean + (2.0 * random_() - 1.0) * spread, mean + risk * spread, mean))
+        add(LOCAL, *_local_estimate(local, config))
     taken: set[int] = set()
     if previous is not None and previous != LOCAL:
         at = previous_at
@@ -364,16 +373,10 @@ def _ect(task: TaskInfo, local: LocalInfo, servers: Sequence[ServerInfo], *, rng
         if at is not None:
             taken.add(at)
             if _usable(servers[at], exclude):
-                server = servers[at]
-                mean, spread = _server_estimate(task, server, config)
-                options.append((previous, mean + server.doubt + (2.0 * random_() - 1.0) * spread,
-                                mean + risk * (spread + server.doubt), mean))
+                add(previous, *_server_estimate(task, servers[at], config))
     for _ in range(config.rounds):
         for i in _draw(servers, config.choices, rng, exclude, taken):
-            server = servers[i]
-            mean, spread = _server_estimate(task, server, config)
-            options.append((server.node, mean + server.doubt + (2.0 * random_() - 1.0) * spread,
-                            mean + risk * (spread + server.doubt), mean))
+            add(servers[i].node, *_server_estimate(task, servers[i], config))
         if time_left is None or any(option[2] <= time_left for option in options):
             break
         if len(taken) >= len(servers):

@@ -15,8 +15,10 @@
   ``half_life`` seconds (for views, and the policy's optional penalty). Below :data:`FORGET_BELOW` it
   is zero. What a failure says goes further: a busy answer (``rejected-busy``, ``expired``) adds 1 to
   ``busy`` (load: the policy counts a full queue ahead), a timeout adds the seconds waited to
-  ``doubt`` (uncertainty: the policy widens the spread). Both halve every ``half_life`` seconds and on
-  each answer from the server: they fade on evidence and never ban a server.
+  ``doubt`` (uncertainty: the policy's caution), and so does, until it is answered, how late the
+  earliest unanswered attempt is past the time it was expected (:meth:`ServerTable.expect`). Both halve
+  every ``half_life`` seconds and on each answer from the server: they fade on evidence and never ban
+  a server.
 * **Answers.** Every answer to one of this device's attempts teaches it about that server
   (:meth:`ServerTable.answered`): the round trip (the measured wall time minus the queue wait and
   service time the server reports and the expected transfer), the service time, the queue wait, the
@@ -43,6 +45,7 @@ caller serialises access (the device core is driven by one thread at a time).
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -307,8 +310,8 @@ def _new_counters() -> dict[str, int]:
 class _Learned:
     """What one device learned of one server from its own attempts there (see the module docstring)."""
 
-    __slots__ = ("at", "busy", "doubt", "error_dev", "latency", "outstanding", "rtt", "rtt_dev", "service",
-                 "trouble_at", "wait")
+    __slots__ = ("at", "busy", "doubt", "due", "error_dev", "latency", "outstanding", "rtt", "rtt_dev",
+                 "service", "trouble_at", "wait")
 
     def __init__(self) -> None:
         self.at = -_INF
@@ -320,6 +323,8 @@ class _Learned:
         self.error_dev = 0.0
         self.latency: float | None = None
         self.outstanding = 0
+        self.due: list[float] = []
+        """When the unanswered attempts were expected to be answered (a heap; the earliest first)."""
         self.busy = 0.0
         self.doubt = 0.0
         self.trouble_at = 0.0
@@ -500,6 +505,15 @@ class ServerTable:
         learned = self._learned.get(node)
         if learned is not None and learned.outstanding > 0:
             learned.outstanding -= 1
+            if learned.due:
+                heapq.heappop(learned.due)
+
+    def expect(self, node: str, by: float) -> None:
+        """The attempt just sent to ``node`` (:meth:`sending`) should be answered by ``by``: past it, how
+        late the earliest unanswered attempt is counts as doubt (evidence before any timeout fires)."""
+        learned = self._learned.get(node)
+        if learned is not None and len(learned.due) < learned.outstanding:
+            heapq.heappush(learned.due, by)
 
     def answered(self, node: str, now: float, *, wall: float, queue_wait: float, service_time: float,
                  transfer: float = 0.0, predicted: float | None = None) -> None:
@@ -646,10 +660,12 @@ class ServerTable:
         heard = entry.last_heartbeat
         if learned.at > -_INF and (heard is None or learned.at > heard):
             service, wait = learned.service, learned.wait
+        doubt = learned.doubt
+        if learned.due and now > learned.due[0]:
+            doubt += now - learned.due[0]
         return ServerInfo(node, row.capable, row.stale, rtt, rtt_dev, row.bandwidth, row.queue_length,
                           row.in_flight, row.workers, service, since, failed, row.queue_capacity,
-                          learned.outstanding, wait, learned.error_dev, learned.busy, learned.doubt,
-                          learned.latency)
+                          learned.outstanding, wait, learned.error_dev, learned.busy, doubt, learned.latency)
 
     def announces(self, task: str) -> bool:
         """True when some server (alive or not) announced ``task`` in a heartbeat."""

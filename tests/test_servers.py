@@ -124,3 +124,14 @@ def test_the_core_teaches_its_table_from_each_answer() -> None:
     assert info.rtt == pytest.approx(0.040 - 0.005 - 0.012 - 0.010) and info.outstanding == 1
     core.result("t2", "s", 1, "rejected-busy", 0.050)
     assert row(core.table, 0.050).busy == pytest.approx(1.0)
+
+
+def test_an_unanswered_attempt_past_its_expected_time_is_doubt_before_any_timeout() -> None:
+    table = table_with()
+    table.sending("s", 1.0)
+    table.expect("s", 1.030)                          # expected back within 30 ms
+    assert row(table, 1.020).doubt == 0.0
+    assert row(table, 1.080).doubt == pytest.approx(0.050)
+    assert not row(table, 1.080).stale
+    table.settled("s")                                # answered (or given up): the evidence is gone
+    assert row(table, 1.080).doubt == 0.0 and row(table, 1.080).outstanding == 0
