@@ -6,6 +6,7 @@ best other non-oracle policy that completes at least as many tasks, and its miss
 (in points of the tasks). These are the numbers the policy issue's "done when" is judged on.
 
     nice -n 10 python bench/policy_table.py [--seeds 1-5] [--scenarios herding,server_crash] [--extra p2c]
+                                            [--set risk=3 --set choices=3]
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ def main() -> None:
     parser.add_argument("--seeds", default="1-5")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--extra", default="p2c", help="policies run besides the scenario's own")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a PolicyConfig override for every policy (repeatable), e.g. risk=3")
     args = parser.parse_args()
+    overrides = {field: float(value) if "." in value else int(value)
+                 for field, value in (item.split("=", 1) for item in args.set)}
     seeds = _seeds(args.seeds)
     extra = [name for name in args.extra.split(",") if name and name in POLICIES]
     print(f"DES, seeds {seeds[0]}..{seeds[-1]} ({len(seeds)}); completed and misses summed, p95 and "
@@ -55,7 +60,8 @@ def main() -> None:
         p95s: dict[str, list[float]] = defaultdict(list)
         ratios: dict[str, list[float]] = defaultdict(list)
         for seed in seeds:
-            summaries = [summarize(run_des(scenario, policy, seed=seed).records, name=policy)
+            config = scenario.policy_config(**overrides)
+            summaries = [summarize(run_des(scenario, policy, seed=seed, config=config).records, name=policy)
                          for policy in policies]
             for summary in with_oracle_ratios(summaries):
                 completed[summary.name] += summary.completed

@@ -64,6 +64,7 @@ class PolicySettings(_Frozen):
     choices: int = Field(default=2, ge=1)
     rounds: int = Field(default=3, ge=1)
     risk: float = Field(default=2.0, ge=0.0)
+    explore: float = Field(default=1.0, ge=0.0)
     busy_tasks: int = Field(default=4, ge=0)
 
     def to_policy_config(self) -> PolicyConfig:

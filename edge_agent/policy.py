@@ -188,6 +188,8 @@ class PolicyConfig:
     """``ect``: draws of ``choices`` servers at most, while none drawn meets the deadline."""
     risk: float = 2.0
     """``ect``: an option meets a deadline when ``ECT + risk x (spread + caution)`` does."""
+    explore: float = 1.0
+    """``ect``: the rank's draw is uniform over ``ECT +- explore x spread`` (0: rank on the mean)."""
     busy_tasks: int = 4
     """Queued tasks per worker a busy answer stands for when the server reports no queue capacity."""
 
@@ -200,7 +202,8 @@ class PolicyConfig:
             ("threshold_rate", self.threshold_rate >= 0.0),
             ("in_flight_residual", 0.0 <= self.in_flight_residual <= 1.0),
             ("rtt_dev_weight", self.rtt_dev_weight >= 0.0), ("choices", self.choices >= 1),
-            ("rounds", self.rounds >= 1), ("risk", self.risk >= 0.0), ("busy_tasks", self.busy_tasks >= 0),
+            ("rounds", self.rounds >= 1), ("risk", self.risk >= 0.0), ("explore", self.explore >= 0.0),
+            ("busy_tasks", self.busy_tasks >= 0),
         )
         for name, ok in checks:
             if not ok:
@@ -358,8 +361,10 @@ def _ect(task: TaskInfo, local: LocalInfo, servers: Sequence[ServerInfo], *, rng
     options: list[tuple[str, float, float, float]] = []
     random_ = rng.random
 
+    explore = config.explore
+
     def add(label: str, mean: float, spread: float, caution: float) -> None:
-        options.append((label, mean + caution + (2.0 * random_() - 1.0) * spread,
+        options.append((label, mean + caution + (2.0 * random_() - 1.0) * explore * spread,
                         mean + risk * (spread + caution), mean))
 
     if allow_local and local.capable:
