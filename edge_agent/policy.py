@@ -17,8 +17,8 @@ Expected completion time (ECT) of an option, in seconds, and its spread::
     ahead      = queue_length + in_flight (+ sent_since_report for a server)
     busy_wait  = busy * (queue_capacity or busy_tasks * workers) * service / workers
     spread     = rtt_dev + error_dev   (a server's; a local run's: the service time's mean deviation)
-                 + the default of an unknown round trip or service time
-    caution    = doubt
+                 + the default of a server's unknown round trip or service time
+    caution    = doubt; for a local run never timed, the default service time
 
 ``in_flight_residual`` (default 0.5) is the part of a running task still to do when a new one
 arrives: the head of the line is on average half done. A server's ``queue_length`` comes from its last
@@ -287,11 +287,11 @@ def _server_estimate(task: TaskInfo, server: ServerInfo, config: PolicyConfig) -
 
 def _local_estimate(local: LocalInfo, config: PolicyConfig) -> tuple[float, float, float]:
     """(ECT, spread, caution) of running the task on this device."""
-    service, spread = local.service_time, local.service_dev
-    if service is None:
-        service = spread = config.default_service_time
+    service, caution = local.service_time, 0.0
+    if service is None:  # never run here: pessimistic (a device is often slow; a run costs its CPU)
+        service = caution = config.default_service_time
     return (_queue_wait(local.queue_length + local.in_flight, local.workers, service,
-                        config.in_flight_residual) + service, spread, 0.0)
+                        config.in_flight_residual) + service, local.service_dev, caution)
 
 
 def server_ect(task: TaskInfo, server: ServerInfo, config: PolicyConfig = DEFAULT_POLICY_CONFIG) -> float:

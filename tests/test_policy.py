@@ -345,3 +345,14 @@ def test_an_ect_decision_reads_o_d_rows_not_the_whole_table() -> None:
                           previous_at=7, config=PolicyConfig(choices=2))
         assert decision.target is not None and len(decision.estimates) == 3   # s7 and two drawn
         assert _Counting.reads < 10
+
+
+def test_a_local_run_never_timed_is_not_explored_on_hope() -> None:
+    # The device has never run the task: assumed the default 50 ms, and ranked with that much caution,
+    # so a known 12 ms server is always preferred (each local try would cost a slow run); a server
+    # never measured is still explored (its unknown figures widen its draw instead).
+    server = ServerInfo("s", rtt=0.002, service_time=0.010)
+    untimed = LocalInfo(capable=True)
+    assert {run("ect", [server], local=untimed, seed=seed).target for seed in range(200)} == {"s"}
+    slow = ServerInfo("s", rtt=0.002, service_time=0.120)
+    assert {run("ect", [slow], local=untimed, seed=seed).target for seed in range(50)} == {None}
