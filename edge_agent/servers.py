@@ -23,9 +23,10 @@
   (:meth:`ServerTable.answered`): the round trip (the measured wall time minus the queue wait and
   service time the server reports and the expected transfer), the service time, the queue wait, the
   error of the prediction and the answer's wall time (peak EWMA, for ``p2c``), each an EWMA with the
-  gain ``answer_gain`` (the same up as down). The answers' round trip is used while it is at least as
-  recent as the last pong, the pings' otherwise; their service time and queue wait replace the
-  report's while they are newer than it. Pings fill the gaps when no work flows.
+  gain ``answer_gain`` (the same up as down); the prediction error also halves every ``half_life``
+  seconds without an answer. The answers' round trip is used while it is at least as recent as the
+  last pong, the pings' otherwise; their service time and queue wait replace the report's while they
+  are newer than it. Pings fill the gaps when no work flows.
 * **Tasks sent since the report.** Each send is counted against the report it was decided on; a newer
   report includes it, so the count starts again; an answer takes it out of the count it was in.
 * **The device's own link.** While it was down nothing could be heard: :meth:`ServerTable.link_restored`
@@ -47,8 +48,9 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 from edge_agent.policy import ServerInfo
 from edge_agent.tuning import Estimators
@@ -302,6 +304,37 @@ class ServerEntry:
             sent_since_report=sent_since_report, recent_failures=recent_failures, in_flight=in_flight)
 
 
+class _Rows(Sequence[ServerInfo]):
+    """:meth:`ServerTable.snapshot`: the table's rows, each built when read (in table order)."""
+
+    __slots__ = ("_now", "_table", "_task")
+
+    def __init__(self, table: ServerTable, task: str, now: float) -> None:
+        self._table, self._task, self._now = table, task, now
+
+    def __len__(self) -> int:
+        return len(self._table._list)
+
+    @overload
+    def __getitem__(self, index: int) -> ServerInfo: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[ServerInfo]: ...
+
+    def __getitem__(self, index: int | slice) -> ServerInfo | Sequence[ServerInfo]:
+        if isinstance(index, slice):
+            return [self._table.row(i, self._task, self._now) for i in range(*index.indices(len(self)))]
+        return self._table.row(index, self._task, self._now)
+
+    def __iter__(self) -> Iterator[ServerInfo]:
+        table, task, now = self._table, self._task, self._now
+        for index in range(len(table._list)):
+            yield table.row(index, task, now)
+
+    def __repr__(self) -> str:
+        return f"snapshot({list(self)!r})"
+
+
 def _new_counters() -> dict[str, int]:
     return {"late_heartbeats": 0, "old_session_deaths": 0, "unknown_pongs": 0, "sessions_replaced": 0,
             "revived": 0}
@@ -333,11 +366,10 @@ class _Learned:
     def decay(self, now: float, half_life: float) -> None:
         elapsed = now - self.trouble_at
         if elapsed > 0.0:
-            if self.busy or self.doubt or self.error_dev:
+            if self.busy or self.doubt:
                 factor = 0.5 ** (elapsed / half_life)
                 self.busy = self.busy * factor if self.busy * factor >= FORGET_BELOW else 0.0
                 self.doubt = self.doubt * factor if self.doubt * factor >= FORGET_BELOW * 0.01 else 0.0
-                self.error_dev *= factor
             self.trouble_at = now
 
 
@@ -464,7 +496,8 @@ class ServerTable:
             self._sent[node] = [generation, 1]
         else:
             mine[1] += 1
-        self._learn(node).outstanding += 1
+        learned = self._learn(node)
+        learned.outstanding += 1
         failures = self.recent_failures(node, now) if self._failures else 0.0
         heard = entry.last_heartbeat
         if entry.dead or heard is None:
@@ -540,6 +573,8 @@ class ServerTable:
         first = learned.at == -_INF
         learned.wait = queue_wait if first else learned.wait + gain * (queue_wait - learned.wait)
         if predicted is not None:
+            if learned.error_dev and now > learned.at > -_INF:  # an old error counts less
+                learned.error_dev *= 0.5 ** ((now - learned.at) / self._half_life)
             learned.error_dev += gain * (abs(wall - predicted) - learned.error_dev)
         latency = learned.latency
         learned.latency = wall if latency is None or wall > latency else latency + gain * (wall - latency)
@@ -619,14 +654,18 @@ class ServerTable:
         """Servers worth probing now: alive, heard from recently."""
         return [entry.node for entry in self._list if not entry.stale(now)]
 
-    def snapshot(self, task: str, now: float) -> list[ServerInfo]:
-        """One :class:`ServerInfo` per known server, as the policy sees it for ``task``."""
-        rows: list[ServerInfo] = [
-            entry._info if entry._task == task and now <= entry._until else entry.info(task, now)  # type: ignore[misc]
-            for entry in self._list]
+    def snapshot(self, task: str, now: float) -> Sequence[ServerInfo]:
+        """One :class:`ServerInfo` per known server, as the policy sees it for ``task`` at ``now``, built
+        when read: a policy that draws a few rows (``ect``, ``p2c``) costs O(rows read), not O(servers)."""
+        return _Rows(self, task, now)
+
+    def row(self, index: int, task: str, now: float) -> ServerInfo:
+        """Row ``index`` of :meth:`snapshot`."""
+        entry = self._list[index]
+        info = entry._info if entry._task == task and now <= entry._until else entry.info(task, now)
         if not self._sent and not self._failures and not self._learned:
-            return rows  # nothing unanswered since the reports, no recent failure, no answer yet
-        return [self._mine(row, now) for row in rows]
+            return info  # type: ignore[return-value]  # nothing of this device's own to add
+        return self._mine(info, now)  # type: ignore[arg-type]
 
     def _mine(self, row: ServerInfo, now: float) -> ServerInfo:
         node = row.node
@@ -660,12 +699,15 @@ class ServerTable:
         heard = entry.last_heartbeat
         if learned.at > -_INF and (heard is None or learned.at > heard):
             service, wait = learned.service, learned.wait
+        error_dev = learned.error_dev
+        if error_dev and now > learned.at:  # the error fades while no answer says otherwise
+            error_dev *= 0.5 ** ((now - learned.at) / self._half_life)
         doubt = learned.doubt
         if learned.due and now > learned.due[0]:
             doubt += now - learned.due[0]
         return ServerInfo(node, row.capable, row.stale, rtt, rtt_dev, row.bandwidth, row.queue_length,
                           row.in_flight, row.workers, service, since, failed, row.queue_capacity,
-                          learned.outstanding, wait, learned.error_dev, learned.busy, doubt, learned.latency)
+                          learned.outstanding, wait, error_dev, learned.busy, doubt, learned.latency)
 
     def announces(self, task: str) -> bool:
         """True when some server (alive or not) announced ``task`` in a heartbeat."""
