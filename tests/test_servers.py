@@ -135,3 +135,16 @@ def test_an_unanswered_attempt_past_its_expected_time_is_doubt_before_any_timeou
     assert not row(table, 1.080).stale
     table.settled("s")                                # answered (or given up): the evidence is gone
     assert row(table, 1.080).doubt == 0.0 and row(table, 1.080).outstanding == 0
+
+
+def test_a_snapshot_builds_the_rows_it_is_asked_for() -> None:
+    table = ServerTable()
+    for index in range(50):
+        beat(table, f"s{index}", 1, 0.0)
+    table.answered("s7", 0.5, wall=0.015, queue_wait=0.0, service_time=0.010)
+    rows = table.snapshot("detect", 1.0)
+    assert len(rows) == 50 and rows[7].node == "s7" and rows[-1].node == "s49"
+    assert rows[7].rtt == pytest.approx(0.005) and rows[8].rtt is None
+    assert [info.node for info in rows] == [f"s{index}" for index in range(50)]
+    assert list(rows[7:9]) == [rows[7], rows[8]]
+    assert table.index_of("s7") == 7 and table.index_of("nobody") is None
