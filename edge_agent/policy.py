@@ -324,29 +324,38 @@ def _options(task: TaskInfo, local: LocalInfo, servers: Sequence[ServerInfo], ex
 def _draw(servers: Sequence[ServerInfo], count: int, rng: random.Random, exclude: frozenset[str],
           taken: set[int]) -> list[int]:
     """Up to ``count`` indices of usable servers not in ``taken`` (added to it), drawn uniformly: by
-    rejection (O(count) expected draws) in a large table, by a shuffle of the usable ones in a small one."""
+    rejection (O(count) draws) in a large table, by a shuffle of the usable ones in a small one or when
+    rejection finds too few."""
     size = len(servers)
     if size <= 4 * count:
-        pool = [i for i in range(size) if i not in taken and _usable(servers[i], exclude)]
-        if len(pool) > count:
-            picked = []
-            for _ in range(count):  # a partial Fisher-Yates shuffle
-                j = int(rng.random() * len(pool))
-                picked.append(pool[j])
-                pool[j] = pool[-1]
-                pool.pop()
-            pool = picked
-        taken.update(pool)
-        return pool
-    picked = []
+        return _draw_scan(servers, count, rng, exclude, taken)
+    picked: list[int] = []
     for _ in range(8 * count):
         if len(picked) == count:
-            break
+            return picked
         i = int(rng.random() * size)
         if i not in taken:
             taken.add(i)
             if _usable(servers[i], exclude):
                 picked.append(i)
+    if len(picked) < count:  # mostly unusable rows: the rest at random from a scan (the rare O(servers) case)
+        return picked + _draw_scan(servers, count - len(picked), rng, exclude, taken)
+    return picked
+
+
+def _draw_scan(servers: Sequence[ServerInfo], count: int, rng: random.Random, exclude: frozenset[str],
+               taken: set[int]) -> list[int]:
+    pool = [i for i in range(len(servers)) if i not in taken and _usable(servers[i], exclude)]
+    if len(pool) <= count:
+        taken.update(pool)
+        return pool
+    picked: list[int] = []
+    for _ in range(count):  # a partial Fisher-Yates shuffle
+        j = int(rng.random() * len(pool))
+        picked.append(pool[j])
+        pool[j] = pool[-1]
+        pool.pop()
+    taken.update(picked)
     return picked
 
 

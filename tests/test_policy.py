@@ -356,3 +356,11 @@ def test_a_local_run_never_timed_is_not_explored_on_hope() -> None:
     assert {run("ect", [server], local=untimed, seed=seed).target for seed in range(200)} == {"s"}
     slow = ServerInfo("s", rtt=0.002, service_time=0.120)
     assert {run("ect", [slow], local=untimed, seed=seed).target for seed in range(50)} == {None}
+
+
+def test_ect_finds_the_few_usable_servers_of_a_large_table() -> None:
+    # 1,000 rows of which 3 can run the task: rejection draws miss them; a scan then finds them.
+    table = [ServerInfo(f"s{i}", rtt=0.002, service_time=0.010, capable=i in (5, 500, 995))
+             for i in range(1000)]
+    picks = {run("ect", table, seed=seed).target for seed in range(60)}
+    assert picks == {"s5", "s500", "s995"}
