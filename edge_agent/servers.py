@@ -665,9 +665,9 @@ class ServerTable:
         info = entry._info if entry._task == task and now <= entry._until else entry.info(task, now)
         if not self._sent and not self._failures and not self._learned:
             return info  # type: ignore[return-value]  # nothing of this device's own to add
-        return self._mine(info, now)  # type: ignore[arg-type]
+        return self._mine(info, now, entry)  # type: ignore[arg-type]
 
-    def _mine(self, row: ServerInfo, now: float) -> ServerInfo:
+    def _mine(self, row: ServerInfo, now: float, entry: ServerEntry | None = None) -> ServerInfo:
         node = row.node
         since = 0
         mine = self._sent.get(node)
@@ -690,8 +690,10 @@ class ServerTable:
             return ServerInfo(node, row.capable, row.stale, row.rtt, row.rtt_dev, row.bandwidth,
                               row.queue_length, row.in_flight, row.workers, row.service_time, since, failed,
                               row.queue_capacity)
-        learned.decay(now, self._half_life)
-        entry = self._entries[node]
+        if learned.busy or learned.doubt:
+            learned.decay(now, self._half_life)
+        if entry is None:
+            entry = self._entries[node]
         rtt, rtt_dev = row.rtt, row.rtt_dev
         if learned.rtt is not None and (rtt is None or learned.at >= entry.rtt_at):
             rtt, rtt_dev = learned.rtt, learned.rtt_dev

@@ -214,7 +214,9 @@ server_rows = st.builds(
     bandwidth=st.none() | st.floats(1e3, 1e9),
     queue_length=st.integers(0, 50), in_flight=st.integers(0, 8), workers=st.integers(0, 8),
     service_time=st.none() | st.floats(0.0, 1.0), sent_since_report=st.integers(0, 10),
-    recent_failures=st.floats(0.0, 5.0),
+    recent_failures=st.floats(0.0, 5.0), queue_capacity=st.integers(0, 64), outstanding=st.integers(0, 5),
+    queue_wait=st.none() | st.floats(0.0, 0.5), error_dev=st.floats(0.0, 0.1), busy=st.floats(0.0, 3.0),
+    doubt=st.floats(0.0, 2.0), latency=st.none() | st.floats(0.0, 1.0),
 )
 
 
@@ -253,13 +255,14 @@ def test_never_picks_unusable_and_is_deterministic(
 @given(servers=st.lists(server_rows, max_size=8, unique_by=lambda server: server.node),
        payload=st.integers(0, 10_000_000))
 def test_decision_estimates_are_server_ect(servers: list[ServerInfo], payload: int) -> None:
-    task = TaskInfo("t", payload)
-    decision = decide("ect", task, NO_LOCAL, servers, now=0.0, rng=random.Random(0), allow_local=False,
-                      config=PolicyConfig(choices=8))
-    estimates = dict(decision.estimates)
-    for server in servers:
-        if server.capable and not server.stale:
-            assert estimates[server.node] == pytest.approx(server_ect(task, server), rel=1e-12)
+    task = TaskInfo("t", payload, backlog=0.003)
+    for policy in ("ect", "remote"):  # remote: the inlined loop of the policies that read every row
+        decision = decide(policy, task, NO_LOCAL, servers, now=0.0, rng=random.Random(0), allow_local=False,
+                          config=PolicyConfig(choices=8))
+        estimates = dict(decision.estimates)
+        for server in servers:
+            if server.capable and not server.stale:
+                assert estimates[server.node] == pytest.approx(server_ect(task, server), rel=1e-12)
 
 
 def test_deadline_is_judged_on_a_high_quantile_not_the_mean() -> None:
