@@ -52,15 +52,20 @@ class PolicySettings(_Frozen):
 
     default_rtt: float = Field(default=0.005, ge=0.0)
     default_bandwidth: float = Field(default=12.5e6, gt=0.0)
-    default_service_time: float = Field(default=0.010, ge=0.0)
+    default_service_time: float = Field(default=0.050, ge=0.0)
     spread_k: int = Field(default=2, ge=1)
     near_equal: float = Field(default=0.15, ge=0.0)
     near_equal_abs: float = Field(default=0.0005, ge=0.0)
     hysteresis: float = Field(default=0.2, ge=0.0)
-    failure_penalty: float = Field(default=0.5, ge=0.0)
+    failure_penalty: float = Field(default=0.0, ge=0.0)
     threshold_rate: float = Field(default=25.0, ge=0.0)
     in_flight_residual: float = Field(default=0.5, ge=0.0, le=1.0)
     rtt_dev_weight: float = Field(default=0.0, ge=0.0)
+    choices: int = Field(default=2, ge=1)
+    rounds: int = Field(default=3, ge=1)
+    risk: float = Field(default=2.0, ge=0.0)
+    explore: float = Field(default=1.0, ge=0.0)
+    busy_tasks: int = Field(default=4, ge=0)
 
     def to_policy_config(self) -> PolicyConfig:
         return PolicyConfig(**self.model_dump())

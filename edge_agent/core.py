@@ -126,9 +126,9 @@ class CoreTask:
 
     __slots__ = ("attempts", "context", "created", "deadline", "deadline_armed", "decided",
                  "decision", "done", "error", "finished", "generation", "last_error", "last_status", "link",
-                 "local_ok", "name", "outcome", "payload_bytes", "policy", "queue_wait", "received", "resend",
-                 "sent", "sent_at", "service_time", "started", "target", "targets", "task_id", "timeout_at",
-                 "timer", "waited_for_link")
+                 "local_ok", "name", "outcome", "payload_bytes", "policy", "predicted", "queue_wait",
+                 "received", "resend", "sent", "sent_at", "service_time", "started", "target", "targets",
+                 "task_id", "timeout_at", "timer", "transfer", "waited_for_link")
 
     def __init__(self, task_id: str, name: str, payload_bytes: int, policy: str, created: float,
                  deadline: float | None, local_ok: bool, context: Any) -> None:
@@ -149,6 +149,10 @@ class CoreTask:
         self.started: float | None = None
         self.sent_at = 0.0
         """When the current attempt was last (re-)sent: the start of its measured round trip."""
+        self.transfer = 0.0
+        """Seconds the current attempt's payload was expected to take on the uplink, backlog included."""
+        self.predicted: float | None = None
+        """The completion time (s after sending) the decision expected of the current attempt."""
         self.generation = -1
         self.last_status = "failed"
         self.last_error = ""
@@ -267,8 +271,8 @@ class Decider(Protocol):
 class _LocalPool:
     """What the policy knows of the device's own pool: queued and running tasks, service times, arrivals."""
 
-    __slots__ = ("arrivals", "capacity", "gain", "info_name", "info_of", "queued", "running", "service",
-                 "workers")
+    __slots__ = ("arrivals", "capacity", "deviation", "gain", "info_name", "info_of", "queued", "running",
+                 "service", "workers")
 
     def __init__(self, workers: int, queue_size: int, gain: float) -> None:
         self.workers = workers
@@ -277,6 +281,8 @@ class _LocalPool:
         self.queued = 0
         self.running = 0
         self.service: dict[str, float] = {}
+        self.deviation: dict[str, float] = {}
+        """Mean deviation of the service time by task name."""
         self.arrivals: deque[float] | None = None
         """Submission times over the last :data:`RATE_WINDOW`, kept from the first ``threshold`` task on
         (the only policy that reads the rate)."""
@@ -303,11 +309,11 @@ class _LocalPool:
                 self.arrivals = deque([now])
             self.forget_arrivals(now)
             return LocalInfo(capable, self.queued, self.running, self.workers, self.service.get(name),
-                             len(self.arrivals) / RATE_WINDOW)
+                             len(self.arrivals) / RATE_WINDOW, self.deviation.get(name, 0.0))
         info = self.info_of
         if info is None or info.capable is not capable or self.info_name != name:
             info = self.info_of = LocalInfo(capable, self.queued, self.running, self.workers,
-                                            self.service.get(name))
+                                            self.service.get(name), 0.0, self.deviation.get(name, 0.0))
             self.info_name = name
         return info
 
@@ -319,7 +325,13 @@ class _LocalPool:
 
     def note_service(self, name: str, elapsed: float) -> None:
         old = self.service.get(name)
-        self.service[name] = elapsed if old is None else old + self.gain * (elapsed - old)
+        if old is None:
+            self.service[name] = elapsed
+            self.deviation[name] = elapsed / 2
+        else:
+            deviation = self.deviation.get(name, 0.0)
+            self.deviation[name] = deviation + self.gain * (abs(elapsed - old) - deviation)
+            self.service[name] = old + self.gain * (elapsed - old)
 
 
 class DeviceCore:
@@ -337,8 +349,9 @@ class DeviceCore:
 
     __slots__ = ("_decider", "_epoch", "_finished", "_finished_memory", "_link", "_links_up", "_local_tasks",
                  "_max_attempts", "_min_bandwidth_bytes", "_nonces", "_penalty", "_pool", "_previous",
-                 "_probe_due", "_probe_token", "_probes", "_resend_waiting", "_tasks", "_tokens", "_watchdog",
-                 "connected", "counters", "node", "policy", "policy_config", "rng", "table", "tuning")
+                 "_probe_due", "_probe_token", "_probes", "_resend_waiting", "_tasks", "_tokens",
+                 "_uplink_free", "_watchdog", "connected", "counters", "node", "policy", "policy_config",
+                 "rng", "table", "tuning")
 
     def __init__(self, node: str, *, local_tasks: Container[str], local_workers: int = 1,
                  tuning: Tuning = DEFAULT_TUNING, policy_config: PolicyConfig | None = None,
@@ -375,6 +388,8 @@ class DeviceCore:
         self._nonces = 0
         self._probe_due: dict[str, float] = {}
         self._probe_token = 0
+        self._uplink_free = 0.0
+        """When the device's uplink will have sent every payload given to it, as the core expects."""
 
     # ------------------------------------------------------------------------------ reading
     @property
@@ -487,8 +502,12 @@ class DeviceCore:
         if final:
             if not current:
                 counters["late_results_used"] += 1
-            elif nbytes >= self._min_bandwidth_bytes:
-                self.table.transfer_observed(server, nbytes, now - task.sent_at, queue_wait + service_time)
+            else:
+                wall = now - task.sent_at
+                if nbytes >= self._min_bandwidth_bytes:
+                    self.table.transfer_observed(server, nbytes, wall, queue_wait + service_time)
+                self.table.answered(server, now, wall=wall, queue_wait=queue_wait, service_time=service_time,
+                                    transfer=task.transfer, predicted=task.predicted)
             task.received = now
             task.service_time, task.queue_wait = service_time, queue_wait
             if status == "ok":
@@ -499,6 +518,8 @@ class DeviceCore:
         if status not in ANSWERED_FAILURES:
             counters["unknown_results"] += 1
             return out
+        if status != "unknown-task":
+            self.table.busy(server, now)
         self._attempt_failed(task, task.attempts, status, error or f"{server} answered {status}", now, out)
         return out
 
@@ -651,7 +672,8 @@ class DeviceCore:
         servers = self.table.snapshot(name, now) if self.connected else []
         targets = task.targets
         exclude = frozenset(t for t in targets if t != LOCAL) if targets else _NONE
-        info = TaskInfo(name, task.payload_bytes, time_left)
+        backlog = self._uplink_free - now
+        info = TaskInfo(name, task.payload_bytes, time_left, backlog if backlog > 0.0 else 0.0)
         pool = self._pool
         local = pool.info_of
         rate = task.policy == "threshold"
@@ -661,7 +683,8 @@ class DeviceCore:
         decider = self._decider
         if decider is None:
             decision = decide(task.policy, info, local, servers, now=now, rng=self.rng, previous=previous,
-                              exclude=exclude, allow_local=local_ok, config=self.policy_config)
+                              exclude=exclude, allow_local=local_ok, config=self.policy_config,
+                              previous_at=None if previous is None else self.table.index_of(previous))
         else:
             decision = decider(task, info, local, servers, now=now, previous=previous, exclude=exclude,
                                allow_local=local_ok)
@@ -690,7 +713,8 @@ class DeviceCore:
             return self._decider(task, info, local, servers, now=now, previous=previous, exclude=exclude,
                                  allow_local=allow_local)
         return decide(task.policy, info, local, servers, now=now, rng=self.rng, previous=previous,
-                      exclude=exclude, allow_local=allow_local, config=self.policy_config)
+                      exclude=exclude, allow_local=allow_local, config=self.policy_config,
+                      previous_at=None if previous is None else self.table.index_of(previous))
 
     def _run_local(self, task: CoreTask, now: float, out: list[Action]) -> None:
         task.attempts += 1
@@ -725,9 +749,17 @@ class DeviceCore:
             task.waited_for_link = False
             task.generation, stale_at, failures = self.table.sending(target, now)
             self.counters["offloaded"] += 1
+            start = self._uplink_free if self._uplink_free > now else now
+            bandwidth = self.table.bandwidth(target) or self.policy_config.default_bandwidth
+            self._uplink_free = start + task.payload_bytes / bandwidth
+            task.transfer = self._uplink_free - now
         task.link = self._link
         task.sent_at = now
-        expected = decision.expected if decision.target == target else decision.estimate(target)
+        if decision.target == target:
+            task.predicted = decision.expected
+            expected = decision.quantile if decision.quantile is not None else decision.expected
+        else:
+            expected = task.predicted = decision.estimate(target)
         expected = (expected or 0.0) - self._penalty * failures
         if expected < 0.0:
             expected = 0.0
@@ -739,6 +771,8 @@ class DeviceCore:
         at = task.timeout_at = now + _timeout(
             expected, None if deadline is None else deadline - now, alternative, tuning.default_timeout,
             tuning.timeout_factor, tuning.attempt_share, tuning.max_timeout)
+        if not resend:
+            self.table.expect(target, now + expected)
         stale_at += STALE_MARGIN
         if now < stale_at < at and self.connected and not task.resend:
             at = stale_at
@@ -773,6 +807,8 @@ class DeviceCore:
             return
         self.counters["timeouts"] += 1
         ours = task.resend or task.link != self._link  # our own link may have lost it
+        if not ours:
+            self.table.timed_out(target, now, now - task.sent_at)
         self._attempt_failed(task, task.attempts, "timeout", f"no result from {target} in time", now, out,
                              penalise=not ours)
 
@@ -801,6 +837,7 @@ class DeviceCore:
         task.resend = False
         task.last_status, task.last_error = status, error
         self.counters["retries"] += 1
+        self.table.settled(target)
         self.table.task_done(target, answered=status in ANSWERED_FAILURES, generation=task.generation)
         if penalise:
             self.table.failure(target, now)
@@ -872,8 +909,10 @@ class DeviceCore:
             if len(finished) > self._finished_memory:
                 finished.popitem(last=False)
         self.counters["outcome_" + outcome] += 1
-        if target is not None and task.received is not None:
-            self.table.task_done(target, answered=True, generation=task.generation)
+        if target is not None:
+            self.table.settled(target)
+            if task.received is not None:
+                self.table.task_done(target, answered=True, generation=task.generation)
         out.append(Complete(task, self.node, self._epoch))
 
     # ------------------------------------------------------------------------------ probes

@@ -5,24 +5,43 @@ or send to one server, with the reason and the estimates behind it. It does no I
 draws randomness only from the ``rng`` it is given, so the edge agent and the simulator run the very
 same code and a seeded run is reproducible.
 
-Expected completion time (ECT) of an option, in seconds::
+Expected completion time (ECT) of an option, in seconds, and its spread::
 
-    server: rtt + payload_bytes / bandwidth + queue_wait + service_time + recent_failures * penalty
-    local:                                    queue_wait + service_time
+    server: rtt + backlog + payload_bytes / bandwidth + queue_wait + busy_wait + service_time
+    local:                                             queue_wait + service_time
 
-    queue_wait = 0                                                    if ahead < workers
+    queue_wait = the wait an answer newer than the report measured, plus this device's unanswered
+                 attempts there x service / workers                             if there is one
+               = 0                                                    if ahead < workers
                = (ahead - workers + in_flight_residual) * service / workers   otherwise
     ahead      = queue_length + in_flight (+ sent_since_report for a server)
+    busy_wait  = busy * (queue_capacity or busy_tasks * workers) * service / workers
+    spread     = rtt_dev + error_dev   (a server's; a local run's: the service time's mean deviation)
+                 + the default of a server's unknown round trip or service time
+    caution    = doubt; for a local run never timed, the default service time
 
 ``in_flight_residual`` (default 0.5) is the part of a running task still to do when a new one
 arrives: the head of the line is on average half done. A server's ``queue_length`` comes from its last
-heartbeat, which may be old: ``sent_since_report`` adds what this device sent it since, and spreading
-over near-equal options keeps devices that read the same stale report from herding onto one server.
+heartbeat, which may be old: ``sent_since_report`` adds what this device sent it since; an answer newer
+than the report replaces the report's queue by the wait it measured. ``backlog`` is the device's own
+send queue. ``busy`` (decayed ``rejected-busy``/``expired`` answers) is load: the queue was full;
+``doubt`` (decayed seconds waited for timed-out attempts, plus how late the oldest unanswered one is)
+is uncertainty: it is caution, not part of the mean. Neither bans a server: both fade with time and
+halve on each answer.
+
+``ect`` ranks an option by ``ECT + caution + u x spread`` (``u`` uniform in [-1, 1), drawn per option
+and decision: what the option may take, as Thompson sampling draws it) and counts it as meeting a
+deadline only when ``ECT + risk x (spread + caution)`` does (a high quantile, not the mean). It
+considers ``choices`` servers drawn at random from the table (plus the one chosen last time, and the
+local option): power of d choices, so devices reading the same stale report do not all pick the same
+server, and a decision costs O(d), not O(servers). When none of them meets the deadline it draws
+again, up to ``rounds`` times.
 
 Policies (:data:`POLICIES`): ``local``, ``remote`` (best server by ECT), ``random`` (uniform over
 usable servers), ``min_rtt`` (lowest round trip, blind to load), ``threshold`` (the old proxy's rule:
-offload to the best server once the local arrival rate exceeds ``threshold_rate``) and ``ect``
-(default: lowest ECT over local and servers, deadline-aware, spread, with hysteresis).
+offload to the best server once the local arrival rate exceeds ``threshold_rate``), ``p2c`` (power of
+two choices on latency x requests in flight: Finagle's and linkerd's peak-EWMA balancer) and ``ect``
+(default: see above).
 
 Stale, incapable and excluded servers are never chosen by any policy.
 """
@@ -42,7 +61,7 @@ __all__ = [
 LOCAL = "local"
 """Label of the local option in :attr:`Decision.estimates` and in ``previous``."""
 
-POLICIES: tuple[str, ...] = ("local", "remote", "random", "min_rtt", "threshold", "ect")
+POLICIES: tuple[str, ...] = ("local", "remote", "random", "min_rtt", "threshold", "p2c", "ect")
 DEFAULT_POLICY = "ect"
 
 
@@ -69,10 +88,14 @@ class TaskInfo:
     payload_bytes: int
     time_left: float | None = None
     """Seconds until the task's deadline; ``None`` means no deadline."""
+    backlog: float = 0.0
+    """Seconds until the device's own uplink has sent what is queued on it (its payload waits that long)."""
 
     def __post_init__(self) -> None:
         if self.payload_bytes < 0:
             raise ValueError(f"TaskInfo.payload_bytes must be >= 0, got {self.payload_bytes}")
+        if not self.backlog >= 0.0:
+            raise ValueError(f"TaskInfo.backlog must be >= 0, got {self.backlog}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +111,8 @@ class LocalInfo:
     """EWMA local service time for this task name (s); ``None`` = never run here."""
     rate: float = 0.0
     """Local task arrivals per second over the recent window (``threshold`` policy)."""
+    service_dev: float = 0.0
+    """Mean deviation of the local service time (s)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +139,20 @@ class ServerInfo:
     unanswered, since answered ones have left its queue)."""
     recent_failures: float = 0.0
     """Decayed count of recent failures (timeout, busy, death)."""
+    queue_capacity: int = 0
+    """Queued tasks the server takes at most (0 = not reported)."""
+    outstanding: int = 0
+    """This device's attempts to it not answered yet."""
+    queue_wait: float | None = None
+    """The queue wait (s) this device's answers from it measured, when newer than its report."""
+    error_dev: float = 0.0
+    """Mean absolute error (s) of this device's predictions for it, from its answers."""
+    busy: float = 0.0
+    """Decayed count of busy answers (``rejected-busy``, ``expired``): load."""
+    doubt: float = 0.0
+    """Decayed seconds this device waited for attempts to it that timed out: uncertainty."""
+    latency: float | None = None
+    """Peak-EWMA wall time (s) of its answers to this device (``p2c``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +163,8 @@ class PolicyConfig:
     """Round trip assumed for a server never measured: small, so new servers get tried."""
     default_bandwidth: float = 12.5e6
     """Bytes/s assumed when unknown (100 Mbit/s)."""
-    default_service_time: float = 0.010
-    """Service time assumed for a task never timed on that node (s)."""
+    default_service_time: float = 0.050
+    """Service time assumed for a task never timed on that node (s); ``ect`` counts it as caution too."""
     spread_k: int = 2
     """Spread over at most this many near-equal best options (1 = always the minimum)."""
     near_equal: float = 0.15
@@ -134,14 +173,25 @@ class PolicyConfig:
     """... or within this many seconds of it (so tiny estimates are not split by noise)."""
     hysteresis: float = 0.2
     """Keep ``previous`` unless the best option is better by more than this relative margin."""
-    failure_penalty: float = 0.5
-    """Seconds added to a server's estimate per recent failure."""
+    failure_penalty: float = 0.0
+    """Seconds added to a server's estimate per recent failure (0: failures act through ``busy`` and
+    ``doubt`` instead)."""
     threshold_rate: float = 25.0
     """``threshold`` policy: offload once the local rate (tasks/s) exceeds this."""
     in_flight_residual: float = 0.5
     """Fraction of a running task assumed still to do (see the module docstring)."""
     rtt_dev_weight: float = 0.0
     """Add this many ``rtt_dev`` to a server's round trip (risk aversion; 0 = mean only)."""
+    choices: int = 2
+    """``ect``: servers drawn at random per decision (besides the previous choice and the local option)."""
+    rounds: int = 3
+    """``ect``: draws of ``choices`` servers at most, while none drawn meets the deadline."""
+    risk: float = 2.0
+    """``ect``: an option meets a deadline when ``ECT + risk x (spread + caution)`` does."""
+    explore: float = 1.0
+    """``ect``: the rank's draw is uniform over ``ECT +- explore x spread`` (0: rank on the mean)."""
+    busy_tasks: int = 4
+    """Queued tasks per worker a busy answer stands for when the server reports no queue capacity."""
 
     def __post_init__(self) -> None:
         checks = (
@@ -151,7 +201,9 @@ class PolicyConfig:
             ("hysteresis", self.hysteresis >= 0.0), ("failure_penalty", self.failure_penalty >= 0.0),
             ("threshold_rate", self.threshold_rate >= 0.0),
             ("in_flight_residual", 0.0 <= self.in_flight_residual <= 1.0),
-            ("rtt_dev_weight", self.rtt_dev_weight >= 0.0),
+            ("rtt_dev_weight", self.rtt_dev_weight >= 0.0), ("choices", self.choices >= 1),
+            ("rounds", self.rounds >= 1), ("risk", self.risk >= 0.0), ("explore", self.explore >= 0.0),
+            ("busy_tasks", self.busy_tasks >= 0),
         )
         for name, ok in checks:
             if not ok:
@@ -172,13 +224,16 @@ class Decision:
     """Short stable phrase: ``lowest-ect``; ``keep-previous`` (hysteresis); ``spread`` (random among
     near-equal best options); ``deadline`` (the deadline removed options, or none can meet it);
     ``always-local``; ``local-incapable``; ``no-server`` / ``stale`` (no usable server, run locally);
-    ``random``; ``min-rtt``; ``under-threshold`` / ``over-threshold``; ``no-option``."""
+    ``random``; ``min-rtt``; ``p2c``; ``under-threshold`` / ``over-threshold``; ``no-option``."""
     estimates: tuple[tuple[str, float], ...] = ()
     """``(LOCAL or node id, expected completion s)`` for every option considered, best first."""
     feasible: bool = True
     """False when no option could meet the deadline, or none could run the task at all."""
     expected: float | None = None
     """The expected completion time (s) of the chosen option (``None`` with no option)."""
+    quantile: float | None = None
+    """``ect``: the high quantile of the chosen option's completion time (what the deadline was judged
+    on; attempt timeouts derive from it). ``None``: use ``expected``."""
 
     @property
     def local(self) -> bool:
@@ -199,40 +254,74 @@ def _queue_wait(ahead: int, workers: int, service: float, residual: float) -> fl
     return (ahead - workers + residual) * service / workers
 
 
-def server_ect(task: TaskInfo, server: ServerInfo, config: PolicyConfig = DEFAULT_POLICY_CONFIG) -> float:
-    """Expected completion time (s) of ``task`` sent to ``server`` (see the module docstring)."""
-    rtt = config.default_rtt if server.rtt is None else server.rtt
+def _server_estimate(task: TaskInfo, server: ServerInfo, config: PolicyConfig) -> tuple[float, float, float]:
+    """(ECT, spread, caution) of ``task`` on ``server`` (see the module docstring)."""
+    spread = server.rtt_dev + server.error_dev
+    caution = server.doubt
+    rtt = server.rtt
+    if rtt is None:
+        rtt = config.default_rtt
+        spread += rtt
     if config.rtt_dev_weight:
         rtt += config.rtt_dev_weight * server.rtt_dev
-    bandwidth = server.bandwidth if server.bandwidth else config.default_bandwidth
-    service = config.default_service_time if server.service_time is None else server.service_time
-    ahead = server.queue_length + server.in_flight + server.sent_since_report
-    return (rtt + task.payload_bytes / bandwidth
-            + _queue_wait(ahead, server.workers, service, config.in_flight_residual)
-            + service + server.recent_failures * config.failure_penalty)
+    service = server.service_time
+    if service is None:
+        service = config.default_service_time
+        spread += service
+    workers = server.workers if server.workers > 0 else 1
+    bandwidth = server.bandwidth or config.default_bandwidth
+    estimate = rtt + task.backlog + task.payload_bytes / bandwidth + service
+    if server.queue_wait is not None:
+        estimate += server.queue_wait + server.outstanding * service / workers
+    else:
+        ahead = server.queue_length + server.in_flight + server.sent_since_report
+        if ahead >= workers:
+            estimate += (ahead - workers + config.in_flight_residual) * service / workers
+    if server.busy:
+        capacity = server.queue_capacity or config.busy_tasks * workers
+        estimate += server.busy * capacity * service / workers
+    if server.recent_failures and config.failure_penalty:
+        estimate += server.recent_failures * config.failure_penalty
+    return estimate, spread, caution
+
+
+def _local_estimate(local: LocalInfo, config: PolicyConfig) -> tuple[float, float, float]:
+    """(ECT, spread, caution) of running the task on this device."""
+    service, caution = local.service_time, 0.0
+    if service is None:  # never run here: pessimistic (a device is often slow; a run costs its CPU)
+        service = caution = config.default_service_time
+    return (_queue_wait(local.queue_length + local.in_flight, local.workers, service,
+                        config.in_flight_residual) + service, local.service_dev, caution)
+
+
+def server_ect(task: TaskInfo, server: ServerInfo, config: PolicyConfig = DEFAULT_POLICY_CONFIG) -> float:
+    """Expected completion time (s) of ``task`` sent to ``server`` (see the module docstring)."""
+    return _server_estimate(task, server, config)[0]
 
 
 def local_ect(local: LocalInfo, config: PolicyConfig = DEFAULT_POLICY_CONFIG) -> float:
     """Expected completion time (s) of running the task on this device."""
-    service = config.default_service_time if local.service_time is None else local.service_time
-    return (_queue_wait(local.queue_length + local.in_flight, local.workers, service,
-                        config.in_flight_residual) + service)
+    return _local_estimate(local, config)[0]
 
 
 _sort_key = operator.itemgetter(1)
 """Sort options by their ECT (C-level key: this runs on every decision)."""
 
 
+def _usable(server: ServerInfo, exclude: frozenset[str]) -> bool:
+    return server.capable and not server.stale and not (exclude and server.node in exclude)
+
+
 def _options(task: TaskInfo, local: LocalInfo, servers: Sequence[ServerInfo], exclude: frozenset[str],
              allow_local: bool, config: PolicyConfig) -> tuple[list[tuple[str, float]], float | None]:
     """Every usable option with its ECT (unsorted): usable servers first, local last if allowed."""
-    # server_ect inlined: this loop is the hot path of every decision (and of the simulator).
+    # _server_estimate's ECT inlined: the policies that read every row run this loop on every decision.
     options: list[tuple[str, float]] = []
     append = options.append
-    payload = task.payload_bytes
+    payload, backlog = task.payload_bytes, task.backlog
     default_rtt, default_bandwidth = config.default_rtt, config.default_bandwidth
     default_service, residual = config.default_service_time, config.in_flight_residual
-    penalty, dev_weight = config.failure_penalty, config.rtt_dev_weight
+    penalty, dev_weight, busy_tasks = config.failure_penalty, config.rtt_dev_weight, config.busy_tasks
     for server in servers:
         if server.stale or not server.capable or (exclude and server.node in exclude):
             continue
@@ -245,15 +334,127 @@ def _options(task: TaskInfo, local: LocalInfo, servers: Sequence[ServerInfo], ex
         if service is None:
             service = default_service
         workers = server.workers if server.workers > 0 else 1
-        ahead = server.queue_length + server.in_flight + server.sent_since_report
-        estimate = rtt + payload / (server.bandwidth or default_bandwidth) + service
-        if ahead >= workers:
-            estimate += (ahead - workers + residual) * service / workers
-        if server.recent_failures:
+        estimate = rtt + backlog + payload / (server.bandwidth or default_bandwidth) + service
+        if server.queue_wait is not None:
+            estimate += server.queue_wait + server.outstanding * service / workers
+        else:
+            ahead = server.queue_length + server.in_flight + server.sent_since_report
+            if ahead >= workers:
+                estimate += (ahead - workers + residual) * service / workers
+        if server.busy:
+            estimate += server.busy * (server.queue_capacity or busy_tasks * workers) * service / workers
+        if server.recent_failures and penalty:
             estimate += server.recent_failures * penalty
         append((server.node, estimate))
     local_estimate = local_ect(local, config) if (allow_local and local.capable) else None
     return options, local_estimate
+
+
+def _draw(servers: Sequence[ServerInfo], count: int, rng: random.Random, exclude: frozenset[str],
+          taken: set[int]) -> list[int]:
+    """Up to ``count`` indices of usable servers not in ``taken`` (added to it), drawn uniformly: by
+    rejection (O(count) draws) in a large table, by a shuffle of the usable ones in a small one or when
+    rejection finds too few."""
+    size = len(servers)
+    if size <= 4 * count:
+        return _draw_scan(servers, count, rng, exclude, taken)
+    picked: list[int] = []
+    for _ in range(8 * count):
+        if len(picked) == count:
+            return picked
+        i = int(rng.random() * size)
+        if i not in taken:
+            taken.add(i)
+            if _usable(servers[i], exclude):
+                picked.append(i)
+    if len(picked) < count:  # mostly unusable rows: the rest at random from a scan (the rare O(servers) case)
+        return picked + _draw_scan(servers, count - len(picked), rng, exclude, taken)
+    return picked
+
+
+def _draw_scan(servers: Sequence[ServerInfo], count: int, rng: random.Random, exclude: frozenset[str],
+               taken: set[int]) -> list[int]:
+    pool = [i for i in range(len(servers)) if i not in taken and _usable(servers[i], exclude)]
+    if len(pool) <= count:
+        taken.update(pool)
+        return pool
+    picked: list[int] = []
+    for _ in range(count):  # a partial Fisher-Yates shuffle
+        j = int(rng.random() * len(pool))
+        picked.append(pool[j])
+        pool[j] = pool[-1]
+        pool.pop()
+    taken.update(picked)
+    return picked
+
+
+def _ect(task: TaskInfo, local: LocalInfo, servers: Sequence[ServerInfo], *, rng: random.Random,
+         previous: str | None, previous_at: int | None, exclude: frozenset[str], allow_local: bool,
+         config: PolicyConfig) -> Decision:
+    """The ``ect`` rule (see the module docstring)."""
+    time_left = task.time_left
+    risk = config.risk
+    # (label, rank, quantile, ECT); rank = ECT + caution + u x spread, u uniform in [-1, 1) per option and
+    # decision: a draw from what the option may take (Thompson sampling); doubt counts in full.
+    options: list[tuple[str, float, float, float]] = []
+    random_ = rng.random
+
+    explore = config.explore
+
+    def add(label: str, mean: float, spread: float, caution: float) -> None:
+        options.append((label, mean + caution + (2.0 * random_() - 1.0) * explore * spread,
+                        mean + risk * (spread + caution), mean))
+
+    if allow_local and local.capable:
+        add(LOCAL, *_local_estimate(local, config))
+    taken: set[int] = set()
+    if previous is not None and previous != LOCAL:
+        at = previous_at
+        if at is None or not 0 <= at < len(servers) or servers[at].node != previous:
+            at = next((i for i, server in enumerate(servers) if server.node == previous), None) \
+                if len(servers) <= 4 * config.choices else None
+        if at is not None:
+            taken.add(at)
+            if _usable(servers[at], exclude):
+                add(previous, *_server_estimate(task, servers[at], config))
+    for _ in range(config.rounds):
+        for i in _draw(servers, config.choices, rng, exclude, taken):
+            add(servers[i].node, *_server_estimate(task, servers[i], config))
+        if time_left is None or any(option[2] <= time_left for option in options):
+            break
+        if len(taken) >= len(servers):
+            break
+    if not options:
+        return Decision("ect", None, "no-option", (), False)
+    estimates = tuple(sorted(((option[0], option[3]) for option in options), key=_sort_key))
+    options.sort(key=_sort_key)
+    feasible = options if time_left is None else [option for option in options if option[2] <= time_left]
+    if feasible:
+        chosen = feasible[0]
+        reason = "lowest-ect" if len(feasible) == len(options) else "deadline"
+    else:
+        chosen, reason = options[0], "deadline"
+    label = chosen[0]
+    return Decision("ect", None if label == LOCAL else label, reason, estimates, bool(feasible), chosen[3],
+                    chosen[2])
+
+
+def _p2c(task: TaskInfo, servers: Sequence[ServerInfo], *, rng: random.Random, exclude: frozenset[str],
+         config: PolicyConfig) -> tuple[str, float, tuple[tuple[str, float], ...]] | None:
+    """Power of two choices on latency x (requests in flight + 1): (node, its ECT, the two estimates)."""
+    best: tuple[float, str, float] | None = None
+    estimates = []
+    for i in _draw(servers, 2, rng, exclude, set()):
+        server = servers[i]
+        mean = _server_estimate(task, server, config)[0]
+        latency = mean if server.latency is None else server.latency
+        cost = latency * (server.outstanding + 1)
+        estimates.append((server.node, mean))
+        if best is None or cost < best[0]:
+            best = (cost, server.node, mean)
+    if best is None:
+        return None
+    return best[1], best[2], tuple(sorted(estimates, key=_sort_key))
 
 
 def _pick(policy: str, options: list[tuple[str, float]], time_left: float | None, *, rng: random.Random,
@@ -314,10 +515,11 @@ def _fits(estimate: float, time_left: float | None) -> bool:
 def decide(policy: str, task: TaskInfo, local: LocalInfo, servers: Sequence[ServerInfo], *,
            now: float, rng: random.Random, previous: str | None = None,
            exclude: frozenset[str] = frozenset(), allow_local: bool = True,
-           config: PolicyConfig = DEFAULT_POLICY_CONFIG) -> Decision:
+           config: PolicyConfig = DEFAULT_POLICY_CONFIG, previous_at: int | None = None) -> Decision:
     """Decide where ``task`` runs under ``policy``.
 
-    ``previous`` is the option chosen last time for this task name (a node id, or :data:`LOCAL`);
+    ``previous`` is the option chosen last time for this task name (a node id, or :data:`LOCAL`),
+    ``previous_at`` where it is in ``servers`` if the caller knows (``ect`` then finds it in O(1));
     ``exclude`` are servers already tried for this task; ``allow_local=False`` removes the local option.
     ``now`` is the caller's clock (unused by the current policies, kept so that policies stay pure).
     Raises :class:`UnknownPolicyError` for a name not in :data:`POLICIES`.
@@ -330,15 +532,25 @@ def decide(policy: str, task: TaskInfo, local: LocalInfo, servers: Sequence[Serv
         estimate = local_ect(local, config)
         return Decision(policy, None, "always-local", ((LOCAL, estimate),), _fits(estimate, time_left),
                         estimate)
+    if policy == "ect":
+        return _ect(task, local, servers, rng=rng, previous=previous, previous_at=previous_at,
+                    exclude=exclude, allow_local=allow_local, config=config)
+    if policy == "p2c":
+        picked = _p2c(task, servers, rng=rng, exclude=exclude, config=config)
+        if picked is not None:
+            node, mean, estimates = picked
+            return Decision(policy, node, "p2c", estimates, _fits(mean, time_left), mean)
+        if allow_local and local.capable:
+            estimate = local_ect(local, config)
+            stale = any(server.stale and server.capable for server in servers)
+            return Decision(policy, None, "stale" if stale else "no-server", ((LOCAL, estimate),),
+                            _fits(estimate, time_left), estimate)
+        return Decision(policy, None, "no-option", (), False)
+
     options, local_estimate = _options(task, local, servers, exclude, allow_local, config)
 
     if not options and local_estimate is None:
         return Decision(policy, None, "no-option", (), False)
-
-    if policy == "ect":
-        chosen, reason, estimates, feasible = _pick(policy, _labelled(options, local_estimate), time_left,
-                                                    rng=rng, previous=previous, spread=True, config=config)
-        return _decision(policy, chosen, reason, estimates, feasible)
 
     if policy == "local":  # the local option is unavailable here: the best server instead
         chosen, _, estimates, feasible = _pick(policy, options, time_left, rng=rng, previous=previous,

@@ -32,13 +32,16 @@ class _Frozen(BaseModel):
 class Estimators(_Frozen):
     """Gains of the device's moving averages, and when a transfer says something about bandwidth."""
 
-    rtt_gain: Gain = 0.125
-    """Round-trip EWMA gain (TCP's 1/8)."""
+    rtt_gain: Gain = 0.5
+    """Round-trip EWMA gain of pongs (TCP takes 1/8 per acknowledgement; pings come every couple of
+    seconds, so one old bad sample must not outweigh the next good ones)."""
     rtt_dev_gain: Gain = 0.25
     """Round-trip mean deviation gain (TCP's 1/4)."""
     bandwidth_gain: Gain = 0.25
     local_service_gain: Gain = 0.25
-    """EWMA gain of the device's own service time per task name."""
+    """EWMA gain of the device's own service time per task name (and of its mean deviation)."""
+    answer_gain: Gain = 0.3
+    """EWMA gain of what answers teach (round trip, service time, queue wait, prediction error)."""
     min_bandwidth_bytes: Annotated[int, Field(ge=1)] = 16 * 1024
     """Only transfers of at least this many bytes (task + result) update the bandwidth estimate."""
 

@@ -37,7 +37,7 @@ def _help(parser: Callable[[], object], command: str) -> str:
 
 @pytest.mark.parametrize(("parser", "command", "expected"), [
     (edge_parser, "run", ["{3.1.1,5}", "{cbor,json}", "{debug,info,warning,error}",
-                          "local, remote, random, min_rtt, threshold, ect"]),
+                          "local, remote, random, min_rtt, threshold, p2c, ect"]),
     (cloud_parser, "run", ["{3.1.1,5}", "{cbor,json}", "{debug,info,warning,error}"]),
     (sim_parser, "run", ["{emulate,des}", "{3.1.1,5}"]),
 ])

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import overload
 
 import pytest
 from hypothesis import given, settings
@@ -38,11 +41,25 @@ def run(policy: str, servers: list[ServerInfo], *, local: LocalInfo = NO_LOCAL, 
 
 def test_ect_formula_with_fixed_numbers() -> None:
     # 2 ms rtt, 1 MB at 10 MB/s = 100 ms, 3 queued + 1 running on 2 workers: (4 - 2 + 0.5) * 20 ms / 2,
-    # 20 ms service, one recent failure at 0.5 s.
+    # 20 ms service; a recent failure costs nothing by default, 0.5 s with the old penalty.
     server = ServerInfo("a", rtt=0.002, bandwidth=10e6, queue_length=2, in_flight=1, sent_since_report=1,
                         workers=2, service_time=0.020, recent_failures=1.0)
-    expected = 0.002 + 0.1 + 2.5 * 0.020 / 2 + 0.020 + 0.5
-    assert server_ect(TaskInfo("t", 1_000_000), server) == pytest.approx(expected)
+    task = TaskInfo("t", 1_000_000)
+    expected = 0.002 + 0.1 + 2.5 * 0.020 / 2 + 0.020
+    assert server_ect(task, server) == pytest.approx(expected)
+    assert server_ect(task, server, PolicyConfig(failure_penalty=0.5)) == pytest.approx(expected + 0.5)
+    # The device's own send backlog delays the payload: 30 ms more.
+    assert server_ect(TaskInfo("t", 1_000_000, backlog=0.030), server) == pytest.approx(expected + 0.030)
+    # An answer newer than the report measured 8 ms of queue wait, and 2 attempts are unanswered.
+    fresh = dataclasses.replace(server, queue_wait=0.008, outstanding=2)
+    assert server_ect(task, fresh) == pytest.approx(0.002 + 0.1 + 0.008 + 2 * 0.020 / 2 + 0.020)
+    # A busy answer is load: a full queue ahead (64 reported; else busy_tasks per worker), in proportion.
+    full = dataclasses.replace(server, busy=1.0, queue_capacity=64)
+    assert server_ect(task, full) == pytest.approx(expected + 64 * 0.020 / 2)
+    half = dataclasses.replace(server, busy=0.5)
+    assert server_ect(task, half) == pytest.approx(expected + 0.5 * 4 * 2 * 0.020 / 2)
+    # A timeout is uncertainty: doubt leaves the mean alone.
+    assert server_ect(task, dataclasses.replace(server, doubt=0.3)) == pytest.approx(expected)
     # Idle device with one worker: just the service time; one running: half of it more.
     assert local_ect(LocalInfo(capable=True, service_time=0.03)) == pytest.approx(0.03)
     assert local_ect(LocalInfo(capable=True, in_flight=1, service_time=0.03)) == pytest.approx(0.045)
@@ -71,59 +88,46 @@ def test_stale_server_is_skipped_and_all_stale_falls_back_to_local() -> None:
     assert run("remote", [], local=local).reason == "no-server"
 
 
-def test_hysteresis_holds_under_jitter_and_yields_to_a_clear_gain() -> None:
+def test_hysteresis_of_remote_holds_under_jitter_and_yields_to_a_clear_gain() -> None:
     jitter = random.Random(7)
     config = PolicyConfig(spread_k=1)
     b = ServerInfo("b", rtt=0.002, service_time=0.010)
     for _ in range(100):
         a = ServerInfo("a", rtt=0.002 + jitter.uniform(0.0, 0.0004), service_time=0.010)
-        decision = run("ect", [a, b], previous="a", config=config)
+        decision = run("remote", [a, b], previous="a", config=config)
         assert (decision.target, decision.reason) == ("a", "keep-previous")
     # Without a previous choice the same numbers pick the lower estimate.
-    assert run("ect", [ServerInfo("a", rtt=0.0024, service_time=0.010), b], config=config).target == "b"
+    assert run("remote", [ServerInfo("a", rtt=0.0024, service_time=0.010), b], config=config).target == "b"
     # A clear gain (a now has 3 tasks queued: +35 ms) moves the device off its previous server.
     busy_a = ServerInfo("a", rtt=0.002, queue_length=3, service_time=0.010)
-    assert (run("ect", [busy_a, b], previous="a", config=config).target) == "b"
-    # Hysteresis toward local works the same way, labelled LOCAL.
-    local = LocalInfo(capable=True, service_time=0.0125)
-    kept = run("ect", [b], local=local, previous=LOCAL, config=config)
-    assert (kept.target, kept.reason) == (None, "keep-previous")
+    assert (run("remote", [busy_a, b], previous="a", config=config).target) == "b"
 
 
 def test_deadline_drops_an_option() -> None:
     # Local takes 50 ms, the server 12 ms plus 2 ms of round trip: a 30 ms deadline leaves only the server
-    # even though local was the previous choice and hysteresis would otherwise keep it.
+    # even though local was the previous choice.
     local = LocalInfo(capable=True, service_time=0.050)
     server = ServerInfo("s", rtt=0.002, service_time=0.012)
-    decision = run("ect", [server], local=local, previous=LOCAL, task=TaskInfo("t", 0, time_left=0.030),
-                   config=PolicyConfig(hysteresis=5.0))
+    decision = run("ect", [server], local=local, previous=LOCAL, task=TaskInfo("t", 0, time_left=0.030))
     assert (decision.target, decision.reason, decision.feasible) == ("s", "deadline", True)
     assert decision.estimate(LOCAL) == pytest.approx(0.050)
-    # Near-equal servers are only spread over when both can meet the deadline.
+    # Nothing can make it: an option anyway, flagged infeasible.
     a = ServerInfo("a", rtt=0.002, service_time=0.026)
-    b = ServerInfo("b", rtt=0.002, service_time=0.030)
-    tight = TaskInfo("t", 0, time_left=0.030)
-    assert {run("ect", [a, b], task=tight, seed=seed).target for seed in range(50)} == {"a"}
-    assert {run("ect", [a, b], seed=seed).target for seed in range(50)} == {"a", "b"}
-    # Nothing can make it: the best option anyway, flagged infeasible.
-    hopeless = run("ect", [a, b], local=local, task=TaskInfo("t", 0, time_left=0.001))
-    assert (hopeless.target, hopeless.reason, hopeless.feasible) == ("a", "deadline", False)
+    hopeless = run("ect", [a], local=local, task=TaskInfo("t", 0, time_left=0.001))
+    assert (hopeless.reason, hopeless.feasible) == ("deadline", False)
 
 
-def test_spreading_among_near_equal_servers() -> None:
+def test_remote_spreads_among_near_equal_servers() -> None:
     a = ServerInfo("a", rtt=0.002, service_time=0.010)      # 12.08 ms
     b = ServerInfo("b", rtt=0.0025, service_time=0.010)     # 12.58 ms: within 15 %
     c = ServerInfo("c", rtt=0.002, service_time=0.030)      # 32 ms: never near-equal
-    counts = Counter(run("ect", [a, b, c], seed=seed).target for seed in range(1000))
+    counts = Counter(run("remote", [a, b, c], seed=seed).target for seed in range(1000))
     assert counts["c"] == 0
     assert 400 <= counts["a"] <= 600 and counts["a"] + counts["b"] == 1000
-    assert run("ect", [a, b, c], seed=3).reason == "spread"
-    always_min = Counter(run("ect", [a, b, c], seed=seed, config=PolicyConfig(spread_k=1)).target
+    assert run("remote", [a, b, c], seed=3).reason == "spread"
+    always_min = Counter(run("remote", [a, b, c], seed=seed, config=PolicyConfig(spread_k=1)).target
                          for seed in range(200))
     assert always_min == Counter({"a": 200})
-    wider = Counter(run("ect", [a, b, c], seed=seed, config=PolicyConfig(spread_k=3, near_equal=2.0)).target
-                    for seed in range(900))
-    assert min(wider.values()) >= 200 and set(wider) == {"a", "b", "c"}
 
 
 def test_reports_since_heartbeat_and_failures_push_devices_away() -> None:
@@ -131,16 +135,24 @@ def test_reports_since_heartbeat_and_failures_push_devices_away() -> None:
     a = ServerInfo("a", rtt=0.002, service_time=0.010, sent_since_report=4)
     b = ServerInfo("b", rtt=0.003, service_time=0.010)
     assert run("ect", [a, b]).target == "b"
-    failing = ServerInfo("a", rtt=0.001, service_time=0.010, recent_failures=0.5)
-    assert run("ect", [failing, b]).target == "b"
+    # A busy answer (load) and a timeout (doubt) push the device away too, without banning the server.
+    busy = ServerInfo("a", rtt=0.001, service_time=0.010, busy=0.5)
+    doubtful = ServerInfo("a", rtt=0.001, service_time=0.010, doubt=0.2)
+    for failing in (busy, doubtful):
+        assert {run("ect", [failing, b], seed=seed).target for seed in range(50)} == {"b"}
+        assert run("ect", [failing], seed=1).target == "a"
 
 
-def test_unmeasured_server_gets_tried() -> None:
+def test_unmeasured_server_is_tried_but_not_trusted() -> None:
     measured = ServerInfo("old", rtt=0.020, service_time=0.010)
-    new = ServerInfo("new", rtt=None, service_time=None)   # default 5 ms rtt and 10 ms service
+    new = ServerInfo("new", rtt=None, service_time=None)   # default 5 ms rtt and 50 ms service
+    picks = Counter(run("ect", [measured, new], seed=seed).target for seed in range(400))
+    assert 0.1 < picks["new"] / 400 < 0.5          # explored, as a draw from a wide spread
     decision = run("ect", [measured, new])
-    assert decision.target == "new"
-    assert decision.estimate("new") == pytest.approx(0.005 + 1_000 / 12.5e6 + 0.010)
+    assert decision.estimate("new") == pytest.approx(0.005 + 1_000 / 12.5e6 + 0.050)
+    # ... whose quantile (55 ms + 2 x 55 ms of spread) cannot promise a 100 ms deadline.
+    tight = TaskInfo("t", 1_000, time_left=0.100)
+    assert {run("ect", [measured, new], task=tight, seed=seed).target for seed in range(50)} == {"old"}
 
 
 def test_threshold_rule_of_the_old_proxy() -> None:
@@ -207,7 +219,9 @@ server_rows = st.builds(
     bandwidth=st.none() | st.floats(1e3, 1e9),
     queue_length=st.integers(0, 50), in_flight=st.integers(0, 8), workers=st.integers(0, 8),
     service_time=st.none() | st.floats(0.0, 1.0), sent_since_report=st.integers(0, 10),
-    recent_failures=st.floats(0.0, 5.0),
+    recent_failures=st.floats(0.0, 5.0), queue_capacity=st.integers(0, 64), outstanding=st.integers(0, 5),
+    queue_wait=st.none() | st.floats(0.0, 0.5), error_dev=st.floats(0.0, 0.1), busy=st.floats(0.0, 3.0),
+    doubt=st.floats(0.0, 2.0), latency=st.none() | st.floats(0.0, 1.0),
 )
 
 
@@ -246,9 +260,126 @@ def test_never_picks_unusable_and_is_deterministic(
 @given(servers=st.lists(server_rows, max_size=8, unique_by=lambda server: server.node),
        payload=st.integers(0, 10_000_000))
 def test_decision_estimates_are_server_ect(servers: list[ServerInfo], payload: int) -> None:
-    task = TaskInfo("t", payload)
-    decision = decide("ect", task, NO_LOCAL, servers, now=0.0, rng=random.Random(0), allow_local=False)
-    estimates = dict(decision.estimates)
-    for server in servers:
-        if server.capable and not server.stale:
-            assert estimates[server.node] == pytest.approx(server_ect(task, server), rel=1e-12)
+    task = TaskInfo("t", payload, backlog=0.003)
+    for policy in ("ect", "remote"):  # remote: the inlined loop of the policies that read every row
+        decision = decide(policy, task, NO_LOCAL, servers, now=0.0, rng=random.Random(0), allow_local=False,
+                          config=PolicyConfig(choices=8))
+        estimates = dict(decision.estimates)
+        for server in servers:
+            if server.capable and not server.stale:
+                assert estimates[server.node] == pytest.approx(server_ect(task, server), rel=1e-12)
+
+
+def test_deadline_is_judged_on_a_high_quantile_not_the_mean() -> None:
+    # Local averages 70 ms with a 10 ms mean deviation: its mean meets an 80 ms deadline, its quantile
+    # (70 + 2 x 10 = 90 ms) does not; a server at a steady 75 ms does.
+    local = LocalInfo(capable=True, service_time=0.070, service_dev=0.010)
+    server = ServerInfo("s", rtt=0.005, rtt_dev=0.0, service_time=0.070)
+    tight = TaskInfo("t", 0, time_left=0.080)
+    for seed in range(50):
+        decision = run("ect", [server], local=local, task=tight, seed=seed)
+        assert (decision.target, decision.reason) == ("s", "deadline")
+        assert decision.quantile == pytest.approx(0.075)
+    # Without the deadline local, faster on average, wins most of the time (its spread is a draw).
+    loose = Counter(run("ect", [server], local=local, seed=seed).target for seed in range(400))
+    assert 0.6 < loose[None] / 400 < 0.9
+    # The mean alone (risk 0) would have kept local.
+    assert run("ect", [server], local=local, task=tight, config=PolicyConfig(risk=0.0), seed=1).target is None
+
+
+def test_a_timeout_never_removes_a_server_for_good() -> None:
+    # 5 s of doubt: a server that may not answer. With a fine alternative it is avoided under a 1 s
+    # deadline; alone, it is still chosen (flagged infeasible), and as the doubt fades it meets it again.
+    good = ServerInfo("b", rtt=0.002, service_time=0.010)
+    task = TaskInfo("t", 0, time_left=1.0)
+    for doubt, feasible in ((5.0, False), (1.0, False), (0.2, True)):
+        doubtful = ServerInfo("a", rtt=0.001, service_time=0.010, doubt=doubt)
+        assert run("ect", [doubtful, good], task=task).target == "b"
+        alone = run("ect", [doubtful], task=task)
+        assert (alone.target, alone.feasible) == ("a", feasible)
+        assert run("ect", [doubtful, dataclasses.replace(good, stale=True)], task=task).target == "a"
+
+
+def test_p2c_picks_by_latency_times_requests_in_flight() -> None:
+    assert "p2c" in POLICIES
+    # a answers in 10 ms but this device has 3 requests in flight there: 10 x 4 = 40 > 20 x 1.
+    a = ServerInfo("a", rtt=0.001, service_time=0.005, latency=0.010, outstanding=3)
+    b = ServerInfo("b", rtt=0.001, service_time=0.005, latency=0.020)
+    decision = run("p2c", [a, b])
+    assert (decision.target, decision.reason) == ("b", "p2c")
+    assert run("p2c", [dataclasses.replace(a, outstanding=0), b]).target == "a"
+    # Of many servers it draws two; the costliest never wins, the cheapest wins whenever drawn.
+    servers = [ServerInfo(f"s{i}", rtt=0.001, service_time=0.005, latency=0.010 * (i + 1)) for i in range(10)]
+    picks = Counter(run("p2c", servers, seed=seed).target for seed in range(2000))
+    assert picks["s9"] == 0 and picks["s0"] == max(picks.values())
+    assert 0.13 < picks["s0"] / 2000 < 0.27                 # drawn in 2 of 10: about 1 in 5
+    # No latency measured yet: the ECT stands in for it; no usable server: local.
+    assert run("p2c", [ServerInfo("x", rtt=0.001, service_time=0.005)]).target == "x"
+    local = LocalInfo(capable=True, service_time=0.010)
+    assert run("p2c", [], local=local).reason == "no-server"
+
+
+def test_devices_reading_the_same_stale_table_spread_their_picks() -> None:
+    # 1,000 devices, 100 servers, the same (stale) reports: s0 looks idle, every other one has a task
+    # queued. Lowest-ECT-over-all would send all 1,000 to s0; power of two choices sends there only the
+    # devices that drew it (about 2 %), the rest spread.
+    servers = [ServerInfo(f"s{i}", rtt=0.002, service_time=0.010, workers=2,
+                          queue_length=0 if i == 0 else 2) for i in range(100)]
+    picks = Counter(decide("ect", TASK, NO_LOCAL, servers, now=0.0, rng=random.Random(device)).target
+                    for device in range(1000))
+    assert picks["s0"] < 60
+    assert max(count for node, count in picks.items() if node != "s0") < 40
+    assert len(picks) > 80
+    always_min = Counter(run("remote", servers, seed=device, config=PolicyConfig(spread_k=1)).target
+                         for device in range(100))
+    assert always_min == Counter({"s0": 100})
+
+
+class _Counting(Sequence[ServerInfo]):
+    """A server table that counts the rows read."""
+
+    def __init__(self, rows: Iterable[ServerInfo]) -> None:
+        self.rows = list(rows)
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @overload
+    def __getitem__(self, index: int) -> ServerInfo: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[ServerInfo]: ...
+
+    def __getitem__(self, index: int | slice) -> ServerInfo | Sequence[ServerInfo]:
+        self.reads += 1
+        return self.rows[index]
+
+
+def test_an_ect_decision_reads_o_d_rows_not_the_whole_table() -> None:
+    table = _Counting(ServerInfo(f"s{i}", rtt=0.002, service_time=0.010) for i in range(10_000))
+    for seed in range(20):
+        table.reads = 0
+        decision = decide("ect", TASK, NO_LOCAL, table, now=0.0, rng=random.Random(seed), previous="s7",
+                          previous_at=7, config=PolicyConfig(choices=2))
+        assert decision.target is not None and len(decision.estimates) == 3   # s7 and two drawn
+        assert table.reads < 10
+
+
+def test_a_local_run_never_timed_is_not_explored_on_hope() -> None:
+    # The device has never run the task: assumed the default 50 ms, and ranked with that much caution,
+    # so a known 12 ms server is always preferred (each local try would cost a slow run); a server
+    # never measured is still explored (its unknown figures widen its draw instead).
+    server = ServerInfo("s", rtt=0.002, service_time=0.010)
+    untimed = LocalInfo(capable=True)
+    assert {run("ect", [server], local=untimed, seed=seed).target for seed in range(200)} == {"s"}
+    slow = ServerInfo("s", rtt=0.002, service_time=0.120)
+    assert {run("ect", [slow], local=untimed, seed=seed).target for seed in range(50)} == {None}
+
+
+def test_ect_finds_the_few_usable_servers_of_a_large_table() -> None:
+    # 1,000 rows of which 3 can run the task: rejection draws miss them; a scan then finds them.
+    table = [ServerInfo(f"s{i}", rtt=0.002, service_time=0.010, capable=i in (5, 500, 995))
+             for i in range(1000)]
+    picks = {run("ect", table, seed=seed).target for seed in range(60)}
+    assert picks == {"s5", "s500", "s995"}

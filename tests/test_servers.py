@@ -1,0 +1,150 @@
+"""What a device learns of its servers from answers, busy replies and timeouts (pure: no I/O, no clock)."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge_agent.core import DeviceCore, Send
+from edge_agent.policy import ServerInfo, TaskInfo, server_ect
+from edge_agent.servers import ServerReport, ServerTable
+from edge_agent.tuning import Tuning
+
+TASK = TaskInfo("detect", 0)
+
+
+def table_with(node: str = "s", *, at: float = 0.0, queue_length: int = 0, service: float = 0.010,
+               half_life: float = 10.0) -> ServerTable:
+    table = ServerTable(half_life=half_life)
+    beat(table, node, 1, at, queue_length=queue_length, service=service)
+    return table
+
+
+def beat(table: ServerTable, node: str, seq: int, at: float, *, queue_length: int = 0,
+         service: float = 0.010) -> None:
+    assert table.on_heartbeat(ServerReport(node, 1, seq, 100.0, frozenset({"detect"}),
+                                           queue_length=queue_length, workers=2,
+                                           service_time={"detect": service}), at)
+
+
+def row(table: ServerTable, now: float, node: str = "s") -> ServerInfo:
+    return next(info for info in table.snapshot("detect", now) if info.node == node)
+
+
+def pong(table: ServerTable, nonce: int, sent: float, rtt: float) -> None:
+    table.ping_sent("s", nonce, sent)
+    assert table.on_pong("s", nonce, sent, sent + rtt) == pytest.approx(rtt)
+
+
+def test_a_busy_answer_raises_the_estimate_then_fades() -> None:
+    table = table_with()
+    before = server_ect(TASK, row(table, 1.0))
+    table.busy("s", 1.0)
+    busy = row(table, 1.0)
+    assert busy.busy == pytest.approx(1.0) and server_ect(TASK, busy) > before + 0.015  # a full queue ahead
+    # It fades with time (half-life 10 s)...
+    assert row(table, 11.0).busy == pytest.approx(0.5)
+    assert server_ect(TASK, row(table, 11.0)) < server_ect(TASK, busy)
+    # ... and on evidence: each answer halves it.
+    table.answered("s", 11.0, wall=0.012, queue_wait=0.0, service_time=0.010)
+    assert row(table, 11.0).busy == pytest.approx(0.25)
+    assert row(table, 200.0).busy == 0.0 and not row(table, 200.0).stale
+
+
+def test_a_timeout_is_doubt_that_fades_and_never_removes_the_server() -> None:
+    table = table_with()
+    for at in (1.0, 1.2, 1.4):
+        table.timed_out("s", at, 0.2)
+    doubtful = row(table, 1.4)
+    assert doubtful.doubt == pytest.approx(0.6, rel=0.05)
+    assert doubtful.capable and not doubtful.stale          # still offered to the policy
+    assert server_ect(TASK, doubtful) == pytest.approx(server_ect(TASK, row(table_with(), 1.4)))  # mean
+    assert row(table, 21.4).doubt == pytest.approx(doubtful.doubt / 4, rel=0.01)
+    table.answered("s", 21.4, wall=0.012, queue_wait=0.0, service_time=0.010)
+    assert row(table, 21.4).doubt == pytest.approx(doubtful.doubt / 8, rel=0.01)
+
+
+def test_a_recovered_links_round_trip_comes_back_within_a_few_answers() -> None:
+    table = table_with()
+    pong(table, 1, 0.0, 0.050)                       # pings saw a bad link: 50 ms round trips
+    assert row(table, 0.1).rtt == pytest.approx(0.050)
+    # The link recovers (5 ms; the server takes 10 ms): the first answer says so at once.
+    table.answered("s", 0.2, wall=0.015, queue_wait=0.0, service_time=0.010)
+    assert row(table, 0.2).rtt == pytest.approx(0.005)
+    now = 0.2
+
+    def answers_until(wall: float, done: float, above: bool) -> int:
+        nonlocal now
+        count = 0
+        while (row(table, now).rtt > done) if above else (row(table, now).rtt < done):  # type: ignore[operator]
+            now += 0.02
+            table.answered("s", now, wall=wall, queue_wait=0.0, service_time=0.010)
+            count += 1
+        return count
+
+    # Degrading to 50 ms and recovering to 5 ms take as many answers, and few.
+    worse = answers_until(0.060, 0.045, above=False)
+    better = answers_until(0.015, 0.010, above=True)
+    assert worse <= 8 and better <= 8 and abs(worse - better) <= 1
+
+
+def test_answers_measure_the_round_trip_without_server_time_or_transfer() -> None:
+    table = table_with(queue_length=10, service=0.010)
+    table.answered("s", 1.0, wall=0.045, queue_wait=0.020, service_time=0.012, transfer=0.008,
+                   predicted=0.035)
+    info = row(table, 1.0)
+    assert info.rtt == pytest.approx(0.005)           # 45 - 20 - 12 - 8 ms
+    assert info.service_time == pytest.approx(0.012)  # newer than the report
+    assert info.queue_wait == pytest.approx(0.020)    # replaces the report's 10 queued
+    assert info.error_dev == pytest.approx(0.3 * 0.010)
+    assert info.latency == pytest.approx(0.045)
+    # A newer report takes the queue and service time back; a newer pong the round trip (pings fill
+    # the gaps when no work flows).
+    beat(table, "s", 2, 2.0, queue_length=0, service=0.011)
+    pong(table, 1, 2.5, 0.003)
+    info = row(table, 3.0)
+    assert (info.queue_wait, info.service_time, info.queue_length) == (None, 0.011, 0)
+    assert info.rtt == pytest.approx(0.003)
+
+
+def test_the_core_teaches_its_table_from_each_answer() -> None:
+    core = DeviceCore("dev", local_tasks=set(), tuning=Tuning(default_timeout=1.0), probes=False,
+                      watchdog=False)
+    core.link_up(0.0)
+    core.heartbeat(ServerReport("s", 1, 1, 100.0, frozenset({"detect"}), workers=2,
+                                service_time={"detect": 0.010}), 0.0)
+    sends = [a for a in core.submit("t1", "detect", 125_000, 0.0) if isinstance(a, Send)]
+    second = [a for a in core.submit("t2", "detect", 125_000, 0.0) if isinstance(a, Send)]
+    assert sends and second
+    # 125 kB at the default 12.5 MB/s: 10 ms on the uplink; the second waits behind the first.
+    assert second[0].task.decision is not None
+    assert sends[0].task.transfer == pytest.approx(0.010) and second[0].task.transfer == pytest.approx(0.020)
+    assert row(core.table, 0.0).outstanding == 2
+    core.result("t1", "s", 1, "ok", 0.040, queue_wait=0.005, service_time=0.012)
+    info = row(core.table, 0.040)
+    assert info.rtt == pytest.approx(0.040 - 0.005 - 0.012 - 0.010) and info.outstanding == 1
+    core.result("t2", "s", 1, "rejected-busy", 0.050)
+    assert row(core.table, 0.050).busy == pytest.approx(1.0)
+
+
+def test_an_unanswered_attempt_past_its_expected_time_is_doubt_before_any_timeout() -> None:
+    table = table_with()
+    table.sending("s", 1.0)
+    table.expect("s", 1.030)                          # expected back within 30 ms
+    assert row(table, 1.020).doubt == 0.0
+    assert row(table, 1.080).doubt == pytest.approx(0.050)
+    assert not row(table, 1.080).stale
+    table.settled("s")                                # answered (or given up): the evidence is gone
+    assert row(table, 1.080).doubt == 0.0 and row(table, 1.080).outstanding == 0
+
+
+def test_a_snapshot_builds_the_rows_it_is_asked_for() -> None:
+    table = ServerTable()
+    for index in range(50):
+        beat(table, f"s{index}", 1, 0.0)
+    table.answered("s7", 0.5, wall=0.015, queue_wait=0.0, service_time=0.010)
+    rows = table.snapshot("detect", 1.0)
+    assert len(rows) == 50 and rows[7].node == "s7" and rows[-1].node == "s49"
+    assert rows[7].rtt == pytest.approx(0.005) and rows[8].rtt is None
+    assert [info.node for info in rows] == [f"s{index}" for index in range(50)]
+    assert list(rows[7:9]) == [rows[7], rows[8]]
+    assert table.index_of("s7") == 7 and table.index_of("nobody") is None
