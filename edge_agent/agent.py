@@ -681,7 +681,8 @@ class EdgeAgent:
         online = state.status == "online"
         with self._lock:
             was_dead = self._core.table.dead(state.node)
-        self._feed(self._core.state, state.node, state.session, online, self._mono(), live=not message.retain)
+        self._feed(self._core.state, state.node, state.session, online, self._mono(), live=not message.retain,
+                   tasks=frozenset(state.tasks))
         if not online and not was_dead and self._core.table.dead(state.node):
             log.info("node=%s server=%s session=%d went offline", self.id, state.node, state.session)
 

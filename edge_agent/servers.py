@@ -65,6 +65,8 @@ FORGET_BELOW = 0.01
 STALE_MARGIN = 0.001
 """Seconds after a server's stale time at which a check finds it stale (staleness is strict)."""
 MIN_BANDWIDTH_BYTES = Estimators().min_bandwidth_bytes
+BIRTH_INTERVAL = 1.0
+"""Heartbeat interval assumed for a server known only from its birth (the agents' default)."""
 _INF = math.inf
 
 
@@ -179,11 +181,14 @@ class ServerEntry:
         self._task = None
         return True
 
-    def on_state(self, session: int, online: bool, *, live: bool = False) -> bool:
+    def on_state(self, session: int, online: bool, *, live: bool = False, tasks: frozenset[str] = frozenset(),
+                 now: float | None = None) -> bool:
         """Take a birth (``online``) or death in; True when it killed the current session.
 
         ``live``: published now, not a retained copy: a birth then proves the server is connected
-        (it publishes its birth after subscribing)."""
+        (it publishes its birth after subscribing). A birth naming its ``tasks`` (at ``now``) stands
+        for a first heartbeat with an empty queue until the real one comes, judged stale after
+        :data:`BIRTH_INTERVAL` intervals like any silence: a device can offload at once."""
         self._task = None
         if session < self.session:
             if not online:
@@ -200,6 +205,11 @@ class ServerEntry:
             self.dead = False
             if live:
                 self.awaiting = False
+            if tasks and self.report is None and now is not None:
+                self.report = ServerReport(self.node, session, -1, BIRTH_INTERVAL, tasks)
+                self.interval = BIRTH_INTERVAL
+                self.last_heartbeat = now
+                self.generation += 1
             return False
         was_alive = not self.dead
         self.session = session
@@ -445,13 +455,15 @@ class ServerTable:
         """Take a birth/death record in; True when it killed the server's current session."""
         if state.role != Role.SERVER.value:
             return False
-        return self.on_state_of(state.node, state.session, state.status == "online", live=live)
+        return self.on_state_of(state.node, state.session, state.status == "online", live=live,
+                                tasks=frozenset(state.tasks), now=now)
 
-    def on_state_of(self, node: str, session: int, online: bool, *, live: bool = False) -> bool:
+    def on_state_of(self, node: str, session: int, online: bool, *, live: bool = False,
+                    tasks: frozenset[str] = frozenset(), now: float | None = None) -> bool:
         """:meth:`on_state` in plain values."""
         if node in self._ignore:
             return False
-        return self._entry(node).on_state(session, online, live=live)
+        return self._entry(node).on_state(session, online, live=live, tasks=tasks, now=now)
 
     def link_restored(self, now: float) -> None:
         """The device reconnected: silence counts from ``now``, and every server must be heard

@@ -166,3 +166,14 @@ def test_heartbeats_state_and_dead_letters_are_json_from_a_cbor_configured_fleet
     for topic in watched:
         record = json.loads(seen[topic])  # what a JSON-only client (Node-RED's json node) does
         assert record["node"] in ("srv-a", device.id), topic
+
+
+def test_a_device_offloads_at_once_from_the_servers_retained_birth(
+        mosquitto: BrokerEndpoint, stack: Stack, topic_prefix: str) -> None:
+    server = start_cloud(mosquitto, stack, topic_prefix, "srv-slow-beat", heartbeat_interval=60.0)
+    wait_for(lambda: server.stats().get("heartbeats", 0) >= 1, message="its one heartbeat for a minute")
+    # Started after that heartbeat: the device hears only the retained birth for the next minute.
+    device = start_edge(mosquitto, stack, topic_prefix, registry=TaskRegistry(), probe_interval=60.0)
+    wait_for(lambda: any(v.node == "srv-slow-beat" and "square" in v.tasks for v in device.servers()),
+             message="the birth's tasks")
+    assert device.submit("square", {"x": 12}).result(timeout=15.0) == {"y": 144}

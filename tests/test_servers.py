@@ -6,7 +6,7 @@ import pytest
 
 from edge_agent.core import DeviceCore, Send
 from edge_agent.policy import ServerInfo, TaskInfo, server_ect
-from edge_agent.servers import ServerReport, ServerTable
+from edge_agent.servers import BIRTH_INTERVAL, ServerReport, ServerTable
 from edge_agent.tuning import Tuning
 
 TASK = TaskInfo("detect", 0)
@@ -148,3 +148,25 @@ def test_a_snapshot_builds_the_rows_it_is_asked_for() -> None:
     assert [info.node for info in rows] == [f"s{index}" for index in range(50)]
     assert list(rows[7:9]) == [rows[7], rows[8]]
     assert table.index_of("s7") == 7 and table.index_of("nobody") is None
+
+
+def test_a_birth_naming_its_tasks_lets_a_device_offload_before_the_first_heartbeat() -> None:
+    core = DeviceCore("dev", local_tasks=set(), tuning=Tuning(default_timeout=1.0), probes=False,
+                      watchdog=False)
+    core.link_up(0.0)
+    core.state("s", 7, True, 0.0, tasks=frozenset({"detect"}))  # the retained birth
+    assert core.table.announces("detect") and not core.table.stale("s", 0.5)
+    sends = [a for a in core.submit("t1", "detect", 100, 0.5) if isinstance(a, Send)]
+    assert [send.server for send in sends] == ["s"]
+    # Silent since: stale after stale_after birth intervals, as after any heartbeat.
+    assert core.table.stale("s", 3.0 * BIRTH_INTERVAL + 0.1)
+    # The first real heartbeat replaces it (its sequence 0 is newer than the birth's).
+    assert core.table.on_heartbeat(ServerReport("s", 7, 0, 5.0, frozenset({"detect", "blur"})), 4.0)
+    assert core.table.announces("blur") and not core.table.stale("s", 14.0)
+
+
+def test_a_birth_without_tasks_or_a_death_announces_nothing() -> None:
+    table = ServerTable()
+    table.on_state_of("old", 1, True, now=0.0)  # an older server: no tasks in its birth
+    table.on_state_of("gone", 2, False, tasks=frozenset({"detect"}), now=0.0)
+    assert not table.announces("detect")
