@@ -16,6 +16,11 @@ if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
        "or tests/test_node_red.py will skip." >&2
   exit 0
 fi
+if ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 18 ? 0 : 1)'; then
+  echo "node $(node --version) is too old for Node-RED $version (18 or later)," \
+       "or tests/test_node_red.py will skip." >&2
+  exit 0
+fi
 mkdir -p "$dir"
 echo "installing node-red@$version into $dir (npm)..."
 # --prefix keeps it out of the global tree; no audit or funding chatter; a bounded time.
