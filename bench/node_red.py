@@ -9,7 +9,8 @@ temporary user directory and the example flow rewritten for a broker, a topic pr
 measures ``square`` round trips as the flow itself sees them (its ``round_trip_ms``: from publishing
 the task to the Result arriving, HTTP not included) against Mosquitto with and without
 ``set_tcp_nodelay``, over mqtt:// and ws://, with results subscribed at QoS 1 and 0, and with
-TCP_NODELAY forced on Node-RED's sockets from settings.js.
+TCP_NODELAY forced on Node-RED's sockets from settings.js. (Mosquitto 2.0.11 opens its WebSocket
+listener on every interface whatever address it is given: anonymous, for the seconds a run takes.)
 """
 
 from __future__ import annotations
