@@ -12,7 +12,7 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from brokers_support import BrokerEndpoint, MessageLog, Stack, connected, endpoint, require, start_cloud
@@ -20,7 +20,8 @@ from brokers_support import BrokerEndpoint, MessageLog, Stack, connected, endpoi
 from bench.node_red import FLOW_FILE, FlowSettings, NodeRed, ensure_installed, flow_for, load_flow
 from topics.brokers import MosquittoBroker, free_port
 from topics.codec import Codec
-from topics.models import CONTENT_JSON, Result, Task
+from topics.models import CONTENT_JSON, Heartbeat, NodeState, Result, Role, Task
+from topics.names import TopicTree
 
 # Nodes that ship with Node-RED itself: the flow must import into a bare install.
 CORE_NODES = {"tab", "mqtt-broker", "mqtt in", "mqtt out", "inject", "function", "switch", "change",
@@ -123,6 +124,13 @@ def wait_fleet(red: NodeRed, node: str, status: str, timeout: float = 20.0) -> d
     return table[node]
 
 
+def wait_for_session(red: NodeRed, node: str, session: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while ((red.get("/fleet") or {}).get(node) or {}).get("session") != session:
+        assert time.monotonic() < deadline, f"{node} never showed session {session}"
+        time.sleep(0.1)
+
+
 @pytest.fixture
 def mosquitto(mosquitto_broker: MosquittoBroker) -> BrokerEndpoint:
     return endpoint(mosquitto_broker, "3.1.1")
@@ -210,3 +218,45 @@ def test_fleet_view_lists_servers_from_retained_state_then_heartbeats_and_their_
     early.stop(grace=0.0)  # a clean stop publishes the retained offline state
     gone = wait_fleet(red, "srv-early", "offline")
     assert gone["state"] == "offline"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_fleet_view_applies_the_session_rules_and_marks_silent_servers_stale(
+        node_red_script: Path, mosquitto: BrokerEndpoint, stack: Stack, topic_prefix: str) -> None:
+    tree, json_codec = TopicTree(topic_prefix), Codec("json")
+    wire = connected(mosquitto, stack, "fake-server")
+
+    def state(status: Literal["online", "offline"], session: int) -> None:
+        record = NodeState(node="hb", role=Role.SERVER, status=status, session=session, time=time.time())
+        wire.publish(tree.state("hb"), json_codec.encode(record), qos=1, retain=True)
+
+    def heartbeat(session: int, seq: int) -> None:
+        beat = Heartbeat(node="hb", role=Role.SERVER, session=session, seq=seq, interval=0.2,
+                         time=time.time())
+        wire.publish(tree.heartbeat("hb"), json_codec.encode(beat), qos=0)
+
+    red = start_node_red(node_red_script, mosquitto, stack, topic_prefix)
+    state("online", 2)
+    wait_fleet(red, "hb", "online (no heartbeat yet)")
+    heartbeat(2, 0)
+    wait_fleet(red, "hb", "online")
+    stale = wait_fleet(red, "hb", "stale")  # no heartbeat for 3 intervals: hung, though connected
+    assert stale["state"] == "online" and stale["seq"] == 0
+
+    state("offline", 1)  # a late Will of an earlier run: ignored
+    heartbeat(2, 0)      # a heartbeat already seen: ignored
+    heartbeat(2, 1)
+    entry = wait_fleet(red, "hb", "online")
+    assert entry["state"] == "online" and entry["seq"] == 1 and entry["session"] == 2
+
+    heartbeat(3, 0)  # a restart
+    wait_for_session(red, "hb", 3)
+    state("offline", 3)
+    wait_fleet(red, "hb", "offline")
+
+    wire.publish(tree.state("hb"), b"", qos=1, retain=True)  # the operator forgets the node
+    deadline = time.monotonic() + 20
+    while "hb" in (red.get("/fleet") or {}):
+        assert time.monotonic() < deadline, "the forgotten node stayed in the fleet view"
+        time.sleep(0.1)
