@@ -199,14 +199,14 @@ def test_flow_gives_up_after_the_ttl_when_no_server_runs_and_reports_the_servers
 def test_fleet_view_lists_servers_from_retained_state_then_heartbeats_and_their_death(
         node_red_script: Path, mosquitto: BrokerEndpoint, stack: Stack, topic_prefix: str) -> None:
     # Its first heartbeat goes out before Node-RED starts, the next one a minute later: all the flow
-    # can know of it at first is its retained state.
+    # can know of it at first is its retained state, which names its tasks.
     early = start_cloud(mosquitto, stack, topic_prefix, "srv-early", pools=["nr"], heartbeat_interval=60.0)
     red = start_node_red(node_red_script, mosquitto, stack, topic_prefix)
     entry = wait_fleet(red, "srv-early", "online (no heartbeat yet)")
     assert entry["role"] == "server" and entry["state"] == "online" and entry["session"] > 0
-    assert entry["tasks"] == [] and "seen" not in entry
+    assert "square" in entry["tasks"] and entry["pools"] == [] and "seen" not in entry
 
-    # Heartbeats fill in what a server runs and its load.
+    # Heartbeats fill in its pools and load.
     start_cloud(mosquitto, stack, topic_prefix, "srv-b", pools=["nr", "gpu"])
     entry = wait_fleet(red, "srv-b", "online")
     assert entry["role"] == "server" and "square" in entry["tasks"] and entry["pools"] == ["nr", "gpu"]
