@@ -27,6 +27,7 @@ test-all: $(VENV)/.installed
 	bash scripts/ensure-installed.sh mosquitto mosquitto mosquitto-clients
 	bash scripts/ensure-installed.sh systemd-analyze systemd
 	bash scripts/ensure-installed.sh /usr/lib/rabbitmq/bin/rabbitmq-server rabbitmq-server
+	bash scripts/ensure-node-red.sh
 	$(PY) -m pytest -q
 
 # The default suite RUNS times in a row with one core kept busy (issue: a suite that passes on a busy
