@@ -66,7 +66,7 @@ STALE_MARGIN = 0.001
 """Seconds after a server's stale time at which a check finds it stale (staleness is strict)."""
 MIN_BANDWIDTH_BYTES = Estimators().min_bandwidth_bytes
 BIRTH_INTERVAL = 1.0
-"""Heartbeat interval assumed for a server known only from its birth (the agents' default)."""
+"""Heartbeat interval assumed for a server known only from a birth that does not give its own."""
 _INF = math.inf
 
 
@@ -182,13 +182,14 @@ class ServerEntry:
         return True
 
     def on_state(self, session: int, online: bool, *, live: bool = False, tasks: frozenset[str] = frozenset(),
-                 now: float | None = None) -> bool:
+                 now: float | None = None, interval: float | None = None) -> bool:
         """Take a birth (``online``) or death in; True when it killed the current session.
 
         ``live``: published now, not a retained copy: a birth then proves the server is connected
         (it publishes its birth after subscribing). A birth naming its ``tasks`` (at ``now``) stands
-        for a first heartbeat with an empty queue until the real one comes, judged stale after
-        :data:`BIRTH_INTERVAL` intervals like any silence: a device can offload at once."""
+        for a first heartbeat with an empty queue until the real one comes, judged stale after the
+        same silence as one (its heartbeat ``interval``, :data:`BIRTH_INTERVAL` when it does not
+        say): a device can offload at once."""
         self._task = None
         if session < self.session:
             if not online:
@@ -206,8 +207,9 @@ class ServerEntry:
             if live:
                 self.awaiting = False
             if tasks and self.report is None and now is not None:
-                self.report = ServerReport(self.node, session, -1, BIRTH_INTERVAL, tasks)
-                self.interval = BIRTH_INTERVAL
+                beat = interval or BIRTH_INTERVAL
+                self.report = ServerReport(self.node, session, -1, beat, tasks)
+                self.interval = beat
                 self.last_heartbeat = now
                 self.generation += 1
             return False
@@ -456,14 +458,15 @@ class ServerTable:
         if state.role != Role.SERVER.value:
             return False
         return self.on_state_of(state.node, state.session, state.status == "online", live=live,
-                                tasks=frozenset(state.tasks), now=now)
+                                tasks=frozenset(state.tasks), now=now, interval=state.interval)
 
     def on_state_of(self, node: str, session: int, online: bool, *, live: bool = False,
-                    tasks: frozenset[str] = frozenset(), now: float | None = None) -> bool:
+                    tasks: frozenset[str] = frozenset(), now: float | None = None,
+                    interval: float | None = None) -> bool:
         """:meth:`on_state` in plain values."""
         if node in self._ignore:
             return False
-        return self._entry(node).on_state(session, online, live=live, tasks=tasks, now=now)
+        return self._entry(node).on_state(session, online, live=live, tasks=tasks, now=now, interval=interval)
 
     def link_restored(self, now: float) -> None:
         """The device reconnected: silence counts from ``now``, and every server must be heard
