@@ -192,7 +192,8 @@ class CoreTask:
 @dataclass(slots=True, eq=False)
 class Send:
     """Publish attempt ``attempt`` of ``task`` to ``server`` (``resend``: again, as the same attempt),
-    and arm ``timer``, the attempt's timeout."""
+    and arm ``timer``, the attempt's timeout. For a task pinned to a pool (``task.pool``), ``server``
+    reads ``pool/<pool>``: publish to that pool's inbox."""
 
     task: CoreTask
     server: str
