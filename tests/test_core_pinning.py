@@ -84,6 +84,15 @@ def test_a_pinned_task_whose_server_dies_ends_at_once() -> None:
     assert rig.records["t2"].outcome == "failed" and rig.records["t2"].attempts == 0
 
 
+def test_busy_answers_of_a_pinned_server_are_retried_there_up_to_max_attempts() -> None:
+    rig = make(servers=[report("a"), report("b")], max_attempts=2)
+    rig.take(rig.core.submit("t1", "job", 0, 0.0, target="a"))
+    rig.take(rig.core.result("t1", "a", 1, "rejected-busy", 0.01))
+    rig.take(rig.core.result("t1", "a", 2, "rejected-busy", 0.02))
+    assert [(send.server, send.attempt) for send in rig.sends] == [("a", 1), ("a", 2)]
+    assert (rig.records["t1"].outcome, rig.records["t1"].attempts) == ("rejected-busy", 2)
+
+
 def test_a_pinned_task_follows_the_deadline() -> None:
     rig = make(servers=[report("b", service=0.001)], default_timeout=5.0)
     rig.take(rig.core.submit("t1", "job", 0, 0.0, target="b", deadline=0.5))
