@@ -65,7 +65,7 @@ from topics.codec import Codec, EncodeError
 from topics.errors import DecodeError, TopicError
 from topics.models import MAX_TTL, Heartbeat, Load, NodeState, Pong, Result, Role, Task
 from topics.models import Ping as PingMessage
-from topics.names import DELIVERY, Kind, TopicTree, topic_matches, validate_publish_topic
+from topics.names import DELIVERY, Kind, TopicTree, topic_matches, validate_node_id, validate_publish_topic
 from topics.transport import (
     BrokerRefused,
     ConnectError,
@@ -453,19 +453,30 @@ class EdgeAgent:
 
     # ------------------------------------------------------------------------------ submitting
     def submit(self, name: str, payload: Any, *, deadline: float | None = None, stage: int | None = None,
-               policy: str | None = None) -> TaskHandle:
+               policy: str | None = None, target: str | None = None, pool: str | None = None) -> TaskHandle:
         """Run task ``name`` on ``payload`` here or on a server; the handle holds the result payload.
 
         ``deadline``: seconds from now. ``stage``: for a pipeline, run stages ``stage..n-1``.
+        ``target``: every attempt on that server only; ``pool``: every attempt published to that
+        pool's shared inbox (the rules: :mod:`edge_agent.pinning`); not both.
         Raises :class:`UnknownTaskError` when neither this device nor any server knows ``name`` (with
-        the ``local`` policy: when this device does not), ``UnknownPolicyError`` for a bad policy name,
-        ``ValueError`` for a bad stage or deadline, ``RuntimeError`` after :meth:`stop`.
+        the ``local`` policy: when this device does not), :class:`~edge_agent.pinning.UnknownServerError`
+        / :class:`~edge_agent.pinning.UnknownPoolError` (``LookupError``) for a ``target`` not known or
+        not announcing ``name`` / a ``pool`` no live server announces, ``UnknownPolicyError`` for a bad
+        policy name, ``ValueError`` for a bad stage, deadline or pin, ``RuntimeError`` after :meth:`stop`.
         """
         if self._stopping.is_set():
             raise RuntimeError(f"edge agent {self.id} is stopped")
         chosen = check_policy(policy) if policy is not None else self.config.policy
         spec = self._spec(name)
-        if spec is None:
+        pinned = target is not None or pool is not None
+        if pinned:
+            if target is not None and pool is not None:
+                raise ValueError("give target or pool, not both")
+            validate_node_id(target or pool or "", what="target" if target is not None else "pool name")
+            with self._lock:
+                self._core.check_pin(name, target=target, pool=pool)
+        elif spec is None:
             with self._lock:
                 announced = self._core.announced(name)
             if chosen == LOCAL or not announced:
@@ -485,7 +496,7 @@ class EdgeAgent:
             if len(self._timers) > 2 * len(self._jobs) + 1024:
                 self._timers.prune(self._core.live)
         self._feed(self._core.submit, task_id, name, payload_size(payload), self._mono(), deadline=deadline,
-                   policy=chosen)
+                   policy=chosen, target=target, pool=pool)
         return handle
 
     def _spec(self, name: str) -> TaskSpec | None:
@@ -549,7 +560,8 @@ class EdgeAgent:
                       server)
         assert self._transport is not None  # the core offers servers only while connected
         try:
-            self._transport.publish(self._inbox(server), data, qos=DELIVERY[Kind.TASK].qos)
+            topic = self._inbox(server) if task.pool is None else self._tree.pool_inbox(task.pool)
+            self._transport.publish(topic, data, qos=DELIVERY[Kind.TASK].qos)
         except TransportError as exc:
             self._feed(self._core.publish_failed, task, action.attempt, self._mono(),
                        not_connected=isinstance(exc, NotConnectedError),

@@ -86,6 +86,8 @@ class ServerReport:
     service_time: Mapping[str, float] = field(default_factory=dict)
     load: Load | None = None
     """The heartbeat's own load record, for fleet views (``None``: built from the numbers)."""
+    pools: frozenset[str] = frozenset()
+    """The pools whose shared inbox the server reads (``Heartbeat.pools``)."""
 
     @classmethod
     def of(cls, heartbeat: Heartbeat) -> ServerReport:
@@ -94,7 +96,7 @@ class ServerReport:
         return cls(heartbeat.node, heartbeat.session, heartbeat.seq, heartbeat.interval,
                    frozenset(heartbeat.capabilities), min(load.queue_length, MAX_REPORTED),
                    min(load.queue_capacity, MAX_REPORTED), min(load.in_flight, MAX_REPORTED), load.workers,
-                   load.service_time, load)
+                   load.service_time, load, frozenset(heartbeat.pools))
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +116,7 @@ class ServerView:
     sent_since_report: int
     recent_failures: float
     in_flight: int
+    pools: tuple[str, ...] = ()
 
 
 class ServerEntry:
@@ -302,10 +305,12 @@ class ServerEntry:
              ) -> ServerView:
         report = self.report
         tasks: tuple[str, ...] = ()
+        pools: tuple[str, ...] = ()
         if report is None:
             load = Load()
         else:
             tasks = tuple(sorted(report.capabilities))
+            pools = tuple(sorted(report.pools))
             load = report.load or Load(queue_length=report.queue_length, queue_capacity=report.queue_capacity,
                                        in_flight=report.in_flight, workers=report.workers,
                                        service_time=dict(report.service_time))
@@ -313,7 +318,8 @@ class ServerEntry:
             node=self.node, session=self.session, stale=self.stale(now), dead=self.dead, rtt=self.rtt,
             rtt_dev=self.rtt_dev, bandwidth=self.bandwidth, tasks=tasks, load=load,
             heartbeat_age=None if self.last_heartbeat is None else now - self.last_heartbeat,
-            sent_since_report=sent_since_report, recent_failures=recent_failures, in_flight=in_flight)
+            sent_since_report=sent_since_report, recent_failures=recent_failures, in_flight=in_flight,
+            pools=pools)
 
 
 class _Rows(Sequence[ServerInfo]):
@@ -729,6 +735,11 @@ class ServerTable:
     def announces(self, task: str) -> bool:
         """True when some server (alive or not) announced ``task`` in a heartbeat."""
         return any(entry.capable(task) for entry in self._list)
+
+    def pool_members(self, pool: str) -> list[str]:
+        """The servers not known dead whose last heartbeat said they serve ``pool``, in table order."""
+        return [entry.node for entry in self._list
+                if not entry.dead and entry.report is not None and pool in entry.report.pools]
 
     def views(self, now: float, in_flight: Mapping[str, int] | None = None) -> list[ServerView]:
         """Every known server as a :class:`ServerView`; ``in_flight``: this device's attempts per node."""
