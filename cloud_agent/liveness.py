@@ -78,7 +78,8 @@ class Liveness:
         birth = status == "online"
         state = NodeState(node=node.id, role=Role.SERVER, status=status, session=self.session,
                           time=max(0.0, node.clock()), tasks=tuple(node.registry.names()) if birth else (),
-                          interval=node.config.heartbeat_interval if birth else None)
+                          interval=node.config.heartbeat_interval if birth else None,
+                          pools=tuple(node.config.pools) if birth else ())
         return self._replies.channel_codec(Kind.STATE).encode(state)
 
     def _on_connect(self) -> None:

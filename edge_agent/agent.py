@@ -694,7 +694,7 @@ class EdgeAgent:
         with self._lock:
             was_dead = self._core.table.dead(state.node)
         self._feed(self._core.state, state.node, state.session, online, self._mono(), live=not message.retain,
-                   tasks=frozenset(state.tasks), interval=state.interval)
+                   tasks=frozenset(state.tasks), interval=state.interval, pools=frozenset(state.pools))
         if not online and not was_dead and self._core.table.dead(state.node):
             log.info("node=%s server=%s session=%d went offline", self.id, state.node, state.session)
 

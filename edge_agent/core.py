@@ -500,12 +500,13 @@ class DeviceCore:
         return out
 
     def state(self, node: str, session: int, online: bool, now: float, *, live: bool = False,
-              tasks: frozenset[str] = frozenset(), interval: float | None = None) -> list[Action]:
+              tasks: frozenset[str] = frozenset(), interval: float | None = None,
+              pools: frozenset[str] = frozenset()) -> list[Action]:
         """A server's birth (``online``, naming the ``tasks`` it serves and its heartbeat
         ``interval``) or death; ``live``: published now, not a retained copy."""
         out: list[Action] = []
         if self.table.on_state_of(node, session, online, live=live, tasks=tasks, now=now,
-                                  interval=interval):
+                                  interval=interval, pools=pools):
             self.server_gone({node}, now, f"server {node} went offline", out)
         elif live and online and not self.table.awaiting(node):
             self._resend_to(node, now, out)

@@ -185,7 +185,8 @@ class ServerEntry:
         return True
 
     def on_state(self, session: int, online: bool, *, live: bool = False, tasks: frozenset[str] = frozenset(),
-                 now: float | None = None, interval: float | None = None) -> bool:
+                 now: float | None = None, interval: float | None = None,
+                 pools: frozenset[str] = frozenset()) -> bool:
         """Take a birth (``online``) or death in; True when it killed the current session.
 
         ``live``: published now, not a retained copy: a birth then proves the server is connected
@@ -211,7 +212,7 @@ class ServerEntry:
                 self.awaiting = False
             if tasks and self.report is None and now is not None:
                 beat = interval or BIRTH_INTERVAL
-                self.report = ServerReport(self.node, session, -1, beat, tasks)
+                self.report = ServerReport(self.node, session, -1, beat, tasks, pools=pools)
                 self.interval = beat
                 self.last_heartbeat = now
                 self.generation += 1
@@ -464,15 +465,17 @@ class ServerTable:
         if state.role != Role.SERVER.value:
             return False
         return self.on_state_of(state.node, state.session, state.status == "online", live=live,
-                                tasks=frozenset(state.tasks), now=now, interval=state.interval)
+                                tasks=frozenset(state.tasks), now=now, interval=state.interval,
+                                pools=frozenset(state.pools))
 
     def on_state_of(self, node: str, session: int, online: bool, *, live: bool = False,
                     tasks: frozenset[str] = frozenset(), now: float | None = None,
-                    interval: float | None = None) -> bool:
+                    interval: float | None = None, pools: frozenset[str] = frozenset()) -> bool:
         """:meth:`on_state` in plain values."""
         if node in self._ignore:
             return False
-        return self._entry(node).on_state(session, online, live=live, tasks=tasks, now=now, interval=interval)
+        return self._entry(node).on_state(session, online, live=live, tasks=tasks, now=now, interval=interval,
+                                          pools=pools)
 
     def link_restored(self, now: float) -> None:
         """The device reconnected: silence counts from ``now``, and every server must be heard

@@ -178,3 +178,11 @@ def test_a_birth_stands_for_a_heartbeat_as_long_as_its_own_interval_says() -> No
     assert not table.stale("s", 14.9)  # a server beating every 5 s is not stale after 3 s
     assert table.stale("s", 15.1)
 
+
+
+def test_a_birth_names_the_pools_a_server_reads() -> None:
+    table = ServerTable()
+    table.on_state_of("s", 1, True, tasks=frozenset({"detect"}), now=0.0, interval=1.0,
+                      pools=frozenset({"gpu"}))
+    (view,) = table.views(0.5)
+    assert view.pools == ("gpu",)
