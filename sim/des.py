@@ -57,6 +57,7 @@ from sim.scenario import (
     DeviceGroup,
     LinkEvent,
     LinkSpec,
+    OfflineEvent,
     Scenario,
     SlowdownEvent,
     device_rng,
@@ -131,6 +132,22 @@ class _Device:
     """Local tasks it holds at most: workers plus the local queue size."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Reconnect:
+    """The end of an offline event: these device groups are connected again."""
+
+    groups: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Rejoined:
+    """The first heartbeat of a server that a device group hears after its reconnect."""
+
+    group: int
+    server: int
+    report: ServerReport
+
+
 @dataclass(slots=True, eq=False)
 class _Job:
     """What the simulator keeps of a task beside its core state (the core task's ``context``)."""
@@ -168,6 +185,10 @@ class _Simulation:
         self.costs = {name: cost.service_time for name, cost in scenario.tasks.items()}
         self.result_bytes = {name: cost.result_bytes for name, cost in scenario.tasks.items()}
         self.nonces = itertools.count(1)
+        self.offline: set[int] = set()
+        """Device groups without their broker connection now (offline events)."""
+        self.rejoined: dict[int, set[int]] = {}
+        """Per device group back from offline: the servers it has not heard from since."""
 
         self.device_groups = list(scenario.devices)
         self.server_groups = list(scenario.servers)
@@ -424,6 +445,9 @@ class _Simulation:
 
     def result(self, job: _Job, answer: tuple[str, int, str, float, float, float], now: float) -> None:
         node, attempt, status, queue_wait, service, answered = answer
+        if job.device.group in self.offline:
+            self.count("lost_offline")  # published while its device was away: a clean session
+            return
         record = job.record
         if record.outcome != UNFINISHED:
             # What the core would say of a result for a task it finished (it need not remember them).
@@ -545,7 +569,14 @@ class _Simulation:
                               service_time=dict(server.service))
         self.queue_series.append((now, server.node, len(server.queue), server.busy))
         for group, entries in enumerate(self.entries):
+            if group in self.offline:
+                continue
             delay = self.links[group][server.group][0]
+            pending = self.rejoined.get(group)
+            if pending and server.index in pending:
+                pending.discard(server.index)
+                self.push(now + delay, _EVENT, _Rejoined(group, server.index, report), 0)
+                continue
             heappush(self.heap, (now + delay, next(self.order), _HEARD, entries[server.index], report))
         # After the birth heartbeat each server keeps its own phase, as agents started at different moments.
         following = now + (server.phase if server.seq == 1 else self.interval)
@@ -560,7 +591,7 @@ class _Simulation:
         group, index = pair
         server = self.servers[index]
         self.push(now + self.scenario.ping_interval, _PING, pair, 0)
-        if not server.alive:
+        if not server.alive or group in self.offline:
             return
         entry = self.entries[group][index]
         nonce = next(self.nonces)
@@ -581,6 +612,8 @@ class _Simulation:
         """A crashed server's death message reaches the devices of one group."""
         group, index = pair
         server = self.servers[index]
+        if group in self.offline:
+            return  # it hears the retained death when it reconnects
         if not self.entries[group][index].on_state(1, False, live=True):
             return
         error = f"server {server.node} went offline"
@@ -590,7 +623,14 @@ class _Simulation:
 
     # --- scenario events ---------------------------------------------------------------------------
 
-    def scenario_event(self, event: CrashEvent | SlowdownEvent | LinkEvent, _: int, now: float) -> None:
+    def scenario_event(self, event: CrashEvent | SlowdownEvent | LinkEvent | OfflineEvent | _Reconnect
+                       | _Rejoined, _: int, now: float) -> None:
+        if isinstance(event, OfflineEvent | _Reconnect):
+            self.device_link(event, now)
+            return
+        if isinstance(event, _Rejoined):
+            self.rejoined_heard(event, now)
+            return
         if isinstance(event, LinkEvent):
             devices = [i for i, g in enumerate(self.device_groups) if g.name == event.devices]
             servers = [i for i, g in enumerate(self.server_groups) if g.name == event.servers]
@@ -624,6 +664,42 @@ class _Simulation:
         if event.will:
             for group in range(len(self.device_groups)):
                 self.push(now + self.links[group][server.group][0], _WILL, (group, server.index))
+
+    def device_link(self, event: OfflineEvent | _Reconnect, now: float) -> None:
+        """A device group loses its broker connection (what is published to it meanwhile is lost),
+        or gets it back: then it hears the retained deaths of servers that crashed meanwhile."""
+        if isinstance(event, OfflineEvent):
+            groups = tuple(i for i, g in enumerate(self.device_groups) if g.name == event.devices)
+            self.offline.update(groups)
+            self.count("offline_periods", len(groups))
+            for device in self.devices:
+                if device.group in groups:
+                    self.perform(device, device.core.link_down(now), now)
+            self.push(now + event.duration, _EVENT, _Reconnect(groups), 0)
+            return
+        self.offline.difference_update(event.groups)
+        for group in event.groups:
+            self.rejoined[group] = {server.index for server in self.servers}
+        for device in self.devices:
+            if device.group in event.groups:
+                self.perform(device, device.core.link_up(now), now)
+        for group in event.groups:
+            for server in self.servers:
+                if not server.alive and self.entries[group][server.index].on_state(1, False):
+                    error = f"server {server.node} went offline"
+                    for device in self.devices:
+                        if device.group == group and server.index in device.known:
+                            self.perform(device, device.core.server_gone({server.node}, now, error), now)
+
+    def rejoined_heard(self, event: _Rejoined, now: float) -> None:
+        """What the agent's heartbeat handler does after a reconnect, for each device of the group:
+        the server is heard again, and what waited for the link goes to it again."""
+        entry = self.entries[event.group][event.server]
+        entry.on_report(event.report, now)
+        node = self.servers[event.server].node
+        for device in self.devices:
+            if device.group == event.group and event.server in device.known:
+                self.perform(device, device.core.state(node, event.report.session, True, now, live=True), now)
 
     def reprice(self, server: _Server, now: float) -> None:
         """After a slowdown: the server's truth from its running tasks' end times (the pending events;

@@ -41,6 +41,7 @@ from sim.scenario import (
     DeviceNode,
     LinkEvent,
     LinkSpec,
+    OfflineEvent,
     Scenario,
     ServerNode,
     SlowdownEvent,
@@ -210,10 +211,12 @@ def run_emulation(scenario: Scenario, policy: str, *, broker_url: str, protocol:
         settings = PolicySettings(**{name: getattr(policy_config, name)
                                      for name in PolicySettings.model_fields})
         deadline_of = {device.node: device.group.deadline for device in devices}
+        offset_of = {device.node: device.group.clock_offset for device in devices}
 
-        def on_record(record: AgentRecord) -> None:
+        def on_record(record: AgentRecord) -> None:  # its times are on its device's clock
             with records_lock:
-                records.append(_to_trace(record, origin, deadline_of.get(record.device)))
+                records.append(_to_trace(record, origin + offset_of.get(record.device, 0.0),
+                                         deadline_of.get(record.device)))
 
         for device in devices:
             names = [device.group.task] if device.group.capable else []
@@ -224,7 +227,8 @@ def run_emulation(scenario: Scenario, policy: str, *, broker_url: str, protocol:
                            heartbeat_interval=scenario.heartbeat_interval,
                            **scenario.device_tuning(device.group).settings()),
                 transport(device.node, device_link(device)),
-                _registry(scenario, names, device.node, device.group.speed, fleet), rng=agent_rng)
+                _registry(scenario, names, device.node, device.group.speed, fleet), rng=agent_rng,
+                clock=_skewed_clock(device.group.clock_offset))
             edge.add_record_listener(on_record)
             edge.start()
             device_agents[device.node] = edge
@@ -243,7 +247,7 @@ def run_emulation(scenario: Scenario, policy: str, *, broker_url: str, protocol:
         while arrivals and not stop.is_set():
             due, _, node, arrival = heapq.heappop(arrivals)
             while events and events[0].at <= due:
-                _apply_event(events.pop(0), fleet, emulators, counters, start)
+                _apply_event(events.pop(0), fleet, emulators, counters, start, group_of, scheduler)
             delay = start + due - time.monotonic()
             if delay > 0 and stop.wait(delay):
                 heapq.heappush(arrivals, (due, 0, node, arrival))
@@ -262,7 +266,7 @@ def run_emulation(scenario: Scenario, policy: str, *, broker_url: str, protocol:
             event = events.pop(0)
             if stop.wait(max(0.0, start + event.at - time.monotonic())):
                 break
-            _apply_event(event, fleet, emulators, counters, start)
+            _apply_event(event, fleet, emulators, counters, start, group_of, scheduler)
         counters["not_submitted"] += len(arrivals)
         if progress is not None:
             progress(scenario.duration)
@@ -332,12 +336,27 @@ def _wait_for_discovery(devices: dict[str, EdgeAgent], servers: int, timeout: fl
                              f"(e.g. {missing[0]}): is the broker delivering?")
 
 
-def _apply_event(event: CrashEvent | SlowdownEvent | LinkEvent, fleet: _Fleet,
-                 emulators: dict[str, LinkEmulator], counters: Counter[str], start: float) -> None:
+def _skewed_clock(offset: float) -> Callable[[], float]:
+    """A wall clock ``offset`` seconds off (the device's clock in a clock-offset scenario)."""
+    if not offset:
+        return time.time
+    return lambda: time.time() + offset
+
+
+def _apply_event(event: CrashEvent | SlowdownEvent | LinkEvent | OfflineEvent, fleet: _Fleet,
+                 emulators: dict[str, LinkEmulator], counters: Counter[str], start: float,
+                 group_of: dict[str, str], scheduler: DelayScheduler) -> None:
     delay = start + event.at - time.monotonic()
     if delay > 0:
         time.sleep(delay)
-    if isinstance(event, CrashEvent):
+    if isinstance(event, OfflineEvent):
+        away = [emulators[node] for node, group in group_of.items() if group == event.devices]
+        for emulator in away:
+            emulator.go_offline()
+            scheduler.call_at(start + event.at + event.duration, emulator.come_back)
+        counters["offline_periods"] += len(away)
+        log.info("event: devices %s offline for %.1f s", event.devices, event.duration)
+    elif isinstance(event, CrashEvent):
         emulator = emulators[event.server]
         counters["crashes"] += 1
         if event.will:

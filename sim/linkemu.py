@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from topics.names import Kind, TopicTree
-from topics.transport import ConnectListener, Handler, NotConnectedError, Transport
+from topics.transport import ConnectListener, Handler, Message, NotConnectedError, Transport
 
 _UNICAST = frozenset({Kind.TASK, Kind.RESULT, Kind.PING, Kind.PONG})
 
@@ -85,6 +85,8 @@ class LinkEmulator:
         self._busy_until: dict[str | None, float] = {}
         self._lock = threading.Lock()
         self.counters: Counter[str] = Counter()
+        self._offline = False
+        self._connect_listeners: list[ConnectListener] = []
 
     @property
     def client_id(self) -> str:
@@ -92,7 +94,29 @@ class LinkEmulator:
 
     @property
     def connected(self) -> bool:
-        return self._inner.connected
+        return self._inner.connected and not self._offline
+
+    def go_offline(self) -> None:
+        """Emulate a lost broker connection: publishing fails, what arrives is lost (a clean
+        session), until :meth:`come_back`."""
+        self._offline = True
+
+    def come_back(self) -> None:
+        """The connection is back: the connect listeners run, as after a reconnect."""
+        if not self._offline:
+            return
+        self._offline = False
+        self.counters["offline_returns"] += 1
+        for listener in list(self._connect_listeners):
+            listener()
+
+    def _gated(self, handler: Handler) -> Handler:
+        def deliver(message: Message) -> None:
+            if self._offline:
+                self.counters["lost_offline"] += 1
+                return
+            handler(message)
+        return deliver
 
     @property
     def inner(self) -> Transport:
@@ -102,13 +126,18 @@ class LinkEmulator:
         self._inner.set_will(topic, payload, qos=qos, retain=retain)
 
     def add_connect_listener(self, listener: ConnectListener) -> None:
-        self._inner.add_connect_listener(listener)
+        self._connect_listeners.append(listener)
+
+        def on_connect() -> None:
+            if not self._offline:
+                listener()
+        self._inner.add_connect_listener(on_connect)
 
     def connect(self, *, timeout: float | None = None) -> None:
         self._inner.connect(timeout=timeout)
 
     def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1) -> None:
-        self._inner.subscribe(topic_filter, handler, qos=qos)
+        self._inner.subscribe(topic_filter, self._gated(handler), qos=qos)
 
     def unsubscribe(self, topic_filter: str) -> None:
         self._inner.unsubscribe(topic_filter)
@@ -120,7 +149,7 @@ class LinkEmulator:
         return None if parsed.node == self._node_id else parsed.node
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False) -> None:
-        if not self._inner.connected:
+        if not self.connected:
             raise NotConnectedError("not connected", topic=topic)
         peer = self._peer(topic)
         link = self._link_to(peer)
@@ -140,6 +169,9 @@ class LinkEmulator:
         self.counters["delayed"] += 1
 
         def send() -> None:
+            if self._offline:
+                self.counters["lost_offline"] += 1
+                return
             try:
                 self._inner.publish(topic, payload, qos=qos, retain=retain)
             except NotConnectedError:

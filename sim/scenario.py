@@ -36,7 +36,8 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 __all__ = [
     "Arrival", "BurstWorkload", "CrashEvent", "DeviceGroup", "DeviceNode", "FpsWorkload", "LinkEvent",
-    "LinkSpec", "Links", "Node", "PairLink", "PoissonWorkload", "Scenario", "ScenarioError", "ServerGroup",
+    "LinkSpec", "Links", "Node", "OfflineEvent", "PairLink", "PoissonWorkload", "Scenario", "ScenarioError",
+    "ServerGroup",
     "ServerNode", "SlowdownEvent", "TaskCost", "UniformWorkload", "device_group", "device_rng",
     "generate_arrivals", "group_arrivals", "iter_arrivals", "load_scenario", "parse_scenario",
 ]
@@ -126,6 +127,9 @@ class DeviceGroup(_Model):
     """Each device sees only this many servers (a seeded random subset, its neighbourhood)."""
     start: Seconds = 0.0
     """First task no earlier than this (s)."""
+    clock_offset: Annotated[float, Field(ge=-86_400.0, le=86_400.0, allow_inf_nan=False)] = 0.0
+    """Seconds the devices' wall clocks are off (emulation; the discrete-event mode has no wall
+    clock, and the wire carries relative deadlines, so it changes nothing there, by design)."""
 
     @model_validator(mode="after")
     def _payload_range(self) -> DeviceGroup:
@@ -191,7 +195,17 @@ class LinkEvent(LinkSpec):
     servers: GroupName
 
 
-Event = Annotated[CrashEvent | SlowdownEvent | LinkEvent, Field(discriminator="kind")]
+class OfflineEvent(_Model):
+    kind: Literal["offline"]
+    at: Seconds
+    devices: GroupName
+    duration: Positive
+    """The group's devices lose their broker connection from ``at`` for this long: what they
+    publish fails, what is published to them is lost (clean sessions), they run what they can
+    locally, then reconnect."""
+
+
+Event = Annotated[CrashEvent | SlowdownEvent | LinkEvent | OfflineEvent, Field(discriminator="kind")]
 
 
 GroupT = TypeVar("GroupT", "DeviceGroup", "ServerGroup")
@@ -294,6 +308,9 @@ class Scenario(_Model):
         for index, event in enumerate(self.events):
             if isinstance(event, LinkEvent):
                 links.append((f"events[{index}]", event))
+            elif isinstance(event, OfflineEvent):
+                if event.devices not in device_names:
+                    raise _FieldError(f"events[{index}].devices", f"no device group named {event.devices!r}")
             elif event.server not in nodes:
                 raise _FieldError(f"events[{index}].server", f"no server named {event.server!r}")
         for where, link in links:
@@ -361,7 +378,8 @@ def _unique(where: str, names: list[str]) -> None:
         seen.add(name)
 
 
-_TAGGED = {"workload": ("poisson", "fps", "bursts", "uniform"), "events": ("crash", "slowdown", "link")}
+_TAGGED = {"workload": ("poisson", "fps", "bursts", "uniform"),
+           "events": ("crash", "slowdown", "link", "offline")}
 
 
 def _location(loc: tuple[int | str, ...]) -> str:
