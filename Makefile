@@ -20,11 +20,13 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	bash scripts/ensure-installed.sh mosquitto mosquitto mosquitto-clients
 	bash scripts/ensure-installed.sh systemd-analyze systemd
+	bash scripts/ensure-installed.sh chromium chromium
 	$(PY) -m pytest -q -m "not slow"
 
 test-all: $(VENV)/.installed
 	bash scripts/ensure-installed.sh mosquitto mosquitto mosquitto-clients
 	bash scripts/ensure-installed.sh systemd-analyze systemd
+	bash scripts/ensure-installed.sh chromium chromium
 	bash scripts/ensure-installed.sh /usr/lib/rabbitmq/bin/rabbitmq-server rabbitmq-server
 	$(PY) -m pytest -q
 
