@@ -149,3 +149,9 @@ def test_dashboard_serve_serves_the_two_files_on_loopback_until_sigterm(tmp_path
 def test_the_server_listens_on_loopback_only() -> None:
     with DashboardServer() as server:
         assert server.host == "127.0.0.1" and server.url().startswith("http://127.0.0.1:")
+
+
+def test_the_docs_show_a_screenshot_of_the_dashboard() -> None:
+    text = Path("docs/edge-agent.md").read_text()
+    assert "## Dashboard" in text and "(img/dashboard.png)" in text
+    assert Path("docs/img/dashboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
