@@ -1,4 +1,5 @@
-"""The fleet dashboard in a real headless Chromium against a real Mosquitto (MQTT over WebSockets).
+"""The fleet dashboard in a real headless Chromium against a real Mosquitto (MQTT over WebSockets),
+and once against amqtt's WebSockets listener.
 
 Three cloud agents heartbeat every 0.2 s; the page (served by ``edge-agent dashboard``'s server, and
 once from its installed file as ``--print`` gives it) must list them online, mark a crashed one
@@ -37,15 +38,13 @@ from cdp_support import CHROMIUM_MISSING, Browser, chromium_binary
 from agent_common.registry import TaskRegistry
 from edge_agent.agent import EdgeAgent
 from edge_agent.dashboard import DashboardServer, page_path, page_query
-from topics.brokers import MosquittoBroker
+from topics.brokers import EmbeddedBroker, MosquittoBroker
 from topics.codec import Codec
 from topics.errors import DecodeError
 from topics.models import Heartbeat
 from topics.mqtt import MqttTransport
 from topics.names import Kind, TopicTree
 from topics.transport import Message
-
-pytestmark = pytest.mark.mosquitto
 
 HEARTBEAT = 0.2
 SERVERS = ("srv1", "srv2", "srv3")
@@ -148,6 +147,7 @@ def all_online_with_rtt() -> str:
             " && row.querySelector('[data-column=rtt]').textContent !== '-'; })")
 
 
+@pytest.mark.mosquitto
 def test_the_page_lists_a_running_fleet_and_a_crashed_server_turns_offline_within_three_heartbeats(
         mqtt: BrokerEndpoint, ws_broker: MosquittoBroker, browser: Browser, page_server: DashboardServer,
         stack: Stack, topic_prefix: str, tmp_path: Path) -> None:
@@ -210,6 +210,7 @@ def load_for(device: EdgeAgent, seconds: float) -> None:
         handle.result(timeout=10.0)
 
 
+@pytest.mark.mosquitto
 def test_a_server_that_goes_silent_without_a_will_turns_stale_within_three_heartbeats(
         mqtt: BrokerEndpoint, ws_broker: MosquittoBroker, browser: Browser, page_server: DashboardServer,
         stack: Stack, topic_prefix: str) -> None:
@@ -227,6 +228,7 @@ def test_a_server_that_goes_silent_without_a_will_turns_stale_within_three_heart
     assert browser.errors == []
 
 
+@pytest.mark.mosquitto
 def test_garbage_shows_the_node_unreadable_and_the_page_goes_on(
         mqtt: BrokerEndpoint, ws_broker: MosquittoBroker, browser: Browser, page_server: DashboardServer,
         stack: Stack, topic_prefix: str) -> None:
@@ -267,6 +269,7 @@ def test_garbage_shows_the_node_unreadable_and_the_page_goes_on(
     assert browser.errors == []
 
 
+@pytest.mark.mosquitto
 def test_the_printed_file_url_opens_the_same_page(
         mqtt: BrokerEndpoint, ws_broker: MosquittoBroker, browser: Browser, stack: Stack,
         topic_prefix: str) -> None:
@@ -275,3 +278,16 @@ def test_the_printed_file_url_opens_the_same_page(
     open_page(browser, f"{page_path().as_uri()}?{page_query(ws_broker.ws_url, topic_prefix)}")
     browser.wait_for(status_is("srv1", "online"), message="srv1 online (page from its file)")
     assert browser.errors == []  # the CSP lets the vendored script and its worker run from file:// too
+
+
+def test_the_page_reads_the_fleet_through_amqtts_websockets_listener_too(
+        browser: Browser, page_server: DashboardServer, stack: Stack, topic_prefix: str) -> None:
+    broker = EmbeddedBroker(websockets_port=0).start()
+    stack.append(broker.close)
+    assert broker.ws_url is not None
+    start_cloud(endpoint(broker), stack, topic_prefix, "srv1", heartbeat_interval=HEARTBEAT)
+    open_page(browser, page_server.url(page_query(broker.ws_url, topic_prefix)))
+    browser.wait_for(status_is("srv1", "online") + " && document.querySelector("
+                     "'#nodes tr[data-node=\"srv1\"] [data-column=rtt]').textContent !== '-'",
+                     message="srv1 online with a round trip, over amqtt")
+    assert browser.errors == []
