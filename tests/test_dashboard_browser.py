@@ -270,6 +270,26 @@ def test_garbage_shows_the_node_unreadable_and_the_page_goes_on(
 
 
 @pytest.mark.mosquitto
+def test_a_flood_of_node_names_is_capped_and_the_page_goes_on(
+        mqtt: BrokerEndpoint, ws_broker: MosquittoBroker, browser: Browser, page_server: DashboardServer,
+        stack: Stack, topic_prefix: str) -> None:
+    tree = TopicTree(topic_prefix)
+    start_fleet(mqtt, stack, topic_prefix)
+    assert ws_broker.ws_url is not None
+    open_page(browser, page_server.url(page_query(ws_broker.ws_url, topic_prefix)) + "&max_nodes=5")
+    browser.wait_for(all_online_with_rtt(), message="three servers online")
+    vandal = connected(mqtt, stack, "vandal")
+    for index in range(200):
+        vandal.publish(tree.heartbeat(f"fake-{index:03d}"), b"{}", qos=1)
+    browser.wait_for("document.getElementById('unlisted').textContent.includes('198 messages')",
+                     message="the flood counted")
+    shown = rows(browser)
+    assert set(shown) == {*SERVERS, "fake-000", "fake-001"}, sorted(shown)
+    browser.wait_for(all_online_with_rtt(), message="the servers still online")
+    assert browser.errors == []
+
+
+@pytest.mark.mosquitto
 def test_the_printed_file_url_opens_the_same_page(
         mqtt: BrokerEndpoint, ws_broker: MosquittoBroker, browser: Browser, stack: Stack,
         topic_prefix: str) -> None:
