@@ -36,10 +36,12 @@ def test_mosquitto_config_adds_a_websockets_listener_after_the_first_ones_option
     assert "protocol websockets" not in write_mosquitto_config(tmp_path / "n.conf", port=1883).read_text()
 
 
-def test_a_plain_websockets_listener_is_refused_next_to_tls(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="bypass TLS"):
-        write_mosquitto_config(tmp_path / "m.conf", port=8883, websockets_port=9001,
-                               certfile=tmp_path / "c", keyfile=tmp_path / "k")
+def test_the_websockets_listener_speaks_tls_where_the_first_one_does(tmp_path: Path) -> None:
+    text = write_mosquitto_config(tmp_path / "m.conf", port=8883, websockets_port=9443,
+                                  certfile=tmp_path / "c", keyfile=tmp_path / "k").read_text().splitlines()
+    second = text.index("listener 9443 127.0.0.1")
+    assert text[second + 1:second + 4] == ["protocol websockets", f"certfile {tmp_path / 'c'}",
+                                           f"keyfile {tmp_path / 'k'}"]
 
 
 @pytest.mark.parametrize("kind", ["mosquitto", "amqtt"])
