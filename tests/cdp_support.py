@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -40,7 +41,9 @@ class BrowserError(RuntimeError):
 class Browser:
     """One headless Chromium process with one page, driven over the DevTools protocol."""
 
-    def __init__(self, binary: str, *, width: int = 1360, height: int = 900) -> None:
+    def __init__(self, binary: str, *, width: int = 1360, height: int = 900,
+                 flags: Sequence[str] = ()) -> None:
+        """``flags``: more command-line switches (e.g. ``--ignore-certificate-errors-spki-list=...``)."""
         self._profile = Path(tempfile.mkdtemp(prefix="chromium-"))
         self._ids = itertools.count(1)
         self.errors: list[str] = []
@@ -52,7 +55,7 @@ class Browser:
              "--disable-background-networking", "--disable-background-timer-throttling",
              "--disable-renderer-backgrounding", "--disable-backgrounding-occluded-windows",
              f"--window-size={width},{height}", f"--user-data-dir={self._profile}",
-             "--remote-debugging-port=0", "about:blank"],
+             "--remote-debugging-port=0", *flags, "about:blank"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr)
         try:
             self._socket = connect(self._page_socket_url(), max_size=None, open_timeout=10)

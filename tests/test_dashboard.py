@@ -103,6 +103,9 @@ def test_page_query_checks_the_broker_url_and_the_prefix() -> None:
             page_query(bad)
     with pytest.raises(ValueError, match="prefix"):
         page_query("ws://h:9001", "a/+/b")
+    assert page_query("wss://h:9443", username="operator").endswith("&username=operator")
+    with pytest.raises(ValueError, match="node id is its user name"):
+        page_query("wss://h:9443", username="two words")
 
 
 def test_dashboard_print_gives_the_installed_page_with_its_query(capsys: pytest.CaptureFixture[str]) -> None:
@@ -111,6 +114,8 @@ def test_dashboard_print_gives_the_installed_page_with_its_query(capsys: pytest.
     assert url == f"{page_path().as_uri()}?broker=ws%3A%2F%2F127.0.0.1%3A9001&prefix=site%2F1"
     assert main(["dashboard", "--ws-broker", "ws://127.0.0.1:9001", "--print"]) == 0
     assert capsys.readouterr().out.strip().endswith("prefix=offload%2Fv1")
+    assert main(["dashboard", "--ws-broker", "wss://127.0.0.1:9443", "--username", "operator"]) == 0
+    assert capsys.readouterr().out.strip().endswith("prefix=offload%2Fv1&username=operator")  # no password
 
 
 def test_dashboard_refuses_a_bad_broker_url_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:

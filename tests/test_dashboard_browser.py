@@ -13,10 +13,14 @@ minute of load (how the picture in docs/edge-agent.md is made).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import random
+import secrets
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +31,7 @@ from brokers_support import (
     BrokerEndpoint,
     Stack,
     endpoint,
+    make_test_certificates,
     require,
     require_mosquitto,
     start_cloud,
@@ -43,8 +48,10 @@ from topics.codec import Codec
 from topics.errors import DecodeError
 from topics.models import Heartbeat
 from topics.mqtt import MqttTransport
-from topics.names import Kind, TopicTree
-from topics.transport import Message
+from topics.names import DEFAULT_PREFIX, Kind, TopicTree
+from topics.transport import Message, TlsConfig, TransportConfig
+
+ACL = Path(__file__).resolve().parent.parent / "examples" / "mosquitto" / "acl"
 
 HEARTBEAT = 0.2
 SERVERS = ("srv1", "srv2", "srv3")
@@ -311,3 +318,70 @@ def test_the_page_reads_the_fleet_through_amqtts_websockets_listener_too(
                      "'#nodes tr[data-node=\"srv1\"] [data-column=rtt]').textContent !== '-'",
                      message="srv1 online with a round trip, over amqtt")
     assert browser.errors == []
+
+
+def spki_hash(certificate: Path) -> str:
+    """Base64 SHA-256 of a certificate's public key: what Chromium trusts by
+    ``--ignore-certificate-errors-spki-list`` (this one certificate, not every one)."""
+    openssl = shutil.which("openssl")
+    require(openssl is not None, "openssl not installed: needed for the test certificates")
+    assert openssl is not None
+    key = subprocess.run([openssl, "x509", "-in", str(certificate), "-pubkey", "-noout"], check=True,
+                         capture_output=True, timeout=30).stdout
+    der = subprocess.run([openssl, "pkey", "-pubin", "-outform", "der"], input=key, check=True,
+                         capture_output=True, timeout=30).stdout
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
+
+
+@pytest.mark.mosquitto
+def test_the_page_logs_in_over_wss_under_the_shipped_acl(
+        page_server: DashboardServer, stack: Stack, tmp_path: Path) -> None:
+    """The secured broker of docs/security.md (TLS, passwords, examples/mosquitto/acl) with a wss
+    listener: the page logs in as ``operator``, lists srv1 with a round trip (pings and its own pong
+    topic allowed) and srv1's dead letters (operators read them); a wrong password is refused."""
+    require_mosquitto()
+    binary = chromium_binary()
+    require(binary is not None, CHROMIUM_MISSING)
+    assert binary is not None
+    tmp_path.chmod(0o755)
+    certificates = make_test_certificates(tmp_path)
+    passwords = {user: secrets.token_urlsafe(12) for user in ("srv1", "cam1", "operator")}
+    broker = MosquittoBroker(users=passwords, tls_files=(certificates.cert_file, certificates.key_file),
+                             acl_file=ACL, username_as_client_id=True, websockets_port=0,
+                             workdir=tmp_path / "mosquitto").start()
+    stack.append(broker.close)
+    assert broker.ws_url is not None and broker.ws_url.startswith("wss://")
+
+    def secure(user: str) -> TransportConfig:
+        return TransportConfig.from_url(broker.url, client_id=user, username=user, password=passwords[user],
+                                        tls=TlsConfig(ca_file=str(certificates.ca_file)),
+                                        reconnect_max_delay=0.5)
+
+    start_cloud(endpoint(broker), stack, DEFAULT_PREFIX, "srv1", heartbeat_interval=HEARTBEAT,
+                transport=MqttTransport(secure("srv1"), name="srv1"))
+    url = page_server.url(page_query(broker.ws_url, DEFAULT_PREFIX, username="operator"))
+    log_in = ("(() => { const box = document.getElementById('password'); box.value = {password};"
+              " document.querySelector('#login button').click(); return true; })()")
+    flags = [f"--ignore-certificate-errors-spki-list={spki_hash(certificates.cert_file)}"]
+    with Browser(binary, flags=flags) as browser:
+        browser.navigate(url)
+        assert browser.evaluate("document.getElementById('link').dataset.state") == "login"
+        assert browser.evaluate(log_in.replace("{password}", json.dumps("wrong")))
+        browser.wait_for("document.getElementById('error').textContent === 'the broker refused the login'"
+                         " && !document.getElementById('login').hidden", message="the wrong password refused")
+        browser.errors.clear()
+        assert browser.evaluate(log_in.replace("{password}", json.dumps(passwords["operator"])))
+        browser.wait_for("document.getElementById('link').dataset.state === 'connected'",
+                         message="logged in as operator")
+        browser.wait_for(status_is("srv1", "online") + " && document.querySelector("
+                         "'#nodes tr[data-node=\"srv1\"] [data-column=rtt]').textContent !== '-'",
+                         message="srv1 online with a round trip under the ACL")
+        assert browser.evaluate("document.getElementById('self').textContent") == "operator"
+        assert browser.evaluate("location.search").find("password") < 0
+        device = MqttTransport(secure("cam1"), name="cam1")  # any user may write to a task inbox
+        device.connect()
+        stack.append(lambda: device.close(timeout=2.0))
+        device.publish(f"{DEFAULT_PREFIX}/node/srv1/task", b"not a task", qos=1)
+        browser.wait_for("document.querySelector('#dead-letters tr[data-node=\"srv1\"]')?.dataset.reason"
+                         " === 'malformed'", message="srv1's dead letter, read as operator")
+        assert browser.errors == []

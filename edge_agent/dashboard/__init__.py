@@ -8,6 +8,7 @@ dashboard`` prints that URL for the installed file (``--print``) or serves the f
 
     edge-agent dashboard --ws-broker ws://127.0.0.1:9001 --print
     edge-agent dashboard --ws-broker ws://127.0.0.1:9001 --serve 8080
+    edge-agent dashboard --ws-broker wss://broker.lan:9443 --username operator --serve 8080
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from urllib.parse import urlencode, urlsplit
 
 from agent_common.cli import EXIT_OK, UsageError
 from topics.errors import TopicError
-from topics.names import DEFAULT_PREFIX, TopicTree
+from topics.names import DEFAULT_PREFIX, TopicTree, validate_node_id
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,10 @@ def page_path() -> Path:
     return HERE / "index.html"
 
 
-def page_query(ws_broker: str, prefix: str = DEFAULT_PREFIX) -> str:
-    """The page's query string for ``ws_broker`` (``ws://host:port`` or ``wss://...``) and ``prefix``;
-    raises :class:`ValueError` for a broker URL or prefix the page cannot use."""
+def page_query(ws_broker: str, prefix: str = DEFAULT_PREFIX, *, username: str | None = None) -> str:
+    """The page's query string for ``ws_broker`` (``ws://host:port`` or ``wss://...``), ``prefix`` and
+    the user it logs in as (the page asks for the password); raises :class:`ValueError` for a broker
+    URL, prefix or user name the page cannot use."""
     parts = urlsplit(ws_broker)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise ValueError(f"the WebSockets broker must be ws://host:port or wss://host:port, "
@@ -63,7 +65,13 @@ def page_query(ws_broker: str, prefix: str = DEFAULT_PREFIX) -> str:
         TopicTree(prefix)
     except TopicError as exc:
         raise ValueError(f"bad prefix {prefix!r}: {exc}") from exc
-    return urlencode({"broker": ws_broker, "prefix": prefix})
+    values = {"broker": ws_broker, "prefix": prefix}
+    if username is not None:
+        try:
+            values["username"] = validate_node_id(username, what="username")
+        except TopicError as exc:
+            raise ValueError(f"{exc} (the page's node id is its user name)") from exc
+    return urlencode(values)
 
 
 _INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
@@ -150,6 +158,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the broker's WebSockets listener, ws://host:port (wss:// for TLS)")
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"topic prefix of the fleet "
                         f"(default {DEFAULT_PREFIX})")
+    parser.add_argument("--username", metavar="USER", default=None,
+                        help="log in as USER (the page asks for the password; the page's node id is "
+                        "USER: 'operator' under the shipped ACL)")
     shown = parser.add_mutually_exclusive_group()
     shown.add_argument("--print", action="store_true", help="print the page's file URL (the default)")
     shown.add_argument("--serve", type=int, metavar="PORT", default=None,
@@ -159,7 +170,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``edge-agent dashboard``: print the page's URL, or serve it until SIGINT/SIGTERM."""
     try:
-        query = page_query(args.ws_broker, args.prefix)
+        query = page_query(args.ws_broker, args.prefix, username=args.username)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if args.serve is None:
