@@ -132,6 +132,7 @@ def connected(target: BrokerEndpoint, stack: Stack, name: str) -> MqttTransport:
 
 
 def open_page(browser: Browser, url: str) -> None:
+    browser.navigate("about:blank")  # the previous test's page (and its reconnects to a gone broker) ends
     browser.errors.clear()
     browser.navigate(url)
     browser.wait_for("document.getElementById('link').dataset.state === 'connected'",
@@ -385,3 +386,72 @@ def test_the_page_logs_in_over_wss_under_the_shipped_acl(
         browser.wait_for("document.querySelector('#dead-letters tr[data-node=\"srv1\"]')?.dataset.reason"
                          " === 'malformed'", message="srv1's dead letter, read as operator")
         assert browser.errors == []
+
+
+def heartbeat_cases() -> dict[str, bytes]:
+    """Heartbeats of one node each (the node id is the case's name), valid and not."""
+    def beat(name: str, **changes: object) -> bytes:
+        fields: dict[str, object] = {"v": 1, "node": name, "role": "server", "session": 1, "seq": 1,
+                                     "interval": 3600.0, "time": 1.0}
+        fields.update(changes)
+        return json.dumps({key: value for key, value in fields.items() if value != "<missing>"}).encode()
+
+    full: dict[str, object] = {
+        "capabilities": {"square": {"executor": "thread"}, "cpu_burn": {"executor": "process", "stages": 3}},
+        "pools": ["gpu"], "load": {"queue_length": 2, "queue_capacity": 64, "in_flight": 1, "workers": 2,
+                                   "service_time": {"square": 0.01}, "cpu": 0.5}}
+    changes: dict[str, dict[str, object]] = {
+        "valid": {}, "valid-full": full, "seq-integral-float": {"seq": 1.0}, "time-int": {"time": 1},
+        "stages-null": {"capabilities": {"t": {"stages": None}}},
+        "seq-negative": {"seq": -1}, "seq-fraction": {"seq": 1.5}, "seq-huge": {"seq": 2**60},
+        "interval-zero": {"interval": 0}, "interval-long": {"interval": 3601},
+        "role-unknown": {"role": "gateway"},
+        "unknown-field": {"evil": 1}, "missing-seq": {"seq": "<missing>"}, "node-null": {"node": None},
+        "v-2": {"v": 2}, "v-true": {"v": True}, "time-negative": {"time": -1},
+        "cpu-high": {"load": {"cpu": 1.5}}, "load-unknown": {"load": {"gpu": 1}}, "load-null": {"load": None},
+        "service-negative": {"load": {"service_time": {"square": -0.1}}},
+        "service-bad-name": {"load": {"service_time": {"a b": 0.1}}},
+        "executor-bad": {"capabilities": {"square": {"executor": "gpu"}}},
+        "pool-bad": {"pools": ["a/b"]}, "pools-too-many": {"pools": [f"p{i}" for i in range(257)]},
+        "pools-string": {"pools": "gpu"},
+        # Stricter than the agents: pydantic's lax mode turns these into numbers, the page refuses
+        # them (the protocol's integers and numbers are JSON numbers).
+        "strict-seq-string": {"seq": "5"}, "strict-seq-bool": {"seq": True},
+        "strict-interval-string": {"interval": "0.2"},
+    }
+    cases = {name: beat(name, **change) for name, change in changes.items()}
+    cases.update({"not-json": b"hello", "truncated": b'{"v": 1', "array": b"[1]", "empty": b"",
+                  "bad-utf8": b'{"node": "\xff"}',
+                  "nan": beat("nan").replace(b'"time": 1.0', b'"time": NaN')})
+    return cases
+
+
+@pytest.mark.mosquitto
+def test_the_page_reads_heartbeats_as_the_agents_decoder_does(
+        mqtt: BrokerEndpoint, ws_broker: MosquittoBroker, browser: Browser, page_server: DashboardServer,
+        stack: Stack, topic_prefix: str) -> None:
+    """Each case is decoded by topics.codec (what every agent runs) and shown by the page: a heartbeat
+    the codec reads is online on the page, one it refuses is unreadable with the codec's reason."""
+    tree = TopicTree(topic_prefix)
+    assert ws_broker.ws_url is not None
+    open_page(browser, page_server.url(page_query(ws_broker.ws_url, topic_prefix)))
+    cases = heartbeat_cases()
+    codec = Codec("json")
+    expected: dict[str, str] = {}
+    for name, payload in cases.items():
+        try:
+            codec.decode(payload, Heartbeat, topic=tree.heartbeat(name))
+            expected[name] = "unreadable (heartbeat: schema)" if name.startswith("strict-") else "online"
+        except DecodeError as exc:
+            assert not name.startswith("strict-"), name
+            expected[name] = f"unreadable (heartbeat: {exc.reason})"
+    assert set(expected.values()) > {"online", "unreadable (heartbeat: schema)"}
+    vandal = connected(mqtt, stack, "vandal")
+    for name, payload in cases.items():
+        vandal.publish(tree.heartbeat(name), payload, qos=1)
+    vandal.publish(tree.heartbeat("impostor"), cases["valid"], qos=1)  # names "valid" on another topic
+    browser.wait_for(f"document.querySelectorAll('#nodes tbody tr').length >= {len(cases)}",
+                     message="every case listed")
+    shown = {node: row["status"] for node, row in rows(browser).items()}
+    assert shown == expected  # and "impostor" is not listed: ignored, as the agents ignore it
+    assert browser.errors == []
