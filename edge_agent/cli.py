@@ -5,6 +5,7 @@
     edge-agent submit --broker mqtt://127.0.0.1:1883 square '{"x": 7}'
     edge-agent submit --broker mqtt://127.0.0.1:1883 --target srv1 square '{"x": 7}'   # or --pool gpu
     edge-agent servers --broker mqtt://127.0.0.1:1883 [--watch | --json]
+    edge-agent dashboard --ws-broker ws://127.0.0.1:9001 [--print | --serve PORT]
 
 Settings come from the TOML file, then ``EDGE_AGENT_<FIELD>`` variables, then flags. Logs go to
 stderr as ``key=value`` lines. Exit codes: 0 ok, 1 the submitted task failed or the agent hit a
@@ -129,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     shown.add_argument("--watch", action="store_true",
                        help="a live view, refreshed until Ctrl-C (needs rich: the 'fleet' extra)")
     shown.add_argument("--json", action="store_true", help="print the rows as JSON")
+    from edge_agent.dashboard import add_arguments as add_dashboard_arguments
+
+    add_dashboard_arguments(commands.add_parser(
+        "dashboard", help="the fleet live in a browser (MQTT over WebSockets): print or serve the page",
+        description="Print the URL of the fleet dashboard (a page that connects to the broker's "
+        "WebSockets listener itself), or serve it on loopback."))
     return parser
 
 
@@ -334,6 +341,12 @@ def servers(args: argparse.Namespace) -> int:
         device.stop()
 
 
+def dashboard(args: argparse.Namespace) -> int:
+    from edge_agent.dashboard import run as run_dashboard
+
+    return run_dashboard(args)
+
+
 def _all_heard(watch: Any) -> bool:
     """Every node heard has a heartbeat (servers also a round trip), or is known to be offline."""
     rows = watch.rows()
@@ -387,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return submit(args)
         if args.command == "servers":
             return servers(args)
+        if args.command == "dashboard":
+            return dashboard(args)
         parser.print_help(sys.stderr)
         return EXIT_USAGE
 

@@ -1,7 +1,8 @@
 """MQTT brokers for demos, the simulator and tests: amqtt in a thread, or Mosquitto as a subprocess.
 
 A Mosquitto may be bridged to another broker (:class:`MosquittoBridge`): a site broker on a gateway
-forwarding a fleet's topics to and from a cloud broker.
+forwarding a fleet's topics to and from a cloud broker. Either broker may also serve MQTT over
+WebSockets on a second loopback port (``websockets_port``), for a browser (the fleet dashboard).
 
 Both wait until the broker really answers an MQTT CONNECT (a bare TCP check makes amqtt log an
 ERROR), listen on loopback only, and clean up after themselves. The readiness probe speaks just
@@ -93,6 +94,60 @@ def mqtt_answers(host: str, port: int, *, timeout: float = 1.0, tls: bool = Fals
         return False
 
 
+def _ws_frame(payload: bytes) -> bytes:
+    """One binary WebSocket frame as a client sends it (masked, under 126 bytes)."""
+    mask = os.urandom(4)
+    return bytes([0x82, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def websocket_answers(host: str, port: int, *, timeout: float = 1.0, tls: bool = False) -> bool:
+    """True when ``host:port`` takes a WebSocket upgrade for the ``mqtt`` subprotocol and answers an
+    MQTT CONNECT inside it with a CONNACK (as :func:`mqtt_answers`, one layer down; a refused CONNACK
+    counts). With ``tls`` the probe speaks TLS without verifying the certificate."""
+    request = (f"GET /mqtt HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+               "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n").encode()
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            sock = raw
+            if tls:
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+                sock = context.wrap_socket(raw, server_hostname=host)
+            sock.sendall(request)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = sock.recv(1024)
+                if not chunk or len(answer) > 4096:
+                    return False
+                answer += chunk
+            head, _, rest = answer.partition(b"\r\n\r\n")
+            if head.split(b"\r\n", 1)[0].split(b" ")[1:2] != [b"101"]:
+                return False
+            sock.sendall(_ws_frame(_connect_packet(f"probe-{uuid.uuid4().hex[:12]}")))
+            while len(rest) < 6:  # frame header (2 bytes, unmasked) + CONNACK (4 bytes)
+                chunk = sock.recv(6 - len(rest))
+                if not chunk:
+                    return False
+                rest += chunk
+            if rest[0] & 0x0F != 0x02 or rest[1] != 4 or rest[2] != 0x20:
+                return False
+            if rest[5] == 0:
+                sock.sendall(_ws_frame(b"\xe0\x00"))  # DISCONNECT
+            return True
+    except OSError:
+        return False
+
+
+def _wait_for_websockets(host: str, port: int, deadline: float, *, tls: bool = False) -> bool:
+    while time.monotonic() < deadline:
+        if websocket_answers(host, port, timeout=max(0.05, min(1.0, deadline - time.monotonic())), tls=tls):
+            return True
+        time.sleep(_PROBE_INTERVAL)
+    return False
+
+
 def _wait_until_answering(
     host: str, port: int, deadline: float, alive: Any = None, *, tls: bool = False
 ) -> bool:
@@ -134,16 +189,19 @@ class EmbeddedBroker:
     """amqtt 0.12 in its own thread and asyncio loop: MQTT 3.1.1 only, no ``$share`` delivery.
 
     amqtt's own INFO chatter is lowered to WARNING unless its loggers were configured already.
+    ``websockets_port`` (0: a free one) adds a listener for MQTT over WebSockets (:attr:`ws_url`).
     """
 
     kind: BrokerKind = "amqtt"
     protocols: tuple[ProtocolVersion, ...] = ("3.1.1",)
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 0, *, users: dict[str, str] | None = None
+        self, host: str = "127.0.0.1", port: int = 0, *, users: dict[str, str] | None = None,
+        websockets_port: int | None = None,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
+        self.websockets_port = None if websockets_port is None else websockets_port or free_port(host)
         self.users = dict(users) if users else None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -155,6 +213,11 @@ class EmbeddedBroker:
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str | None:
+        """``ws://host:port`` of the WebSockets listener, or None without one."""
+        return None if self.websockets_port is None else f"ws://{self.host}:{self.websockets_port}"
 
     @property
     def running(self) -> bool:
@@ -171,10 +234,10 @@ class EmbeddedBroker:
             }
         else:
             plugins["amqtt.plugins.authentication.AnonymousAuthPlugin"] = {"allow_anonymous": True}
-        return {
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
-            "plugins": plugins,
-        }
+        listeners: dict[str, Any] = {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}}
+        if self.websockets_port is not None:
+            listeners["websockets"] = {"type": "ws", "bind": f"{self.host}:{self.websockets_port}"}
+        return {"listeners": listeners, "plugins": plugins}
 
     def _write_password_file(self) -> str:
         from pwdlib import PasswordHash
@@ -210,6 +273,10 @@ class EmbeddedBroker:
         if not _wait_until_answering(self.host, self.port, deadline, alive=lambda: self.running):
             self.stop()
             raise BrokerError(f"amqtt on {self.url} does not answer MQTT after {timeout:.1f}s")
+        if self.websockets_port is not None and not _wait_for_websockets(
+                self.host, self.websockets_port, deadline):
+            self.stop()
+            raise BrokerError(f"amqtt on {self.ws_url} does not answer WebSockets after {timeout:.1f}s")
         log.info("amqtt broker listening on %s", self.url)
         return self
 
@@ -369,10 +436,13 @@ def write_mosquitto_config(
     acl_file: Path | None = None,
     username_as_client_id: bool = False,
     bridge: MosquittoBridge | None = None,
+    websockets_port: int | None = None,
 ) -> Path:
     """Write a mosquitto.conf tuned for low-latency offloading; return ``path``.
 
     ``bridge`` adds a bridge connection to another broker (:class:`MosquittoBridge`).
+    ``websockets_port`` adds a second listener on ``host`` speaking MQTT over WebSockets, with the
+    same users, ACL, client ids and TLS (``wss://``) as the first.
 
     With ``certfile`` and ``keyfile`` the listener speaks TLS only (clients use ``mqtts://``).
     ``acl_file`` applies a Mosquitto ACL (e.g. ``examples/mosquitto/acl``); ``username_as_client_id``
@@ -388,6 +458,13 @@ def write_mosquitto_config(
         lines += [f"certfile {certfile}", f"keyfile {keyfile}"]
     if username_as_client_id:
         lines += ["use_username_as_clientid true"]
+    if websockets_port is not None:  # listener options apply to the listener above them
+        lines += ["# MQTT over WebSockets, for a browser (the fleet dashboard).",
+                  f"listener {websockets_port} {host}", "protocol websockets"]
+        if certfile is not None and keyfile is not None:
+            lines += [f"certfile {certfile}", f"keyfile {keyfile}"]
+        if username_as_client_id:
+            lines += ["use_username_as_clientid true"]
     lines += [
         "# Without TCP_NODELAY, Nagle's algorithm meets delayed ACKs and a QoS 1 round trip costs",
         "# ~44 ms instead of ~0.4 ms.",
@@ -438,9 +515,11 @@ class MosquittoBroker:
         acl_file: Path | None = None,
         username_as_client_id: bool = False,
         bridge: MosquittoBridge | None = None,
+        websockets_port: int | None = None,
     ) -> None:
         """``tls_files`` = (certificate, private key): the listener then speaks TLS only.
-        ``acl_file``, ``username_as_client_id`` and ``bridge``: see :func:`write_mosquitto_config`."""
+        ``acl_file``, ``username_as_client_id`` and ``bridge``: see :func:`write_mosquitto_config`.
+        ``websockets_port`` (0: a free one) adds a listener for MQTT over WebSockets (:attr:`ws_url`)."""
         binary = mosquitto_binary()
         if binary is None:
             raise BrokerError("mosquitto not installed: apt-get install -y mosquitto")
@@ -453,6 +532,7 @@ class MosquittoBroker:
         self.acl_file = acl_file
         self.username_as_client_id = username_as_client_id
         self.bridge = bridge
+        self.websockets_port = None if websockets_port is None else websockets_port or free_port(host)
         self._own_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="mosquitto-")) if workdir is None else workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -465,6 +545,13 @@ class MosquittoBroker:
     def url(self) -> str:
         scheme = "mqtts" if self.tls_files else "mqtt"
         return f"{scheme}://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str | None:
+        """``ws://host:port`` (``wss://`` with TLS) of the WebSockets listener, or None without one."""
+        if self.websockets_port is None:
+            return None
+        return f"{'wss' if self.tls_files else 'ws'}://{self.host}:{self.websockets_port}"
 
     @property
     def pid(self) -> int | None:
@@ -498,6 +585,7 @@ class MosquittoBroker:
             acl_file=self.acl_file,
             username_as_client_id=self.username_as_client_id,
             bridge=self.bridge,
+            websockets_port=self.websockets_port,
         )
 
     def start(self, timeout: float = 5.0) -> MosquittoBroker:
@@ -517,6 +605,11 @@ class MosquittoBroker:
             detail = self._failure_detail()
             self.kill()
             raise BrokerError(f"mosquitto on {self.url} did not start: {detail}")
+        if self.websockets_port is not None and not _wait_for_websockets(
+                self.host, self.websockets_port, deadline, tls=self.tls_files is not None):
+            detail = self._failure_detail()
+            self.kill()
+            raise BrokerError(f"mosquitto on {self.ws_url} does not answer WebSockets: {detail}")
         log.info("mosquitto (pid %s) listening on %s", self.pid, self.url)
         return self
 
