@@ -28,6 +28,7 @@ test-all: $(VENV)/.installed
 	bash scripts/ensure-installed.sh mosquitto mosquitto mosquitto-clients
 	bash scripts/ensure-installed.sh systemd-analyze systemd
 	bash scripts/ensure-installed.sh chromium chromium
+	bash scripts/ensure-installed.sh curl curl
 	bash scripts/ensure-installed.sh /usr/lib/rabbitmq/bin/rabbitmq-server rabbitmq-server
 	bash scripts/ensure-node-red.sh
 	$(PY) -m pytest -q
