@@ -67,8 +67,8 @@ def test_bridge_configuration(tmp_path: Path) -> None:
     section = lines[lines.index("connection site-1"):]
     for line in ("address cloud.example.net:1883", "remote_clientid site-1", "try_private true",
                  "cleansession true", "notifications false", "restart_timeout 1",
-                 "remote_username site", "remote_password pw", "topic offload/v1/# both 1",
-                 "topic lab/x/# both 1"):
+                 "remote_username site", "remote_password pw", "topic offload/v1/# out 1",
+                 "topic offload/v1/# in 0", "topic lab/x/# out 1", "topic lab/x/# in 0"):
         assert line in section
     assert "set_tcp_nodelay true" in lines[:lines.index("connection site-1")]
     bad_cases: list[BridgeArguments] = [
