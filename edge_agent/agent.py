@@ -28,6 +28,7 @@ import contextlib
 import functools
 import heapq
 import itertools
+import json
 import logging
 import random
 import secrets
@@ -734,6 +735,10 @@ class EdgeAgent:
             return
         job.spooled = True
         self.counters["spooled"] += 1
+        with self._lock:  # a server heard between the decision and now found the spool without it
+            usable = self._core.can_serve(task.name, self._mono())
+        if usable:
+            self._poke_spool()
         expiry = min(e for e in (job.deadline, job.created + self.config.spool_ttl) if e is not None)
         if self._spool_expiry is None or expiry < self._spool_expiry:
             self._spool_expiry = expiry
@@ -859,17 +864,30 @@ class EdgeAgent:
         job = _Job(handle, message.payload, message.stage, entry.deadline, name=entry.name,
                    policy=entry.policy or "", spooled=True, created=entry.created, recovered=True,
                    origin=entry.origin)
-        handle.add_done_callback(functools.partial(self._recovered_done, entry.task_id, entry.name))
+        handle.add_done_callback(functools.partial(self._recovered_done, entry.task_id, entry.name,
+                                                   entry.origin))
         with self._lock:
             self._jobs[entry.task_id] = job
         return job
 
-    def _recovered_done(self, task_id: str, name: str, handle: concurrent.futures.Future[Any]) -> None:
+    def _recovered_done(self, task_id: str, name: str, origin: str | None,
+                        handle: concurrent.futures.Future[Any]) -> None:
+        """The outcome of a task an earlier run spooled: counted and logged; a bridged one is published
+        on its route's output topic, as the bridge of that run would have."""
         error = handle.exception()
         status = "ok" if error is None else getattr(error, "status", type(error).__name__)
         self.counters[f"spool_recovered_{status}"] += 1
         log.info("node=%s task %s (%s) spooled by an earlier run ended %s%s", self.id, task_id, name, status,
                  "" if error is None else f": {error}")
+        if origin is None or self.bridge is None:
+            return
+        try:
+            reference = json.loads(origin)
+        except ValueError:
+            return
+        if (isinstance(reference, dict) and "bridge" in reference
+                and not self.bridge.answer_recovered(name, reference, handle)):
+            self.counters["spool_recovered_unrouted"] += 1
 
     def _release_spooled(self) -> None:
         """At stop: the callers of tasks still in the spool get a ``failed`` outcome here (nobody in this
@@ -909,12 +927,12 @@ class EdgeAgent:
         if self._node_listeners:
             self._tell_nodes(message.topic, heartbeat)
         if heartbeat.role == Role.SERVER.value:
-            spooled = self._spool is not None and len(self._spool) > 0
-            if spooled:
+            fresh = False
+            if self._spool is not None:
                 with self._lock:
-                    spooled = heartbeat.node not in self._core.table.probe_targets(self._mono())
+                    fresh = heartbeat.node not in self._core.table.probe_targets(self._mono())
             self._feed(self._core.heartbeat, ServerReport.of(heartbeat), self._mono())
-            if spooled:
+            if fresh:
                 self._poke_spool()  # a server newly usable: parked tasks may go now
 
     def _on_state(self, message: Message) -> None:

@@ -7,19 +7,39 @@ The offline period is "until the test starts the server": every wait is on an ev
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import json
+import socket
+import threading
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from brokers_support import Stack, endpoint, start_cloud, start_edge, wait_for
+from brokers_support import (
+    BrokerEndpoint,
+    MessageLog,
+    Stack,
+    connected,
+    endpoint,
+    gate_registry,
+    start_cloud,
+    start_edge,
+    wait_for,
+)
 
 from agent_common.registry import TaskRegistry, UnknownTaskError
 from edge_agent.agent import EdgeAgent, SpoolFull, TaskFailed
+from edge_agent.config import EdgeConfig
 from edge_agent.spool import Spool
 from topics.brokers import MosquittoBroker
+from topics.mqtt import MqttTransport
+from topics.transport import ProtocolVersion
 
 N = 200
+BrokerFactory = Callable[..., BrokerEndpoint]
 
 
 def _edge(mosquitto_broker: MosquittoBroker, stack: Stack, prefix: str, spool: Path,
@@ -102,3 +122,134 @@ def test_without_a_spool_such_a_task_is_refused_as_before(
     edge = start_edge(endpoint(mosquitto_broker), stack, topic_prefix, registry=TaskRegistry())
     with pytest.raises(UnknownTaskError, match="square"):
         edge.submit("square", {"x": 1})
+
+
+def test_tasks_submitted_while_the_broker_is_down_are_sent_when_it_is_back(
+        broker_factory: BrokerFactory, stack: Stack, topic_prefix: str, tmp_path: Path) -> None:
+    target = broker_factory("mosquitto-3.1.1")
+    edge = start_edge(target, stack, topic_prefix, registry=TaskRegistry(), spool_path=tmp_path / "spool.db")
+    start_cloud(target, stack, topic_prefix, "srv-down")
+    assert edge.submit("square", {"x": 2}, deadline=10.0).result(timeout=15.0) == {"y": 4}
+    target.broker.stop()
+    wait_for(lambda: not edge.connected, message="device saw the broker go")
+    futures = [edge.submit("square", {"x": i}, deadline=60.0) for i in range(50)]
+    assert edge.stats()["spool"]["tasks"] == 50 and not any(f.done() for f in futures)
+    target.broker.start()
+    assert [f.result(timeout=30.0) for f in futures] == [{"y": i * i} for i in range(50)]
+
+
+def test_a_bridged_task_spooled_before_a_restart_is_published_on_its_route(
+        mosquitto_broker: MosquittoBroker, stack: Stack, topic_prefix: str, tmp_path: Path) -> None:
+    target = endpoint(mosquitto_broker)
+    path = tmp_path / "spool.db"
+    route = {"filter": f"{topic_prefix}/sensors/+/reading", "task": "square",
+             "output": f"{topic_prefix}/results/{{1}}/square", "qos": 1, "deadline": 60.0}
+    first = _edge(mosquitto_broker, stack, topic_prefix, path, routes=[route])
+    wait_for(lambda: first.connected, message="device connected")
+    sensor = connected(target, stack, "sensor")
+    for n in range(10):
+        sensor.publish(f"{topic_prefix}/sensors/s{n}/reading", json.dumps({"x": n}).encode(), qos=1)
+    wait_for(lambda: first.stats()["spool"]["tasks"] == 10, message="bridged tasks spooled")
+    first.stop()
+    outputs = MessageLog(connected(target, stack, "reader"), f"{topic_prefix}/results/#")
+    second = _edge(mosquitto_broker, stack, topic_prefix, path, routes=[route], id=first.id)
+    start_cloud(target, stack, topic_prefix, "srv-bridge")
+    wait_for(lambda: len(outputs.messages) == 10, timeout=30.0, message="every result on its route")
+    got = {m.topic: json.loads(m.payload) for m in outputs.messages}
+    assert got == {f"{topic_prefix}/results/s{n}/square": {"y": n * n} for n in range(10)}
+    assert second.stats()["bridge"]["recovered"] == 10 and second.stats()["spool_recovered_ok"] == 10
+
+
+class _Cuttable:
+    """A TCP forwarder to the broker that the test can cut (both sides closed, reconnects refused) and
+    restore: the device is away for the broker, as over a lost radio link."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._open = threading.Event()
+        self._open.set()
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if not self._open.is_set():
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self._port))
+            with self._lock:
+                self._pairs.append((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self._open.clear()
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for pair in pairs:
+            for end in pair:
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def restore(self) -> None:
+        self._open.set()
+
+    def close(self) -> None:
+        self.cut()
+        self._listener.close()
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_results_published_while_the_device_was_away_are_matched_once_when_it_returns(
+        mosquitto_broker: MosquittoBroker, stack: Stack, topic_prefix: str,
+        protocol: ProtocolVersion) -> None:
+    target = endpoint(mosquitto_broker, protocol)
+    gate = threading.Event()
+    stack.append(gate.set)
+    cloud = start_cloud(target, stack, topic_prefix, "srv-away", registry=gate_registry(gate))
+    link = _Cuttable(mosquitto_broker.port)
+    stack.append(link.close)
+    node = f"edge-{uuid.uuid4().hex[:6]}"
+    config = EdgeConfig(id=node, broker=f"mqtt://127.0.0.1:{link.port}", protocol=protocol,
+                        prefix=topic_prefix, heartbeat_interval=0.5, probe_interval=0.1,
+                        persistent_session=True, session_expiry=60)
+    settings = config.transport_config().model_copy(update={"reconnect_max_delay": 0.3})
+    assert settings.persistent_session and settings.client_id == node
+    transport = MqttTransport(settings, name=node)
+    edge = EdgeAgent(config, transport, TaskRegistry())
+    edge.start()
+    stack.append(edge.stop)
+    wait_for(lambda: edge.core.can_serve("gate", time.monotonic()), message="the server is usable")
+    futures = [edge.submit("gate", {"n": n}, deadline=60.0) for n in range(20)]
+    wait_for(lambda: cloud.stats()["in_flight"] + cloud.stats()["queue_length"] == 20,
+             message="all 20 at the server")
+    link.cut()
+    wait_for(lambda: not edge.connected, message="device away")
+    gate.set()
+    wait_for(lambda: cloud.stats()["completed"].get("ok") == 20, message="results published while away")
+    assert not any(f.done() for f in futures)
+    link.restore()
+    assert [f.result(timeout=30.0) for f in futures] == [{"n": n} for n in range(20)]
+    stats = edge.stats()
+    assert stats["outcome_ok"] == 20 and stats["transport"]["sessions_resumed"] >= 1
+    assert cloud.stats()["completed"]["ok"] == 20  # each ran once
+    edge.stop()
+    clean = MqttTransport(target.config(node))  # the shared broker forgets the session
+    clean.connect()
+    clean.close()
