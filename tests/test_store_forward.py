@@ -9,9 +9,14 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +30,7 @@ from brokers_support import (
     connected,
     endpoint,
     gate_registry,
+    retained_on,
     start_cloud,
     start_edge,
     wait_for,
@@ -36,9 +42,11 @@ from edge_agent.config import EdgeConfig
 from edge_agent.spool import Spool
 from topics.brokers import MosquittoBroker
 from topics.mqtt import MqttTransport
+from topics.names import TopicTree
 from topics.transport import ProtocolVersion
 
 N = 200
+REPO = Path(__file__).resolve().parents[1]
 BrokerFactory = Callable[..., BrokerEndpoint]
 
 
@@ -253,3 +261,69 @@ def test_results_published_while_the_device_was_away_are_matched_once_when_it_re
     clean = MqttTransport(target.config(node))  # the shared broker forgets the session
     clean.connect()
     clean.close()
+
+
+def _free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _spool_gauge(port: int) -> float | None:
+    """``offload_edge_spool_tasks`` of the agent serving metrics on ``port``; None while it is not up."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("offload_edge_spool_tasks "):
+            return float(line.split()[1])
+    return None
+
+
+def test_a_killed_agent_process_leaves_its_spool_to_the_next_one(
+        mosquitto_broker: MosquittoBroker, stack: Stack, topic_prefix: str, tmp_path: Path) -> None:
+    """SIGKILL, no clean stop: the tasks the bridge of the killed process spooled are sent by the next
+    agent on the same file and published on their route."""
+    target = endpoint(mosquitto_broker)
+    path = tmp_path / "spool.db"
+    node = f"edge-{uuid.uuid4().hex[:6]}"
+    route = {"filter": f"{topic_prefix}/sensors/+/reading", "task": "square",
+             "output": f"{topic_prefix}/results/{{1}}/square", "qos": 1, "deadline": 120.0}
+    port = _free_port()
+    config = tmp_path / "device.toml"
+    config.write_text(
+        f'id = "{node}"\nbroker = "{mosquitto_broker.url}"\nprefix = "{topic_prefix}"\n'
+        f'heartbeat_interval = 0.5\nspool_path = "{path}"\nmetrics_port = {port}\ntasks = []\n'
+        f'[[routes]]\nfilter = "{route["filter"]}"\ntask = "square"\noutput = "{route["output"]}"\n'
+        'qos = 1\ndeadline = 120.0\n')
+    with (tmp_path / "agent.log").open("w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
+                                   cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                   stdout=subprocess.DEVNULL, stderr=log)
+
+    def reap() -> None:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+
+    stack.append(reap)
+    wait_for(lambda: _spool_gauge(port) == 0.0, timeout=30.0, message="the agent process is up")
+    sensor = connected(target, stack, "sensor")
+    wait_for(lambda: any(m.payload for m in retained_on(target, stack, TopicTree(topic_prefix).state(node))),
+             message="the agent process announced itself")
+    for n in range(N):
+        sensor.publish(f"{topic_prefix}/sensors/s{n}/reading", json.dumps({"x": n}).encode(), qos=1)
+    wait_for(lambda: _spool_gauge(port) == N, timeout=30.0, message="every bridged task spooled")
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(10)
+    outputs = MessageLog(connected(target, stack, "reader"), f"{topic_prefix}/results/#")
+    again = _edge(mosquitto_broker, stack, topic_prefix, path, routes=[route], id=node)
+    assert again.stats()["spool_recovered"] == N
+    cloud = start_cloud(target, stack, topic_prefix, "srv-kill")
+    wait_for(lambda: len(outputs.messages) == N, timeout=60.0, message="every result on its route")
+    got = {m.topic: json.loads(m.payload) for m in outputs.messages}
+    assert got == {f"{topic_prefix}/results/s{n}/square": {"y": n * n} for n in range(N)}
+    wait_for(lambda: cloud.stats()["completed"].get("ok") == N, message="server ran each once")
+    assert again.stats()["spool_recovered_ok"] == N
