@@ -435,7 +435,6 @@ class EdgeAgent:
         if self.http_endpoint is not None:
             self.http_endpoint.close()  # no new requests; waiting ones get their outcome below
         self._feed(self._core.stop, self._mono())
-        self._release_spooled()
         if self._transport is not None:
             if self._transport.connected and self.config.announce:
                 with contextlib.suppress(TransportError):
@@ -444,6 +443,7 @@ class EdgeAgent:
             self._transport.close()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5.0)
+        self._release_spooled()  # after the timer thread: no drain hands a task over any more
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._process_pool is not None:
             self._process_pool.shutdown(wait=False, cancel_futures=True)
@@ -778,7 +778,8 @@ class EdgeAgent:
             self.counters["spool_expired"] += 1
             why = "deadline" if entry.deadline is not None and entry.deadline <= now else "spool_ttl"
             error = f"waited in the spool until its {why} passed: no server was usable"
-            if job is None or job.recovered:
+            if job is None:  # from an earlier run, never handed over: no caller, no handle
+                self.counters["spool_recovered_expired"] += 1
                 log.info("node=%s spooled task %s (%s) from an earlier run expired (%s)", self.id,
                          entry.task_id, entry.name, why)
                 continue
@@ -835,10 +836,15 @@ class EdgeAgent:
         if left is not None and left <= 0:
             return True  # the next expiry answers it
         job.reparked = False
+        if self._stopping.is_set():
+            return True
         self._feed(self._core.submit, entry.task_id, entry.name, payload_size(job.payload), self._mono(),
                    deadline=left, policy=entry.policy or job.policy or None)
         if job.reparked:
             return False
+        if self._stopping.is_set():  # stop() came in between: keep it for the next run, end it here
+            self._feed(self._core.stop, self._mono())
+            return True
         job.spooled = False
         self.counters["spool_forwarded"] += 1
         try:
