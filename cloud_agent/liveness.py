@@ -75,9 +75,11 @@ class Liveness:
 
     def _state_payload(self, status: Literal["online", "offline"]) -> bytes:
         node = self._node
-        tasks = tuple(node.registry.names()) if status == "online" else ()
+        birth = status == "online"
         state = NodeState(node=node.id, role=Role.SERVER, status=status, session=self.session,
-                          time=max(0.0, node.clock()), tasks=tasks)
+                          time=max(0.0, node.clock()), tasks=tuple(node.registry.names()) if birth else (),
+                          interval=node.config.heartbeat_interval if birth else None,
+                          pools=tuple(node.config.pools) if birth else ())
         return self._replies.channel_codec(Kind.STATE).encode(state)
 
     def _on_connect(self) -> None:

@@ -3,6 +3,7 @@
 from edge_agent.agent import EdgeAgent, payload_size
 from edge_agent.bridge import Bridge
 from edge_agent.config import BridgeRoute, EdgeConfig, PolicySettings, load_edge_config
+from edge_agent.pinning import PinError, UnknownPoolError, UnknownServerError
 from edge_agent.policy import (
     LOCAL,
     POLICIES,
@@ -27,6 +28,7 @@ __all__ = [
     "EdgeAgent",
     "EdgeConfig",
     "LocalInfo",
+    "PinError",
     "PolicyConfig",
     "PolicySettings",
     "ServerInfo",
@@ -36,6 +38,8 @@ __all__ = [
     "TaskInfo",
     "TaskRecord",
     "UnknownPolicyError",
+    "UnknownPoolError",
+    "UnknownServerError",
     "check_policy",
     "decide",
     "load_edge_config",

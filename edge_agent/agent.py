@@ -68,7 +68,7 @@ from topics.codec import Codec, EncodeError
 from topics.errors import DecodeError, TopicError
 from topics.models import MAX_TTL, Heartbeat, Load, NodeState, Pong, Result, Role, Task
 from topics.models import Ping as PingMessage
-from topics.names import DELIVERY, Kind, TopicTree, topic_matches, validate_publish_topic
+from topics.names import DELIVERY, Kind, TopicTree, topic_matches, validate_node_id, validate_publish_topic
 from topics.transport import (
     BrokerRefused,
     ConnectError,
@@ -484,25 +484,38 @@ class EdgeAgent:
 
     # ------------------------------------------------------------------------------ submitting
     def submit(self, name: str, payload: Any, *, deadline: float | None = None, stage: int | None = None,
-               policy: str | None = None, origin: str | None = None) -> TaskHandle:
+               policy: str | None = None, target: str | None = None, pool: str | None = None,
+               origin: str | None = None) -> TaskHandle:
         """Run task ``name`` on ``payload`` here or on a server; the handle holds the result payload.
 
         ``deadline``: seconds from now. ``stage``: for a pipeline, run stages ``stage..n-1``.
+        ``target``: every attempt on that server only; ``pool``: every attempt published to that
+        pool's shared inbox (the rules: :mod:`edge_agent.pinning`); not both.
         Raises :class:`UnknownTaskError` when neither this device nor any server knows ``name`` (with
-        the ``local`` policy: when this device does not), ``UnknownPolicyError`` for a bad policy name,
-        ``ValueError`` for a bad stage or deadline, ``RuntimeError`` after :meth:`stop`.
+        the ``local`` policy: when this device does not), :class:`~edge_agent.pinning.UnknownServerError`
+        / :class:`~edge_agent.pinning.UnknownPoolError` (``LookupError``) for a ``target`` not known or
+        not announcing ``name`` / a ``pool`` no live server announces, ``UnknownPolicyError`` for a bad
+        policy name, ``ValueError`` for a bad stage, deadline or pin, ``RuntimeError`` after :meth:`stop`.
 
         With a spool (``spool_path``), a task that cannot run anywhere now waits in it (its handle
         pending) until a server serving it is usable, at most until its deadline or ``spool_ttl``
         (then ``expired``); a name no server has announced is accepted while no server is usable.
         :class:`~edge_agent.spool.SpoolFull` (a ``ValueError``) when it does not fit: nothing is
         kept. ``origin``: the caller's reference, stored with a spooled task (for a later run).
+        Pinned tasks (``target``, ``pool``) are never spooled.
         """
         if self._stopping.is_set():
             raise RuntimeError(f"edge agent {self.id} is stopped")
         chosen = check_policy(policy) if policy is not None else self.config.policy
         spec = self._spec(name)
-        if spec is None:
+        pinned = target is not None or pool is not None
+        if pinned:
+            if target is not None and pool is not None:
+                raise ValueError("give target or pool, not both")
+            validate_node_id(target or pool or "", what="target" if target is not None else "pool name")
+            with self._lock:
+                self._core.check_pin(name, target=target, pool=pool)
+        elif spec is None:
             with self._lock:
                 announced = self._core.announced(name)
             if chosen == LOCAL or (not announced and not self._may_spool(name)):
@@ -525,7 +538,7 @@ class EdgeAgent:
             if len(self._timers) > 2 * len(self._jobs) + 1024:
                 self._timers.prune(self._core.live)
         self._feed(self._core.submit, task_id, name, payload_size(payload), self._mono(), deadline=deadline,
-                   policy=chosen)
+                   policy=chosen, target=target, pool=pool)
         if job.refused is not None:
             with self._lock:
                 self._jobs.pop(task_id, None)
@@ -603,7 +616,8 @@ class EdgeAgent:
                       server)
         assert self._transport is not None  # the core offers servers only while connected
         try:
-            self._transport.publish(self._inbox(server), data, qos=DELIVERY[Kind.TASK].qos)
+            topic = self._inbox(server) if task.pool is None else self._tree.pool_inbox(task.pool)
+            self._transport.publish(topic, data, qos=DELIVERY[Kind.TASK].qos)
         except TransportError as exc:
             self._feed(self._core.publish_failed, task, action.attempt, self._mono(),
                        not_connected=isinstance(exc, NotConnectedError),
@@ -960,7 +974,7 @@ class EdgeAgent:
         with self._lock:
             was_dead = self._core.table.dead(state.node)
         self._feed(self._core.state, state.node, state.session, online, self._mono(), live=not message.retain,
-                   tasks=frozenset(state.tasks))
+                   tasks=frozenset(state.tasks), interval=state.interval, pools=frozenset(state.pools))
         if online:
             self._poke_spool()
         if not online and not was_dead and self._core.table.dead(state.node):

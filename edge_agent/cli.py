@@ -3,6 +3,7 @@
     edge-agent run --config /etc/offload/device.toml
     edge-agent run --broker mqtt://127.0.0.1:1883 --id cam1 --tasks agent_common.demo_tasks --policy ect
     edge-agent submit --broker mqtt://127.0.0.1:1883 square '{"x": 7}'
+    edge-agent submit --broker mqtt://127.0.0.1:1883 --target srv1 square '{"x": 7}'   # or --pool gpu
     edge-agent servers --broker mqtt://127.0.0.1:1883 [--watch | --json]
 
 Settings come from the TOML file, then ``EDGE_AGENT_<FIELD>`` variables, then flags. Logs go to
@@ -39,6 +40,7 @@ from agent_common.cli import (
 from agent_common.registry import RegistryError, TaskRegistry, UnknownTaskError, load_tasks
 from agent_common.settings import SettingsError
 from edge_agent.config import ENV_PREFIX, EdgeConfig, load_edge_config
+from edge_agent.pinning import PinError
 from edge_agent.policy import POLICIES, UnknownPolicyError
 from edge_agent.records import TaskFailed
 from topics.codec import to_wire
@@ -112,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--discover", type=float, default=3.0,
                         help="seconds to wait for a server announcing the task (default 3)")
     submit.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the outcome")
+    pinned = submit.add_mutually_exclusive_group()
+    pinned.add_argument("--target", metavar="NODE", default=None,
+                        help="run it on this server only (every attempt; never locally)")
+    pinned.add_argument("--pool", metavar="POOL", default=None,
+                        help="publish it to this pool's shared inbox (Mosquitto; never locally)")
     servers = commands.add_parser("servers", help="list the fleet's nodes: liveness, load, round trip",
                                   description="Listen to the fleet's heartbeats, states and dead letters "
                                   "and print every node once each has been heard (or --listen passes).")
@@ -265,13 +272,15 @@ def submit(args: argparse.Namespace) -> int:
         if config.broker:
             end = time.monotonic() + max(0.0, args.discover)
             while time.monotonic() < end and not any(
-                    args.task in view.tasks and not view.stale for view in agent.servers()):
+                    args.task in view.tasks and not view.stale and args.target in (None, view.node)
+                    and (args.pool is None or args.pool in view.pools) for view in agent.servers()):
                 time.sleep(0.02)
         records: list[Any] = []
         agent.add_record_listener(records.append)
         try:
-            future = agent.submit(args.task, payload, deadline=args.deadline)
-        except UnknownTaskError as exc:
+            future = agent.submit(args.task, payload, deadline=args.deadline, target=args.target,
+                                  pool=args.pool)
+        except (UnknownTaskError, PinError) as exc:
             if config.broker and not agent.connected:  # the real cause, not "no server knows it"
                 print(f"edge-agent: error: {agent.connect_problem or 'not connected to the broker'}",
                       file=sys.stderr)

@@ -36,6 +36,9 @@ rules. The rules, in one place:
   counts a failure against the server and decides again, up to ``max_attempts``. A task with nowhere
   else to go waits for its dead server instead (a broker restart fires every Will), bounded by its
   timeout; one sent over an earlier link is re-sent when its server is heard from again.
+* **Pinned tasks** (``target``, ``pool``; :mod:`edge_agent.pinning`): every attempt goes to that
+  server, or to that pool's inbox, never local; a dead pinned server ends the task at once; a pool
+  attempt is retried only on ``rejected-busy`` or ``unknown-task`` (anything else could run it twice).
 * **One outcome per task**: the first ``ok``/``error`` result wins, also from an earlier attempt;
   anything later is counted (``late_results``, ``unknown_results``). A timer at or after the deadline
   gives a task still without an outcome the deadline outcome: ``timeout`` if a server has it,
@@ -53,6 +56,14 @@ from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from edge_agent.pinning import (
+    POOL_RETRIED,
+    check_pool,
+    check_target,
+    pinned_decision,
+    pool_decision,
+    pool_key,
+)
 from edge_agent.policy import (
     DEFAULT_POLICY,
     LOCAL,
@@ -129,9 +140,9 @@ class CoreTask:
 
     __slots__ = ("attempts", "context", "created", "deadline", "deadline_armed", "decided",
                  "decision", "done", "error", "finished", "generation", "last_error", "last_status", "link",
-                 "local_ok", "name", "outcome", "payload_bytes", "policy", "predicted", "queue_wait",
-                 "received", "resend", "sent", "sent_at", "service_time", "started", "target", "targets",
-                 "task_id", "timeout_at", "timer", "transfer", "waited_for_link")
+                 "local_ok", "name", "outcome", "payload_bytes", "pin", "policy", "pool", "predicted",
+                 "queue_wait", "received", "resend", "sent", "sent_at", "service_time", "started", "target",
+                 "targets", "task_id", "timeout_at", "timer", "transfer", "waited_for_link")
 
     def __init__(self, task_id: str, name: str, payload_bytes: int, policy: str, created: float,
                  deadline: float | None, local_ok: bool, context: Any) -> None:
@@ -175,12 +186,17 @@ class CoreTask:
         self.received: float | None = None
         self.service_time: float | None = None
         self.queue_wait: float | None = None
+        self.pin: str | None = None
+        """The server every attempt must go to (``submit(target=...)``), else ``None``."""
+        self.pool: str | None = None
+        """The pool every attempt is published to (``submit(pool=...)``), else ``None``."""
 
 
 @dataclass(slots=True, eq=False)
 class Send:
     """Publish attempt ``attempt`` of ``task`` to ``server`` (``resend``: again, as the same attempt),
-    and arm ``timer``, the attempt's timeout."""
+    and arm ``timer``, the attempt's timeout. For a task pinned to a pool (``task.pool``), ``server``
+    reads ``pool/<pool>``: publish to that pool's inbox."""
 
     task: CoreTask
     server: str
@@ -452,24 +468,38 @@ class DeviceCore:
 
     # ------------------------------------------------------------------------------ events
     def submit(self, task_id: str, name: str, payload_bytes: int, now: float, *,
-               deadline: float | None = None, policy: str | None = None, context: Any = None) -> list[Action]:
-        """A task was submitted; ``deadline`` is relative (seconds from ``now``), ``policy`` checked."""
-        local_ok = name in self._local_tasks
+               deadline: float | None = None, policy: str | None = None, context: Any = None,
+               target: str | None = None, pool: str | None = None) -> list[Action]:
+        """A task was submitted; ``deadline`` is relative (seconds from ``now``), ``policy`` checked.
+        ``target`` / ``pool``: pinned (:meth:`check_pin` first: here a bad pin just fails the task)."""
+        pinned = target is not None or pool is not None
+        local_ok = not pinned and name in self._local_tasks
         task = CoreTask(task_id, name, payload_bytes, policy or self.policy, now,
                         None if deadline is None else now + deadline, local_ok, context)
+        task.pin, task.pool = target, pool
         self._tasks[task_id] = task
         self.counters["submitted"] += 1
-        pool = self._pool
-        if pool.arrivals is not None:
-            pool.arrived(now)
+        local_pool = self._pool
+        if local_pool.arrivals is not None:
+            local_pool.arrived(now)
         elif task.policy == "threshold":
-            pool.arrivals = deque([now])
+            local_pool.arrivals = deque([now])
         out: list[Action] = []
         if task.deadline is not None and self._watchdog:
             task.deadline_armed = True
             out.append(Timer(task.deadline, _DEADLINE, task, 0))
         self._dispatch(task, now, out)
         return out
+
+    def check_pin(self, name: str, *, target: str | None = None, pool: str | None = None) -> None:
+        """Raise :class:`~edge_agent.pinning.PinError` (a ``LookupError``) naming the reason when
+        ``target`` is no known server announcing ``name``, or no live server announces ``pool``."""
+        if target is not None and pool is not None:
+            raise ValueError("a task is pinned to a server or to a pool, not both")
+        if target is not None:
+            check_target(self.table, target, name)
+        elif pool is not None:
+            check_pool(self.table, pool, name)
 
     def heartbeat(self, report: ServerReport, now: float) -> list[Action]:
         """A server heartbeat, decoded (the driver checks the topic names the same node)."""
@@ -485,11 +515,13 @@ class DeviceCore:
         return out
 
     def state(self, node: str, session: int, online: bool, now: float, *, live: bool = False,
-              tasks: frozenset[str] = frozenset()) -> list[Action]:
-        """A server's birth (``online``, naming the ``tasks`` it serves) or death; ``live``:
-        published now, not a retained copy."""
+              tasks: frozenset[str] = frozenset(), interval: float | None = None,
+              pools: frozenset[str] = frozenset()) -> list[Action]:
+        """A server's birth (``online``, naming the ``tasks`` it serves and its heartbeat
+        ``interval``) or death; ``live``: published now, not a retained copy."""
         out: list[Action] = []
-        if self.table.on_state_of(node, session, online, live=live, tasks=tasks, now=now):
+        if self.table.on_state_of(node, session, online, live=live, tasks=tasks, now=now,
+                                  interval=interval, pools=pools):
             self.server_gone({node}, now, f"server {node} went offline", out)
         elif live and online and not self.table.awaiting(node):
             self._resend_to(node, now, out)
@@ -507,10 +539,16 @@ class DeviceCore:
         if task is None:
             counters["late_results" if task_id in self._finished else "unknown_results"] += 1
             return []
-        if server not in task.targets:
+        if task.pool is not None:
+            if not self._pool_answer(task, server, attempt):
+                counters["unknown_results"] += 1
+                return []
+            current = task.target is not None and task.attempts == attempt
+        elif server not in task.targets:
             counters["unknown_results"] += 1
             return []
-        current = task.target == server and task.attempts == attempt
+        else:
+            current = task.target == server and task.attempts == attempt
         final = status in _FINAL
         if not current and not final:
             counters["late_results"] += 1
@@ -519,7 +557,7 @@ class DeviceCore:
         if final:
             if not current:
                 counters["late_results_used"] += 1
-            else:
+            elif task.pool is None:
                 wall = now - task.sent_at
                 if nbytes >= self._min_bandwidth_bytes:
                     self.table.transfer_observed(server, nbytes, wall, queue_wait + service_time)
@@ -615,7 +653,7 @@ class DeviceCore:
         decided again at once; any other waits (its timeout running) to be re-sent."""
         self.counters["publish_failures"] += 1
         out: list[Action] = []
-        if not_connected and not task.local_ok:
+        if not_connected and not task.local_ok and task.pool is None:
             self._wait_for_resend(task, attempt)
         else:
             self._attempt_failed(task, attempt, "failed", error, now, out, penalise=False)
@@ -653,7 +691,7 @@ class DeviceCore:
             return out
         self.counters["server_deaths_in_flight"] += len(victims)
         for task, attempt in victims:
-            if self._has_alternative(task, nodes, now):
+            if task.pin is not None or self._has_alternative(task, nodes, now):
                 self._attempt_failed(task, attempt, "failed", error, now, out)
             else:
                 self.counters["waiting_for_server"] += 1
@@ -683,6 +721,9 @@ class DeviceCore:
         if time_left is not None and time_left <= 0.0:
             status = task.last_status if task.last_status in ("timeout", "expired") else "expired"
             self._finish(task, status, "deadline passed before the task could run", now, out)
+            return
+        if task.pin is not None or task.pool is not None:
+            self._launch_pinned(task, time_left, now, out)
             return
         local_ok = task.local_ok
         name = task.name
@@ -834,7 +875,7 @@ class DeviceCore:
         if target is None:
             return
         if now < task.timeout_at:
-            if self.connected and not task.resend and self.table.silent(target, now):
+            if self.connected and not task.resend and task.pool is None and self.table.silent(target, now):
                 self.server_gone({target}, now, "server stopped sending heartbeats", out)
             else:
                 self._rearm(task, now, out)
@@ -877,6 +918,9 @@ class DeviceCore:
         self.table.task_done(target, answered=status in ANSWERED_FAILURES, generation=task.generation)
         if penalise:
             self.table.failure(target, now)
+        if task.pool is not None and status not in POOL_RETRIED:
+            self._finish(task, status, error, now, out)  # the pool rule: a retry could run it twice
+            return
         self._dispatch(task, now, out)
 
     def _wait_for_resend(self, task: CoreTask, attempt: int) -> None:
@@ -913,6 +957,71 @@ class DeviceCore:
         except Exception:  # noqa: BLE001 - decide again: _dispatch gives a broken decision its outcome
             return True
         return any(s.capable and not s.stale and s.node not in tried for s in servers)
+
+    # ------------------------------------------------------------------------------ pinned tasks
+    def _launch_pinned(self, task: CoreTask, time_left: float | None, now: float, out: list[Action]) -> None:
+        """The next attempt of a task pinned to a server or a pool (:mod:`edge_agent.pinning`)."""
+        table = self.table
+        backlog = self._uplink_free - now
+        info = TaskInfo(task.name, task.payload_bytes, time_left, backlog if backlog > 0.0 else 0.0)
+        rows = table.snapshot(task.name, now) if self.connected else ()
+        pin, pool = task.pin, task.pool
+        if pin is not None:
+            index = table.index_of(pin) if rows else None
+            decision = pinned_decision(task.policy, info, None if index is None else rows[index],
+                                       self.policy_config)
+        else:
+            assert pool is not None
+            indices = [table.index_of(node) for node in table.pool_members(pool)] if rows else []
+            decision = pool_decision(task.policy, info, pool, [rows[i] for i in indices if i is not None],
+                                     self.policy_config)
+        task.decision, task.decided = decision, now
+        target = decision.target
+        if target is None:
+            where = f"server {pin}" if pin is not None else f"pool {pool}"
+            why = ("the device is not connected" if not self.connected else "it is offline" if
+                   pin is not None and table.dead(pin) else "it is stale or does not run the task")
+            if task.last_error:
+                why = f"{why}; last attempt: {task.last_error}"
+            self._finish(task, "failed", f"pinned to {where}, which cannot take it: {why}", now, out)
+        elif pool is None:
+            self._send(task, target, decision, now, out)
+        else:
+            self._send_pool(task, target, decision, now, out)
+
+    def _send_pool(self, task: CoreTask, key: str, decision: Decision, now: float, out: list[Action]) -> None:
+        """Publish an attempt to a pool's inbox and arm its timeout (no table bookkeeping: the broker
+        picks the member; the one that answers is written into ``targets``)."""
+        task.attempts += 1
+        task.targets.append(key)
+        task.target = key
+        task.sent = task.sent_at = now
+        task.resend = task.waited_for_link = False
+        task.link = self._link
+        task.transfer = 0.0
+        task.predicted = decision.expected
+        self.counters["offloaded"] += 1
+        self.counters["pool_sends"] += 1
+        tuning, deadline = self.tuning, task.deadline
+        at = task.timeout_at = now + _timeout(
+            decision.expected or 0.0, None if deadline is None else deadline - now, False,
+            tuning.default_timeout, tuning.timeout_factor, tuning.attempt_share, tuning.max_timeout)
+        self._tokens += 1
+        task.timer = self._tokens
+        out.append(Send(task, key, task.attempts, False, Timer(at, _ATTEMPT, task, self._tokens)))
+
+    def _pool_answer(self, task: CoreTask, server: str, attempt: int) -> bool:
+        """Whether a result from ``server`` for ``attempt`` of a pool task is one: ``server`` announces
+        the pool and the attempt went to it. The answering server replaces the pool in ``targets``
+        (the attempt's own target stays the pool: the table counted nothing against the server)."""
+        assert task.pool is not None
+        index = attempt - 1
+        if not 0 <= index < len(task.targets) or task.targets[index] not in (pool_key(task.pool), server):
+            return False
+        if server not in self.table.pool_members(task.pool):
+            return False
+        task.targets[index] = server
+        return True
 
     # ------------------------------------------------------------------------------ outcomes
     def _deadline_outcome(self, task: CoreTask, now: float, out: list[Action]) -> None:

@@ -66,7 +66,7 @@ STALE_MARGIN = 0.001
 """Seconds after a server's stale time at which a check finds it stale (staleness is strict)."""
 MIN_BANDWIDTH_BYTES = Estimators().min_bandwidth_bytes
 BIRTH_INTERVAL = 1.0
-"""Heartbeat interval assumed for a server known only from its birth (the agents' default)."""
+"""Heartbeat interval assumed for a server known only from a birth that does not give its own."""
 _INF = math.inf
 
 
@@ -86,6 +86,8 @@ class ServerReport:
     service_time: Mapping[str, float] = field(default_factory=dict)
     load: Load | None = None
     """The heartbeat's own load record, for fleet views (``None``: built from the numbers)."""
+    pools: frozenset[str] = frozenset()
+    """The pools whose shared inbox the server reads (``Heartbeat.pools``)."""
 
     @classmethod
     def of(cls, heartbeat: Heartbeat) -> ServerReport:
@@ -94,7 +96,7 @@ class ServerReport:
         return cls(heartbeat.node, heartbeat.session, heartbeat.seq, heartbeat.interval,
                    frozenset(heartbeat.capabilities), min(load.queue_length, MAX_REPORTED),
                    min(load.queue_capacity, MAX_REPORTED), min(load.in_flight, MAX_REPORTED), load.workers,
-                   load.service_time, load)
+                   load.service_time, load, frozenset(heartbeat.pools))
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +116,7 @@ class ServerView:
     sent_since_report: int
     recent_failures: float
     in_flight: int
+    pools: tuple[str, ...] = ()
 
 
 class ServerEntry:
@@ -182,13 +185,15 @@ class ServerEntry:
         return True
 
     def on_state(self, session: int, online: bool, *, live: bool = False, tasks: frozenset[str] = frozenset(),
-                 now: float | None = None) -> bool:
+                 now: float | None = None, interval: float | None = None,
+                 pools: frozenset[str] = frozenset()) -> bool:
         """Take a birth (``online``) or death in; True when it killed the current session.
 
         ``live``: published now, not a retained copy: a birth then proves the server is connected
         (it publishes its birth after subscribing). A birth naming its ``tasks`` (at ``now``) stands
-        for a first heartbeat with an empty queue until the real one comes, judged stale after
-        :data:`BIRTH_INTERVAL` intervals like any silence: a device can offload at once."""
+        for a first heartbeat with an empty queue until the real one comes, judged stale after the
+        same silence as one (its heartbeat ``interval``, :data:`BIRTH_INTERVAL` when it does not
+        say): a device can offload at once."""
         self._task = None
         if session < self.session:
             if not online:
@@ -206,8 +211,9 @@ class ServerEntry:
             if live:
                 self.awaiting = False
             if tasks and self.report is None and now is not None:
-                self.report = ServerReport(self.node, session, -1, BIRTH_INTERVAL, tasks)
-                self.interval = BIRTH_INTERVAL
+                beat = interval or BIRTH_INTERVAL
+                self.report = ServerReport(self.node, session, -1, beat, tasks, pools=pools)
+                self.interval = beat
                 self.last_heartbeat = now
                 self.generation += 1
             return False
@@ -300,10 +306,12 @@ class ServerEntry:
              ) -> ServerView:
         report = self.report
         tasks: tuple[str, ...] = ()
+        pools: tuple[str, ...] = ()
         if report is None:
             load = Load()
         else:
             tasks = tuple(sorted(report.capabilities))
+            pools = tuple(sorted(report.pools))
             load = report.load or Load(queue_length=report.queue_length, queue_capacity=report.queue_capacity,
                                        in_flight=report.in_flight, workers=report.workers,
                                        service_time=dict(report.service_time))
@@ -311,7 +319,8 @@ class ServerEntry:
             node=self.node, session=self.session, stale=self.stale(now), dead=self.dead, rtt=self.rtt,
             rtt_dev=self.rtt_dev, bandwidth=self.bandwidth, tasks=tasks, load=load,
             heartbeat_age=None if self.last_heartbeat is None else now - self.last_heartbeat,
-            sent_since_report=sent_since_report, recent_failures=recent_failures, in_flight=in_flight)
+            sent_since_report=sent_since_report, recent_failures=recent_failures, in_flight=in_flight,
+            pools=pools)
 
 
 class _Rows(Sequence[ServerInfo]):
@@ -456,14 +465,17 @@ class ServerTable:
         if state.role != Role.SERVER.value:
             return False
         return self.on_state_of(state.node, state.session, state.status == "online", live=live,
-                                tasks=frozenset(state.tasks), now=now)
+                                tasks=frozenset(state.tasks), now=now, interval=state.interval,
+                                pools=frozenset(state.pools))
 
     def on_state_of(self, node: str, session: int, online: bool, *, live: bool = False,
-                    tasks: frozenset[str] = frozenset(), now: float | None = None) -> bool:
+                    tasks: frozenset[str] = frozenset(), now: float | None = None,
+                    interval: float | None = None, pools: frozenset[str] = frozenset()) -> bool:
         """:meth:`on_state` in plain values."""
         if node in self._ignore:
             return False
-        return self._entry(node).on_state(session, online, live=live, tasks=tasks, now=now)
+        return self._entry(node).on_state(session, online, live=live, tasks=tasks, now=now, interval=interval,
+                                          pools=pools)
 
     def link_restored(self, now: float) -> None:
         """The device reconnected: silence counts from ``now``, and every server must be heard
@@ -726,6 +738,11 @@ class ServerTable:
     def announces(self, task: str) -> bool:
         """True when some server (alive or not) announced ``task`` in a heartbeat."""
         return any(entry.capable(task) for entry in self._list)
+
+    def pool_members(self, pool: str) -> list[str]:
+        """The servers not known dead whose last heartbeat said they serve ``pool``, in table order."""
+        return [entry.node for entry in self._list
+                if not entry.dead and entry.report is not None and pool in entry.report.pools]
 
     def views(self, now: float, in_flight: Mapping[str, int] | None = None) -> list[ServerView]:
         """Every known server as a :class:`ServerView`; ``in_flight``: this device's attempts per node."""

@@ -170,3 +170,19 @@ def test_a_birth_without_tasks_or_a_death_announces_nothing() -> None:
     table.on_state_of("old", 1, True, now=0.0)  # an older server: no tasks in its birth
     table.on_state_of("gone", 2, False, tasks=frozenset({"detect"}), now=0.0)
     assert not table.announces("detect")
+
+
+def test_a_birth_stands_for_a_heartbeat_as_long_as_its_own_interval_says() -> None:
+    table = ServerTable(stale_after=3)
+    table.on_state_of("s", 1, True, tasks=frozenset({"detect"}), now=0.0, interval=5.0)
+    assert not table.stale("s", 14.9)  # a server beating every 5 s is not stale after 3 s
+    assert table.stale("s", 15.1)
+
+
+
+def test_a_birth_names_the_pools_a_server_reads() -> None:
+    table = ServerTable()
+    table.on_state_of("s", 1, True, tasks=frozenset({"detect"}), now=0.0, interval=1.0,
+                      pools=frozenset({"gpu"}))
+    (view,) = table.views(0.5)
+    assert view.pools == ("gpu",)

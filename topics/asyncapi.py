@@ -160,6 +160,9 @@ FIELD_NOTES: dict[type[BaseModel], dict[str, str]] = {
         "time": "Unix time the record was made (for the Will: when the node connected)",
         "tasks": "the tasks a server serves (its birth carries them, so a device can offload "
                  "before the first heartbeat; empty in a death, and for older nodes)",
+        "interval": "seconds between the node's heartbeats (in a birth): until its first heartbeat, "
+                    "the birth counts as one, stale after the same silence",
+        "pools": "the pools whose shared inbox a server reads (in a birth, as in its heartbeats)",
     },
     DeadLetter: {
         "v": "schema version",

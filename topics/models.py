@@ -219,6 +219,10 @@ class NodeState(WireModel):
     time: UnixTime
     tasks: Annotated[tuple[TaskName, ...], Field(max_length=MAX_ENTRIES)] = ()
     """What a server serves (in its birth), so a device can offload before its first heartbeat."""
+    interval: Annotated[float, Field(gt=0.0, le=3600.0, allow_inf_nan=False)] | None = None
+    """Seconds between its heartbeats (in its birth): how long the birth stands for one."""
+    pools: Annotated[tuple[NodeId, ...], Field(max_length=MAX_POOLS)] = ()
+    """The pools whose shared inbox a server reads (in its birth, as in its heartbeats)."""
 
 
 class DeadLetter(WireModel):

@@ -1,0 +1,108 @@
+"""Do emulation and the discrete-event mode agree? Every shipped scenario, both modes, same seeds.
+
+For each scenario and each policy it lists: p95 in discrete-event mode and in emulation (real agents
+on a Mosquitto this script starts), their ratio, and completed tasks; then per scenario the two
+rankings by p95 and whether they agree. Two policies whose p95 differ by less than ``--tie``
+(relative, default 10%) in a mode are a tie there: a ranking only disagrees when one mode orders a
+pair clearly one way and the other clearly the other way (within the noise of one run, an order
+means nothing).
+
+    python -m bench.modes_table [--scenarios herding,old_proxy] [--seeds 1] [--tie 0.10]
+
+Bounded: each emulated run lasts its scenario's duration plus the drain; the script ends by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sim.des import run_des
+from sim.emulate import run_emulation
+from sim.report import summarize
+from sim.scenario import Scenario, load_scenario
+from topics.brokers import MosquittoBroker
+
+SHIPPED = Path(__file__).resolve().parent.parent / "sim" / "scenarios"
+
+
+@dataclass(frozen=True)
+class Cell:
+    p95_ms: float
+    completed: int
+    created: int
+
+
+def run_mode(scenario: Scenario, policy: str, seed: int, mode: str, url: str) -> Cell:
+    if mode == "des":
+        result = run_des(scenario, policy, seed=seed)
+    else:
+        result = run_emulation(scenario, policy, broker_url=url, seed=seed)
+    summary = summarize(result.records, name=policy, duration=result.duration)
+    return Cell(1000.0 * (summary.p95 or 0.0), summary.completed, len(result.records))
+
+
+def ordered_pairs(p95: Mapping[str, float], tie: float) -> set[tuple[str, str]]:
+    """Pairs (a, b) where a is clearly faster than b (by more than ``tie``, relative)."""
+    return {(a, b) for a, b in itertools.permutations(p95, 2)
+            if p95[a] * (1.0 + tie) < p95[b]}
+
+
+def ranking(p95: Mapping[str, float]) -> str:
+    return " < ".join(sorted(p95, key=p95.__getitem__))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--scenarios", default=",".join(sorted(p.stem for p in SHIPPED.glob("*.toml"))))
+    parser.add_argument("--seeds", default="", help="comma-separated seeds (default: each scenario's own)")
+    parser.add_argument("--tie", type=float, default=0.10)
+    args = parser.parse_args(argv)
+    broker = MosquittoBroker().start()
+    summary_rows = []
+    try:
+        print("| scenario | policy | DES p95 ms | emulation p95 ms | emulation/DES | DES completed "
+              "| emulation completed |")
+        print("|---|---|---|---|---|---|---|")
+        for name in args.scenarios.split(","):
+            scenario = load_scenario(SHIPPED / f"{name}.toml")
+            seeds = [int(s) for s in args.seeds.split(",") if s] or [scenario.seed]
+            means: dict[str, dict[str, float]] = {"des": {}, "emulate": {}}
+            for policy in scenario.policies:
+                cells: dict[str, list[Cell]] = {"des": [], "emulate": []}
+                for seed in seeds:
+                    for mode in ("des", "emulate"):
+                        cells[mode].append(run_mode(scenario, policy, seed, mode, broker.url))
+                for mode in cells:
+                    means[mode][policy] = statistics.mean(c.p95_ms for c in cells[mode])
+                des, emu = means["des"][policy], means["emulate"][policy]
+                done = {mode: f"{sum(c.completed for c in cs)}/{sum(c.created for c in cs)}"
+                        for mode, cs in cells.items()}
+                print(f"| `{name}` | {policy} | {des:.1f} | {emu:.1f} | {emu / des:.2f} | "
+                      f"{done['des']} | {done['emulate']} |", flush=True)
+            clash = {(a, b) for a, b in ordered_pairs(means["des"], args.tie)
+                     if (b, a) in ordered_pairs(means["emulate"], args.tie)}
+            best = {mode: min(means[mode], key=means[mode].__getitem__) for mode in means}
+            within = sum(abs(means["emulate"][p] / means["des"][p] - 1.0) <= 0.30
+                         for p in scenario.policies)
+            summary_rows.append((name, ranking(means["des"]), ranking(means["emulate"]),
+                                 "yes" if not clash else "no: " + ", ".join(f"{a}<{b}" for a, b in
+                                                                              sorted(clash)),
+                                 f"{within}/{len(scenario.policies)}", best))
+    finally:
+        broker.close()
+    print()
+    print(f"| scenario | DES ranking by p95 | emulation ranking by p95 | rankings agree (ties within "
+          f"{args.tie:.0%}) | p95 within 30% |")
+    print("|---|---|---|---|---|")
+    for name, des_rank, emu_rank, agree, within, _best in summary_rows:
+        print(f"| `{name}` | {des_rank} | {emu_rank} | {agree} | {within} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
