@@ -397,3 +397,13 @@ def test_without_parking_the_same_task_fails_as_before() -> None:
     rig.take(rig.core.submit("t1", "job", 100, 0.0))
     assert rig.records["t1"].outcome == "failed" and not rig.parked
     assert make().core.can_serve("job", 0.0)  # runs here
+
+
+def test_a_pinned_task_is_never_parked() -> None:
+    rig = make(local=False, servers=[report("s")])
+    rig.core.parking = True
+    rig.take(rig.core.link_down(0.0))
+    rig.take(rig.core.submit("t1", "job", 100, 0.0, deadline=5.0, target="s"))
+    rig.take(rig.core.submit("t2", "job", 100, 0.0, deadline=5.0, pool="p"))
+    rig.advance(6.0)
+    assert not rig.parked and set(rig.completions) == {"t1", "t2"}  # the pinning rules answer them
