@@ -278,7 +278,8 @@ class EdgeAgent:
         """The store-and-forward spool, when the config has ``spool_path`` (opened by :meth:`start`)."""
         self._drain_due = False
         self._spool_expiry: float | None = None
-        """Wall time of the spool's next expiry, or None."""
+        """Wall time of the spool's next expiry, or None (under ``_expiry_lock``)."""
+        self._expiry_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: EdgeConfig | str | Path, *, registry: TaskRegistry | None = None,
@@ -754,8 +755,11 @@ class EdgeAgent:
         if usable:
             self._poke_spool()
         expiry = min(e for e in (job.deadline, job.created + self.config.spool_ttl) if e is not None)
-        if self._spool_expiry is None or expiry < self._spool_expiry:
-            self._spool_expiry = expiry
+        with self._expiry_lock:  # not lost to an _expire_spool reading next_expiry() meanwhile
+            earlier = self._spool_expiry is None or expiry < self._spool_expiry
+            if earlier:
+                self._spool_expiry = expiry
+        if earlier:
             self._wake.set()
 
     def _poke_spool(self) -> None:
@@ -779,10 +783,12 @@ class EdgeAgent:
     def _expire_spool(self, now: float) -> None:
         assert self._spool is not None
         try:
-            expired = self._spool.expire(now)
-            self._spool_expiry = self._spool.next_expiry()
+            with self._expiry_lock:
+                expired = self._spool.expire(now)
+                self._spool_expiry = self._spool.next_expiry()
         except SpoolError as exc:
-            self._spool_expiry = now + MAX_WAIT * 20
+            with self._expiry_lock:
+                self._spool_expiry = now + MAX_WAIT * 20
             log.error("node=%s cannot expire spooled tasks: %s", self.id, exc)
             return
         for entry in expired:
