@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -39,7 +40,7 @@ from brokers_support import (
 from agent_common.registry import TaskRegistry, UnknownTaskError
 from edge_agent.agent import EdgeAgent, SpoolFull, TaskFailed
 from edge_agent.config import EdgeConfig
-from edge_agent.spool import Spool
+from edge_agent.spool import Spool, SpoolFileError
 from topics.brokers import MosquittoBroker
 from topics.mqtt import MqttTransport
 from topics.names import TopicTree
@@ -364,3 +365,21 @@ def test_offline_for_60_s_with_a_restart_in_between(
     print(f"\n{N} tasks answered {time.monotonic() - began:.2f} s after the broker came back")
     wait_for(lambda: cloud.stats()["completed"].get("ok") == N + 1, message="server ran each once")
     assert cloud.stats().get("duplicates", 0) == 0
+
+
+def test_a_corrupt_spool_file_is_moved_aside_and_a_busy_one_fails_start(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "spool.db"
+    path.write_bytes(b"this is no database, " * 100)
+    config = EdgeConfig(id="cam1", spool_path=path)
+    with caplog.at_level(logging.WARNING, logger="edge_agent.agent"):
+        agent = EdgeAgent(config, None, TaskRegistry())
+        agent.start()
+    try:
+        assert [p.name for p in tmp_path.glob("spool.db.bad-*")] and "not an SQLite database" in caplog.text
+        assert agent.stats()["spool"]["tasks"] == 0
+        other = EdgeAgent(config, None, TaskRegistry())
+        with pytest.raises(SpoolFileError, match="in use"):
+            other.start()
+    finally:
+        agent.stop()
