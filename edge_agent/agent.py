@@ -28,6 +28,7 @@ import contextlib
 import functools
 import heapq
 import itertools
+import json
 import logging
 import random
 import secrets
@@ -51,6 +52,7 @@ from edge_agent.core import (
     DeviceCore,
     Execute,
     Fault,
+    Park,
     Ping,
     RunLocal,
     Send,
@@ -60,6 +62,7 @@ from edge_agent.core import (
 from edge_agent.policy import LOCAL, check_policy
 from edge_agent.records import TaskFailed, TaskHandle, TaskRecord
 from edge_agent.servers import ServerReport, ServerView
+from edge_agent.spool import Spool, SpooledTask, SpoolError, SpoolFull, open_spool
 from edge_agent.tuning import Tuning
 from topics.codec import Codec, EncodeError
 from topics.errors import DecodeError, TopicError
@@ -194,6 +197,20 @@ class _Job:
     deadline: float | None
     """Absolute, on the agent's clock: what the wire carries."""
     sent_bytes: int = 0
+    name: str = ""
+    policy: str = ""
+    spooled: bool = False
+    """In the spool (store and forward), not in the core: waits for a server."""
+    reparked: bool = False
+    """Handed back to the core from the spool, the core parked it again (no server after all)."""
+    refused: Exception | None = None
+    """Why it could not be spooled at submit (:class:`SpoolFull`...): submit raises it."""
+    created: float = 0.0
+    """Wall time of submission."""
+    recovered: bool = False
+    """Taken from a spool an earlier run left: no caller in this process."""
+    origin: str | None = None
+    """The caller's reference, kept with it in the spool."""
 
 
 class EdgeAgent:
@@ -215,6 +232,7 @@ class EdgeAgent:
             config.id, local_tasks=registry, local_workers=config.local_workers, tuning=self.tuning,
             policy_config=config.policy_config.to_policy_config(), policy=config.policy, rng=self._rng,
             ignore=frozenset({config.id, config.peer_id}), epoch=clock() - monotonic())
+        self._core.parking = config.spool_path is not None
         self._tree = TopicTree(config.prefix)
         self._codec = Codec(config.format, max_payload=config.max_payload)
         self._json = self._codec if config.format == "json" else Codec("json", max_payload=config.max_payload)
@@ -256,6 +274,12 @@ class EdgeAgent:
         """The local HTTP endpoint, when the config has ``http_port`` (bound by :meth:`start`)."""
         self.metrics: MetricsServer | None = None
         """The Prometheus metrics server, when the config has ``metrics_port`` (started by :meth:`start`)."""
+        self._spool: Spool | None = None
+        """The store-and-forward spool, when the config has ``spool_path`` (opened by :meth:`start`)."""
+        self._drain_due = False
+        self._spool_expiry: float | None = None
+        """Wall time of the spool's next expiry, or None (under ``_expiry_lock``)."""
+        self._expiry_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: EdgeConfig | str | Path, *, registry: TaskRegistry | None = None,
@@ -280,7 +304,12 @@ class EdgeAgent:
         authorisation or protocol (an unreachable broker is retried in the background instead)."""
         if self._thread is not None:
             return
-        self._open_endpoints()
+        self._open_spool()
+        try:
+            self._open_endpoints()
+        except BaseException:
+            self._close_spool()
+            raise
         transport = self._transport
         if transport is not None:
             if self.config.announce:
@@ -304,6 +333,7 @@ class EdgeAgent:
             except BrokerRefused:
                 transport.close()
                 self._close_endpoints()
+                self._close_spool()
                 raise
         self._thread = threading.Thread(target=self._run_timers, name=f"{self.id}-edge", daemon=True)
         self._thread.start()
@@ -414,11 +444,13 @@ class EdgeAgent:
             self._transport.close()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5.0)
+        self._release_spooled()  # after the timer thread: no drain hands a task over any more
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._process_pool is not None:
             self._process_pool.shutdown(wait=False, cancel_futures=True)
         if self.metrics is not None:
             self.metrics.close()
+        self._close_spool()
 
     def __enter__(self) -> EdgeAgent:
         self.start()
@@ -453,7 +485,8 @@ class EdgeAgent:
 
     # ------------------------------------------------------------------------------ submitting
     def submit(self, name: str, payload: Any, *, deadline: float | None = None, stage: int | None = None,
-               policy: str | None = None, target: str | None = None, pool: str | None = None) -> TaskHandle:
+               policy: str | None = None, target: str | None = None, pool: str | None = None,
+               origin: str | None = None) -> TaskHandle:
         """Run task ``name`` on ``payload`` here or on a server; the handle holds the result payload.
 
         ``deadline``: seconds from now. ``stage``: for a pipeline, run stages ``stage..n-1``.
@@ -464,6 +497,13 @@ class EdgeAgent:
         / :class:`~edge_agent.pinning.UnknownPoolError` (``LookupError``) for a ``target`` not known or
         not announcing ``name`` / a ``pool`` no live server announces, ``UnknownPolicyError`` for a bad
         policy name, ``ValueError`` for a bad stage, deadline or pin, ``RuntimeError`` after :meth:`stop`.
+
+        With a spool (``spool_path``), a task that cannot run anywhere now waits in it (its handle
+        pending) until a server serving it is usable, at most until its deadline or ``spool_ttl``
+        (then ``expired``); a name no server has announced is accepted while no server is usable.
+        :class:`~edge_agent.spool.SpoolFull` (a ``ValueError``) when it does not fit: nothing is
+        kept. ``origin``: the caller's reference, stored with a spooled task (for a later run).
+        Pinned tasks (``target``, ``pool``) are never spooled.
         """
         if self._stopping.is_set():
             raise RuntimeError(f"edge agent {self.id} is stopped")
@@ -479,7 +519,7 @@ class EdgeAgent:
         elif spec is None:
             with self._lock:
                 announced = self._core.announced(name)
-            if chosen == LOCAL or not announced:
+            if chosen == LOCAL or (not announced and not self._may_spool(name)):
                 raise UnknownTaskError(name, self._registry.names())
         if spec is not None:
             spec.check_stage(stage)
@@ -490,14 +530,29 @@ class EdgeAgent:
         task_id = f"{self._id_prefix}-{next(self._task_numbers)}"
         handle = TaskHandle(task_id)
         handle.set_running_or_notify_cancel()
-        job = _Job(handle, payload, stage, None if deadline is None else self._clock() + deadline)
+        created = self._clock()
+        job = _Job(handle, payload, stage, None if deadline is None else created + deadline, name=name,
+                   policy=chosen, created=created)
+        job.origin = origin
         with self._lock:
             self._jobs[task_id] = job
             if len(self._timers) > 2 * len(self._jobs) + 1024:
                 self._timers.prune(self._core.live)
         self._feed(self._core.submit, task_id, name, payload_size(payload), self._mono(), deadline=deadline,
                    policy=chosen, target=target, pool=pool)
+        if job.refused is not None:
+            with self._lock:
+                self._jobs.pop(task_id, None)
+            raise job.refused
         return handle
+
+    def _may_spool(self, name: str) -> bool:
+        """A task no server announced may still wait in the spool: while no server is usable (the
+        one that serves it may be the one that is down)."""
+        if self._spool is None:
+            return False
+        with self._lock:
+            return not self._core.connected or not self._core.table.probe_targets(self._mono())
 
     def _spec(self, name: str) -> TaskSpec | None:
         return self._registry.get(name) if name in self._registry else None
@@ -537,6 +592,8 @@ class EdgeAgent:
             self._ping(action)
         elif isinstance(action, Fault):
             self._fault(action)
+        elif isinstance(action, Park):
+            self._park(action.task)
 
     def _send(self, action: Send) -> None:
         task, server = action.task, action.server
@@ -648,6 +705,229 @@ class EdgeAgent:
                 self._process_pool = concurrent.futures.ProcessPoolExecutor(self.config.local_workers)
             return self._process_pool
 
+    # ------------------------------------------------------------------------------ store and forward
+    def _open_spool(self) -> None:
+        config = self.config
+        if config.spool_path is None:
+            return
+        self._spool = open_spool(config.spool_path, now=self._clock(), log=log,
+                                 max_tasks=config.spool_max_tasks, max_bytes=config.spool_max_bytes)
+        self._spool_expiry = self._spool.next_expiry()
+        waiting = len(self._spool)
+        if waiting:
+            log.info("node=%s spool %s holds %d task(s) from an earlier run: sent when a server is back",
+                     self.id, config.spool_path, waiting)
+            self.counters["spool_recovered"] += waiting
+            self._drain_due = True
+
+    def _close_spool(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+
+    def _park(self, task: CoreTask) -> None:
+        """The core parked ``task`` (no option now): keep it in the spool, its handle pending."""
+        job = self._jobs.get(task.task_id)
+        spool = self._spool
+        if job is None:
+            return
+        if job.spooled:
+            job.reparked = True  # taken from the spool, no server after all: it stays there
+            return
+        if spool is None:  # the core parks only when the agent has a spool
+            job.refused = SpoolError("no spool to keep a task that cannot run anywhere now")
+            return
+        message = Task(id=task.task_id, task=task.name, sender=self.id, reply_to=self._result_topic,
+                       created=max(0.0, job.created), attempt=1, ttl=None, payload=job.payload,
+                       stage=job.stage)
+        try:
+            data = self._codec.encode(message)
+            spool.put(SpooledTask(task_id=task.task_id, name=task.name, payload=data, created=job.created,
+                                  deadline=job.deadline, ttl=self.config.spool_ttl, stage=job.stage,
+                                  policy=task.policy, origin=job.origin))
+        except (SpoolError, EncodeError) as exc:
+            self.counters["spool_refused"] += 1
+            job.refused = exc
+            return
+        job.spooled = True
+        self.counters["spooled"] += 1
+        with self._lock:  # a server heard between the decision and now found the spool without it
+            usable = self._core.can_serve(task.name, self._mono())
+        if usable:
+            self._poke_spool()
+        expiry = min(e for e in (job.deadline, job.created + self.config.spool_ttl) if e is not None)
+        with self._expiry_lock:  # not lost to an _expire_spool reading next_expiry() meanwhile
+            earlier = self._spool_expiry is None or expiry < self._spool_expiry
+            if earlier:
+                self._spool_expiry = expiry
+        if earlier:
+            self._wake.set()
+
+    def _poke_spool(self) -> None:
+        """A server may have become usable: let the timer thread hand the spool's tasks to the core."""
+        if self._spool is not None and len(self._spool) > 0:
+            self._drain_due = True
+            self._wake.set()
+
+    def _spool_tick(self, mono: float) -> float | None:
+        """Expire and drain the spool (on the timer thread); the monotonic time of its next expiry."""
+        assert self._spool is not None
+        now = self._clock()
+        if self._spool_expiry is not None and now >= self._spool_expiry:
+            self._expire_spool(now)
+        if self._drain_due:
+            self._drain_due = False
+            self._drain_spool()
+        expiry = self._spool_expiry
+        return None if expiry is None else mono + max(0.0, expiry - self._clock())
+
+    def _expire_spool(self, now: float) -> None:
+        assert self._spool is not None
+        try:
+            with self._expiry_lock:
+                expired = self._spool.expire(now)
+                self._spool_expiry = self._spool.next_expiry()
+        except SpoolError as exc:
+            with self._expiry_lock:
+                self._spool_expiry = now + MAX_WAIT * 20
+            log.error("node=%s cannot expire spooled tasks: %s", self.id, exc)
+            return
+        for entry in expired:
+            with self._lock:
+                job = self._jobs.pop(entry.task_id, None)
+                listeners = list(self._listeners)
+            self.counters["spool_expired"] += 1
+            why = "deadline" if entry.deadline is not None and entry.deadline <= now else "spool_ttl"
+            error = f"waited in the spool until its {why} passed: no server was usable"
+            if job is None:  # from an earlier run, never handed over: no caller, no handle
+                self.counters["spool_recovered_expired"] += 1
+                log.info("node=%s spooled task %s (%s) from an earlier run expired (%s)", self.id,
+                         entry.task_id, entry.name, why)
+                continue
+            record = TaskRecord(task_id=entry.task_id, name=entry.name, device=self.id,
+                                policy=entry.policy or self.config.policy, target="none", reason="spooled",
+                                outcome="expired", attempts=0, created=entry.created, finished=now,
+                                error=error, payload_bytes=len(entry.payload))
+            job.handle.record = record
+            job.handle.set_exception(TaskFailed("expired", error, 0, task_id=entry.task_id, name=entry.name))
+            for listener in listeners:
+                try:
+                    listener(record)
+                except Exception:
+                    self.counters["listener_errors"] += 1
+                    log.exception("node=%s record listener failed", self.id)
+
+    def _drain_spool(self, batch: int = 64) -> None:
+        """Hand the spooled tasks a usable server serves to the core, oldest first; an entry leaves
+        the spool once the core took it (sent it, or ran it). Names nobody serves now are skipped."""
+        spool = self._spool
+        assert spool is not None
+        servable: dict[str, bool] = {}
+        seen: set[str] = set()
+        while not self._stopping.is_set():
+            try:
+                entries = spool.peek(self._clock(), limit=len(seen) + batch)
+            except SpoolError as exc:
+                log.error("node=%s cannot read the spool: %s", self.id, exc)
+                return
+            fresh = [entry for entry in entries if entry.task_id not in seen]
+            if not fresh:
+                return
+            for entry in fresh:
+                seen.add(entry.task_id)
+                name = entry.name
+                usable = servable.get(name)
+                if usable is None:
+                    with self._lock:
+                        usable = servable[name] = self._core.can_serve(name, self._mono())
+                if usable and not self._forward(entry):
+                    servable[name] = False
+
+    def _forward(self, entry: SpooledTask) -> bool:
+        """Submit one spooled task to the core again; False when the core parked it again."""
+        assert self._spool is not None
+        job = self._jobs.get(entry.task_id)
+        if job is None:
+            job = self._recovered(entry)
+            if job is None:
+                return True
+        elif not job.spooled:
+            return True  # already handed over
+        left = None if entry.deadline is None else entry.deadline - self._clock()
+        if left is not None and left <= 0:
+            return True  # the next expiry answers it
+        job.reparked = False
+        if self._stopping.is_set():
+            return True
+        self._feed(self._core.submit, entry.task_id, entry.name, payload_size(job.payload), self._mono(),
+                   deadline=left, policy=entry.policy or job.policy or None)
+        if job.reparked:
+            return False
+        if self._stopping.is_set():  # stop() came in between: keep it for the next run, end it here
+            self._feed(self._core.stop, self._mono())
+            return True
+        job.spooled = False
+        self.counters["spool_forwarded"] += 1
+        try:
+            self._spool.remove(entry.task_id)
+        except SpoolError as exc:  # it went: a restart may send it again (the server answers from its cache)
+            log.error("node=%s cannot remove task %s from the spool: %s", self.id, entry.task_id, exc)
+        return True
+
+    def _recovered(self, entry: SpooledTask) -> _Job | None:
+        """A job for a task an earlier run spooled: its outcome has no caller here, so it is counted
+        and logged (``spool_recovered_<outcome>``)."""
+        assert self._spool is not None
+        try:
+            message = self._codec.decode(entry.payload, Task)
+        except (DecodeError, ValueError) as exc:
+            self.counters["spool_unreadable"] += 1
+            log.error("node=%s spooled task %s cannot be read, dropped: %s", self.id, entry.task_id, exc)
+            with contextlib.suppress(SpoolError):
+                self._spool.remove(entry.task_id)
+            return None
+        handle = TaskHandle(entry.task_id)
+        handle.set_running_or_notify_cancel()
+        job = _Job(handle, message.payload, message.stage, entry.deadline, name=entry.name,
+                   policy=entry.policy or "", spooled=True, created=entry.created, recovered=True,
+                   origin=entry.origin)
+        handle.add_done_callback(functools.partial(self._recovered_done, entry.task_id, entry.name,
+                                                   entry.origin))
+        with self._lock:
+            self._jobs[entry.task_id] = job
+        return job
+
+    def _recovered_done(self, task_id: str, name: str, origin: str | None,
+                        handle: concurrent.futures.Future[Any]) -> None:
+        """The outcome of a task an earlier run spooled: counted and logged; a bridged one is published
+        on its route's output topic, as the bridge of that run would have."""
+        error = handle.exception()
+        status = "ok" if error is None else getattr(error, "status", type(error).__name__)
+        self.counters[f"spool_recovered_{status}"] += 1
+        log.info("node=%s task %s (%s) spooled by an earlier run ended %s%s", self.id, task_id, name, status,
+                 "" if error is None else f": {error}")
+        if origin is None or self.bridge is None:
+            return
+        try:
+            reference = json.loads(origin)
+        except ValueError:
+            return
+        if (isinstance(reference, dict) and "bridge" in reference
+                and not self.bridge.answer_recovered(name, reference, handle)):
+            self.counters["spool_recovered_unrouted"] += 1
+
+    def _release_spooled(self) -> None:
+        """At stop: the callers of tasks still in the spool get a ``failed`` outcome here (nobody in this
+        process will answer them); the tasks stay in the spool, and the next run sends them."""
+        with self._lock:
+            waiting = [(task_id, job) for task_id, job in self._jobs.items() if job.spooled]
+            for task_id, _ in waiting:
+                del self._jobs[task_id]
+        for task_id, job in waiting:
+            if not job.recovered:
+                job.handle.set_exception(TaskFailed(
+                    "failed", f"edge agent stopped; the task stays in the spool {self.config.spool_path} "
+                    "and the next run sends it", 0, task_id=task_id, name=job.name))
+
     # ------------------------------------------------------------------------------ handlers
     def _on_result(self, message: Message) -> None:
         now = self._mono()
@@ -673,7 +953,13 @@ class EdgeAgent:
         if self._node_listeners:
             self._tell_nodes(message.topic, heartbeat)
         if heartbeat.role == Role.SERVER.value:
+            fresh = False
+            if self._spool is not None:
+                with self._lock:
+                    fresh = heartbeat.node not in self._core.table.probe_targets(self._mono())
             self._feed(self._core.heartbeat, ServerReport.of(heartbeat), self._mono())
+            if fresh:
+                self._poke_spool()  # a server newly usable: parked tasks may go now
 
     def _on_state(self, message: Message) -> None:
         if not message.payload:
@@ -695,6 +981,8 @@ class EdgeAgent:
             was_dead = self._core.table.dead(state.node)
         self._feed(self._core.state, state.node, state.session, online, self._mono(), live=not message.retain,
                    tasks=frozenset(state.tasks), interval=state.interval, pools=frozenset(state.pools))
+        if online:
+            self._poke_spool()
         if not online and not was_dead and self._core.table.dead(state.node):
             log.info("node=%s server=%s session=%d went offline", self.id, state.node, state.session)
 
@@ -728,6 +1016,7 @@ class EdgeAgent:
     def _on_connect(self) -> None:
         """After every (re)connect, on the dispatch thread, before any message of the new link."""
         self._feed(self._core.link_up, self._mono())
+        self._poke_spool()
         if self.config.announce:
             try:
                 self.publish(self._tree.state(self.id), self._state_bytes("online"), qos=_STATE.qos,
@@ -764,6 +1053,10 @@ class EdgeAgent:
             fired = self._timers.due(mono)
         for timer in fired:
             self._feed(self._core.fire, timer, mono)
+        if self._spool is not None:
+            spool_due = self._spool_tick(mono)
+            if spool_due is not None:
+                due.append(spool_due)
         if self.connected and self.config.announce:
             if mono >= self._next_heartbeat:
                 self._send_heartbeat()
@@ -813,8 +1106,11 @@ class EdgeAgent:
         if self.bridge is not None:
             values["bridge"] = self.bridge.stats()
         values["transport"] = self._transport.stats() if self._transport is not None else {}
+        if self._spool is not None:
+            values["spool"] = {"tasks": len(self._spool), "bytes": self._spool.bytes_used,
+                               "max_tasks": self._spool.max_tasks, "max_bytes": self._spool.max_bytes}
         return values
 
 
-__all__ = ["EdgeAgent", "NodeListener", "RecordListener", "TaskFailed", "TaskHandle", "TaskRecord",
-           "attempt_timeout", "payload_size"]
+__all__ = ["EdgeAgent", "NodeListener", "RecordListener", "SpoolFull", "TaskFailed", "TaskHandle",
+           "TaskRecord", "attempt_timeout", "payload_size"]

@@ -13,6 +13,7 @@ nothing; they are counted and logged the same way.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import threading
 from collections import Counter
@@ -82,8 +83,9 @@ class Bridge:
         except DecodeError as exc:
             self.bad_input.record(f"bridge-{exc.reason}", exc.detail, topic=message.topic)
             return
+        origin = json.dumps({"bridge": route.filter, "output": output, "source": message.topic})
         try:
-            future = self._agent.submit(route.task, value, deadline=route.deadline)
+            future = self._agent.submit(route.task, value, deadline=route.deadline, origin=origin)
         except (RegistryError, ValueError, RuntimeError) as exc:
             self.bad_input.record("bridge-submit", str(exc), topic=message.topic)
             return
@@ -111,6 +113,26 @@ class Bridge:
             self.failures.record("bridge-publish", str(exc), topic=output)
             return
         self._count("published")
+
+    def answer_recovered(self, name: str, origin: Any, done: concurrent.futures.Future[Any]) -> bool:
+        """Publish the outcome of a task an earlier run of the agent spooled for one of these routes
+        (``origin``: what :meth:`handle` stored with it), as the route would have; False if no route
+        of this configuration matches it any more."""
+        if not isinstance(origin, dict):
+            return False
+        route = next((r for r in self._routes if r.filter == origin.get("bridge") and r.task == name), None)
+        output, source = origin.get("output"), origin.get("source")
+        if route is None or not isinstance(output, str) or not isinstance(source, str):
+            return False
+        try:
+            output = validate_publish_topic(output)
+        except TopicError:
+            return False
+        if topic_matches(route.filter, output):
+            return False
+        self._count("recovered")
+        self._publish(route, output, source, done)
+        return True
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

@@ -14,6 +14,9 @@ own link coming up or going down) and returns **actions** for its driver to perf
 :class:`Complete`  ``task`` has its one outcome; :attr:`Complete.record` is its :class:`TaskRecord`
 :class:`Timer`     call :meth:`fire` with this timer at ``at`` (stale timers are ignored there)
 :class:`Fault`     deciding ``task`` raised ``error`` (the task is already completed ``failed``)
+:class:`Park`      ``task`` has no usable option now (no server serves it, the link is down, it cannot
+                   run here): keep it (store and forward) and :meth:`submit` it again later; the core
+                   has forgotten it, without an outcome. Only with :attr:`DeviceCore.parking` on.
 =================  ==================================================================================
 
 It reads no clock, starts no thread, does no I/O and draws randomness only from the ``rng`` it is
@@ -78,7 +81,7 @@ from edge_agent.tuning import DEFAULT_TUNING, Tuning
 
 __all__ = [
     "ANSWERED_FAILURES", "ATTEMPT", "DEADLINE", "PROBE", "Action", "Complete", "CoreTask", "Decider",
-    "DeviceCore", "Execute", "Fault", "Ping", "RunLocal", "Send", "Timer", "attempt_timeout",
+    "DeviceCore", "Execute", "Fault", "Park", "Ping", "RunLocal", "Send", "Timer", "attempt_timeout",
 ]
 
 RATE_WINDOW = 1.0
@@ -269,7 +272,16 @@ class Fault:
     error: BaseException
 
 
-Action = Send | Ping | RunLocal | Execute | Complete | Timer | Fault
+@dataclass(slots=True, eq=False)
+class Park:
+    """``task`` cannot run anywhere now and was never tried: the driver keeps it (its spool) and
+    submits it again, same id, when :meth:`DeviceCore.can_serve` says so. The core has forgotten it:
+    no outcome, no timer of it is live any more."""
+
+    task: CoreTask
+
+
+Action = Send | Ping | RunLocal | Execute | Complete | Timer | Fault | Park
 
 
 def _shift(value: float | None, epoch: float) -> float | None:
@@ -366,8 +378,8 @@ class DeviceCore:
     __slots__ = ("_decider", "_epoch", "_finished", "_finished_memory", "_link", "_links_up", "_local_tasks",
                  "_max_attempts", "_min_bandwidth_bytes", "_nonces", "_penalty", "_pool", "_previous",
                  "_probe_due", "_probe_token", "_probes", "_resend_waiting", "_tasks", "_tokens",
-                 "_uplink_free", "_watchdog", "connected", "counters", "node", "policy", "policy_config",
-                 "rng", "table", "tuning")
+                 "_uplink_free", "_watchdog", "connected", "counters", "node", "parking", "policy",
+                 "policy_config", "rng", "table", "tuning")
 
     def __init__(self, node: str, *, local_tasks: Container[str], local_workers: int = 1,
                  tuning: Tuning = DEFAULT_TUNING, policy_config: PolicyConfig | None = None,
@@ -406,6 +418,9 @@ class DeviceCore:
         self._probe_token = 0
         self._uplink_free = 0.0
         """When the device's uplink will have sent every payload given to it, as the core expects."""
+        self.parking = False
+        """Store and forward: a task never tried that has no usable option now is handed to the
+        driver as :class:`Park` instead of being finished ``failed`` (the agent sets it with a spool)."""
 
     # ------------------------------------------------------------------------------ reading
     @property
@@ -742,6 +757,9 @@ class DeviceCore:
         task.decided = now
         target = decision.target
         if target is None and not local_ok:
+            if self.parking and not targets:
+                self._park(task, out)
+                return
             self._finish(task, "failed", f"no usable server for {name!r} ({decision.reason})", now, out)
             return
         self._previous[name] = target or LOCAL
@@ -749,6 +767,22 @@ class DeviceCore:
             self._run_local(task, now, out)
         else:
             self._send(task, target, decision, now, out)
+
+    def _park(self, task: CoreTask, out: list[Action]) -> None:
+        """Hand ``task`` to the driver to keep (store and forward) and forget it, without an outcome."""
+        task.done = True  # its timers are dead; it comes back as a new submission
+        del self._tasks[task.task_id]
+        self.counters["parked"] += 1
+        out.append(Park(task))
+
+    def can_serve(self, name: str, now: float) -> bool:
+        """Whether a task ``name`` has a usable option now: it runs here, or a usable server (fresh,
+        not dead) serves it over the current link. The driver re-submits parked tasks when it does."""
+        if name in self._local_tasks:
+            return True
+        if not self.connected:
+            return False
+        return any(s.capable and not s.stale for s in self.table.snapshot(name, now))
 
     def _decide(self, task: CoreTask, info: TaskInfo, local: LocalInfo, servers: Sequence[ServerInfo],
                 now: float, previous: str | None, exclude: frozenset[str], allow_local: bool) -> Decision:

@@ -12,8 +12,9 @@ Answers (errors are ``{"error": <reason>, "detail": <text>}``, plus ``attempts``
 a task that ran): 200 the result; 400 malformed JSON, a bad deadline or query, a bad task name;
 404 unknown task or path; 405 wrong method; 411 no Content-Length (chunked bodies are refused);
 413 a body over ``max_body`` (refused from its Content-Length, before it is read); 502 the task
-raised or a server did not know it; 503 no usable option, the agent stopped, a server busy, or
-``max_pending`` requests already waiting (with ``Retry-After``); 504 the deadline passed. Bad
+raised or a server did not know it; 503 no usable option, the agent stopped, a server busy, the
+store-and-forward spool full, or ``max_pending`` requests already waiting (with ``Retry-After``);
+504 the deadline passed (also for a task that waited in the spool for a server until then). Bad
 requests are counted by reason and logged rate-limited (:class:`BadInputLog`).
 
 Bound to 127.0.0.1 by default: anything that can reach the port can run tasks on this device's
@@ -40,6 +41,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from agent_common.badinput import BadInputLog
 from agent_common.registry import UnknownTaskError
 from edge_agent.records import TaskFailed
+from edge_agent.spool import SpoolFull
 from topics.codec import Codec, EncodeError
 from topics.errors import DecodeError
 from topics.models import MAX_TTL
@@ -194,11 +196,14 @@ class HttpEndpoint:
 
     def _submit(self, name: str, payload: Any, deadline: float) -> tuple[bytes, dict[str, str]]:
         try:
-            handle = self.agent.submit(name, payload, deadline=deadline)
+            handle = self.agent.submit(name, payload, deadline=deadline, origin=json.dumps({"http": name}))
         except UnknownTaskError as exc:
             raise _Refusal(HTTPStatus.NOT_FOUND, "unknown-task", str(exc)) from exc
         except RuntimeError as exc:  # stopped
             raise _Refusal(HTTPStatus.SERVICE_UNAVAILABLE, "stopped", str(exc), bad_input=False,
+                           retry_after=True) from exc
+        except SpoolFull as exc:  # nowhere to run it and no room to keep it
+            raise _Refusal(HTTPStatus.SERVICE_UNAVAILABLE, "spool-full", str(exc), bad_input=False,
                            retry_after=True) from exc
         except ValueError as exc:
             raise _Refusal(HTTPStatus.BAD_REQUEST, "bad-task", str(exc)) from exc

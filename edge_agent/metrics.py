@@ -113,6 +113,17 @@ class _StatsCollector:
             yield counter(f"{PREFIX}_http_responses", "answers of the local HTTP endpoint by status code",
                           http.get("responses", {}), label="code")
             yield gauge(f"{PREFIX}_http_pending", "HTTP requests waiting for their task", http["pending"])
+        spool = stats.get("spool")
+        if spool is not None:
+            yield gauge(f"{PREFIX}_spool_tasks", "tasks waiting in the store-and-forward spool",
+                        spool["tasks"])
+            yield gauge(f"{PREFIX}_spool_bytes", "payload bytes waiting in the spool", spool["bytes"])
+            events = {"spooled": stats.get("spooled", 0), "refused": stats.get("spool_refused", 0)}
+            events |= {key.removeprefix("spool_"): n for key, n in stats.items()
+                       if key.startswith("spool_") and isinstance(n, int) and key != "spool_refused"}
+            yield counter(f"{PREFIX}_spool_events", "spooled tasks by what became of them (spooled, "
+                          "forwarded, expired, refused, recovered, recovered_<outcome>)", events,
+                          label="event")
         yield gauge(f"{PREFIX}_local_queue_length", "local tasks waiting for a worker",
                     stats.get("local_queued", 0))
         yield gauge(f"{PREFIX}_local_running", "local tasks running", stats.get("local_running", 0))

@@ -22,6 +22,7 @@ from edge_agent.core import (
     DeviceCore,
     Execute,
     Fault,
+    Park,
     Ping,
     RunLocal,
     Send,
@@ -54,6 +55,7 @@ class Rig:
         self.records: dict[str, TaskRecord] = {}
         self.completions: list[str] = []
         self.faults: list[Fault] = []
+        self.parked: list[CoreTask] = []
 
     def arm(self, timer: Timer | None) -> None:
         if timer is not None:
@@ -77,6 +79,8 @@ class Rig:
             elif isinstance(action, Complete):
                 self.completions.append(action.task.task_id)
                 self.records[action.task.task_id] = action.record
+            elif isinstance(action, Park):
+                self.parked.append(action.task)
             else:
                 self.faults.append(action)
         return list(actions)
@@ -352,3 +356,54 @@ def test_every_task_gets_exactly_one_outcome_by_its_deadline(
         assert record.finished is not None and record.finished <= deadlines[task_id] + 1e-9
         assert record.outcome == "ok" or record.error
     assert not rig.core.tasks
+
+
+# ------------------------------------------------------------------------------ parking (store and forward)
+
+
+def test_with_parking_a_task_without_any_option_is_parked_not_failed() -> None:
+    rig = make(local=False)
+    rig.core.parking = True
+    rig.take(rig.core.submit("t1", "job", 100, 0.0, deadline=5.0))
+    assert [task.task_id for task in rig.parked] == ["t1"] and not rig.completions
+    assert rig.core.task("t1") is None and rig.core.counters["parked"] == 1
+    assert not rig.core.can_serve("job", 0.0)
+    rig.advance(10.0)  # its deadline timer is dead: the driver answers it from its spool
+    assert not rig.completions
+    rig.take(rig.core.heartbeat(report("s"), 10.0))
+    assert rig.core.can_serve("job", 10.0)
+    rig.take(rig.core.submit("t1", "job", 100, 10.0, deadline=5.0))  # the driver hands it back
+    assert [send.server for send in rig.sends] == ["s"]
+    rig.take(rig.core.result("t1", "s", 1, "ok", 10.1))
+    assert rig.records["t1"].outcome == "ok"
+
+
+def test_parking_covers_a_link_down_but_not_a_task_already_tried() -> None:
+    rig = make(local=False, servers=[report("s")])
+    rig.core.parking = True
+    rig.take(rig.core.link_down(0.0))
+    rig.take(rig.core.submit("t1", "job", 100, 0.0, deadline=5.0))
+    assert [task.task_id for task in rig.parked] == ["t1"]
+    assert not rig.core.can_serve("job", 0.0)
+    rig.take(rig.core.link_up(0.1))
+    rig.take(rig.core.heartbeat(report("s", 2), 0.1))
+    rig.take(rig.core.submit("t2", "job", 100, 0.1, deadline=5.0, policy="ect"))
+    rig.take(rig.core.result("t2", "s", 1, "unknown-task", 0.2))  # tried, nowhere else: it fails
+    assert rig.records["t2"].outcome == "failed" and len(rig.parked) == 1  # as without parking
+
+
+def test_without_parking_the_same_task_fails_as_before() -> None:
+    rig = make(local=False)
+    rig.take(rig.core.submit("t1", "job", 100, 0.0))
+    assert rig.records["t1"].outcome == "failed" and not rig.parked
+    assert make().core.can_serve("job", 0.0)  # runs here
+
+
+def test_a_pinned_task_is_never_parked() -> None:
+    rig = make(local=False, servers=[report("s")])
+    rig.core.parking = True
+    rig.take(rig.core.link_down(0.0))
+    rig.take(rig.core.submit("t1", "job", 100, 0.0, deadline=5.0, target="s"))
+    rig.take(rig.core.submit("t2", "job", 100, 0.0, deadline=5.0, pool="p"))
+    rig.advance(6.0)
+    assert not rig.parked and set(rig.completions) == {"t1", "t2"}  # the pinning rules answer them
