@@ -24,6 +24,7 @@ from brokers_support import require_mosquitto
 from edge_agent.cli import main
 from edge_agent.dashboard import FILES, DashboardServer, inline_script_hash, page_path, page_query
 from topics.brokers import EmbeddedBroker, MosquittoBroker, websocket_answers, write_mosquitto_config
+from topics.models import DeadLetter, Heartbeat, NodeState, Pong, WireModel
 
 
 def test_mosquitto_config_adds_a_websockets_listener_after_the_first_ones_options(tmp_path: Path) -> None:
@@ -162,3 +163,20 @@ def test_the_docs_show_a_screenshot_of_the_dashboard() -> None:
     text = Path("docs/edge-agent.md").read_text()
     assert "## Dashboard" in text and "(img/dashboard.png)" in text
     assert Path("docs/img/dashboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(("kind", "model"), [("heartbeat", Heartbeat), ("state", NodeState),
+                                             ("dead-letter", DeadLetter), ("pong", Pong)])
+def test_the_pages_models_have_every_field_of_the_wire_models(kind: str, model: type[WireModel]) -> None:
+    """A field added to a wire model must reach the page too, or the page would call every node
+    sending it unreadable (a birth naming its tasks once did)."""
+    html = page_path().read_text(encoding="utf-8")
+    start = html.index("const MODELS = {")
+    body = html[start:html.index("};", start)]
+    key = f'"{kind}"' if "-" in kind else kind
+    entry = body[body.index(f"{key}: [{{") + len(key) + 4:]
+    end = re.search(r"}\s*,\s*\[", entry)
+    assert end is not None, kind
+    fields = entry[:end.start()]
+    names = set(re.findall(r"(?:^|[{,]\s*)([a-z_]+)(?=\s*[:,]|$)", " ".join(fields.split())))
+    assert set(model.model_fields) <= names, sorted(set(model.model_fields) - names)
