@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import subprocess
 import threading
@@ -21,7 +22,10 @@ from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
 from topics.brokers import EmbeddedBroker, MosquittoBroker, mosquitto_binary
+from topics.codec import Codec
+from topics.models import NodeState, Ping, Pong, Result, Task
 from topics.mqtt import MqttTransport
+from topics.names import TopicTree
 from topics.transport import Message, ProtocolVersion, TransportConfig
 
 MOSQUITTO_MISSING = "mosquitto not installed: apt-get install -y mosquitto"
@@ -237,3 +241,63 @@ def gate_registry(gate: threading.Event) -> TaskRegistry:
         return payload
 
     return registry
+
+
+class RawClient:
+    """A bare MQTT client speaking the protocol by hand: tasks, pings, state."""
+
+    def __init__(self, target: BrokerEndpoint, prefix: str, stack: Stack) -> None:
+        self.id = f"raw-{uuid.uuid4().hex[:6]}"
+        self.tree = TopicTree(prefix)
+        self.codec = Codec("cbor")
+        self.results: queue.Queue[Result] = queue.Queue()
+        self.pongs: queue.Queue[Pong] = queue.Queue()
+        self.states: queue.Queue[tuple[NodeState, bool]] = queue.Queue()
+        self.transport = MqttTransport(target.config(self.id), name=self.id)
+        self.transport.connect(timeout=5.0)
+        stack.append(lambda: self.transport.close(timeout=2.0))
+        self.transport.subscribe(self.tree.result_inbox(self.id), self._on_result, qos=1)
+        self.transport.subscribe(self.tree.pong(self.id), self._on_pong, qos=0)
+        self._nonce = 0
+        self._tasks = 0
+
+    def _on_result(self, message: Message) -> None:
+        self.results.put(self.codec.decode(message.payload, Result, topic=message.topic))
+
+    def _on_pong(self, message: Message) -> None:
+        self.pongs.put(self.codec.decode(message.payload, Pong, topic=message.topic))
+
+    def _on_state(self, message: Message) -> None:
+        if message.payload:
+            self.states.put((self.codec.decode(message.payload, NodeState, topic=message.topic),
+                             message.retain))
+
+    def watch_states(self) -> None:
+        self.transport.subscribe(f"{self.tree.prefix}/node/+/state", self._on_state, qos=1)
+
+    def send_task(self, topic: str, name: str, payload: Any, *, task_id: str | None = None,
+                  ttl: float | None = 10.0, **fields: Any) -> str:
+        """Publish a hand-built Task to ``topic``; its id (``<client>-<n>`` unless given)."""
+        self._tasks += 1
+        task_id = task_id or f"{self.id}-{self._tasks}"
+        task = Task(id=task_id, task=name, sender=self.id, reply_to=self.tree.result_inbox(self.id),
+                    created=time.time(), payload=payload, ttl=ttl, **fields)
+        self.transport.publish(topic, self.codec.encode(task), qos=1)
+        return task_id
+
+    def task(self, topic: str, name: str, payload: Any, **options: Any) -> Result:
+        """:meth:`send_task`, then its Result (the next one to arrive: send one at a time)."""
+        task_id = self.send_task(topic, name, payload, **options)
+        result = self.results.get(timeout=10.0)
+        assert result.task_id == task_id
+        return result
+
+    def ping(self, server: str) -> float:
+        """One ping round trip to ``server``, in seconds."""
+        self._nonce += 1
+        sent = time.monotonic()
+        ping = Ping(nonce=self._nonce, sender=self.id, reply_to=self.tree.pong(self.id), sent=sent)
+        self.transport.publish(self.tree.ping(server), self.codec.encode(ping), qos=0)
+        pong = self.pongs.get(timeout=5.0)
+        assert pong.nonce == self._nonce
+        return time.monotonic() - sent

@@ -7,26 +7,18 @@ the work outlasts the ttl, and the server logs the measured offset once per send
 from __future__ import annotations
 
 import logging
-import queue
 import re
 import time
-import uuid
 from collections.abc import Callable
-from typing import Any
 
 import pytest
-from brokers_support import BrokerEndpoint, Stack, endpoint, start_cloud, start_edge, wait_for
+from brokers_support import BrokerEndpoint, RawClient, Stack, endpoint, start_cloud, start_edge, wait_for
 
 from agent_common.registry import TaskRegistry
 from cloud_agent.server import CLOCK_OFFSET_LIMIT
 from edge_agent.agent import EdgeAgent
 from edge_agent.records import TaskRecord
 from topics.brokers import MosquittoBroker
-from topics.codec import Codec
-from topics.models import Result, Task
-from topics.mqtt import MqttTransport
-from topics.names import TopicTree
-from topics.transport import Message
 
 OFFSET = 600.0  # ten minutes
 
@@ -98,31 +90,6 @@ def test_synchronised_clocks_log_no_offset(mqtt: BrokerEndpoint, topic_prefix: s
     assert abs(server.clock_offsets.offsets[edge.id]) < CLOCK_OFFSET_LIMIT
 
 
-class RawClient:
-    """A client in "another language": publishes hand-built Tasks, collects Results."""
-
-    def __init__(self, target: BrokerEndpoint, prefix: str, stack: Stack) -> None:
-        self.id = f"raw-{uuid.uuid4().hex[:6]}"
-        self.tree = TopicTree(prefix)
-        self.codec = Codec("cbor")
-        self.results: queue.Queue[Result] = queue.Queue()
-        self.transport = MqttTransport(target.config(self.id), name=self.id)
-        self.transport.connect(timeout=5.0)
-        stack.append(lambda: self.transport.close(timeout=2.0))
-        self.transport.subscribe(self.tree.result_inbox(self.id), self._on_result, qos=1)
-
-    def _on_result(self, message: Message) -> None:
-        self.results.put(self.codec.decode(message.payload, Result, topic=message.topic))
-
-    def send(self, server: str, task_id: str, name: str, payload: Any, **fields: Any) -> Result:
-        task = Task(id=task_id, task=name, sender=self.id, reply_to=self.tree.result_inbox(self.id),
-                    created=time.time(), payload=payload, **fields)
-        self.transport.publish(self.tree.task_inbox(server), self.codec.encode(task), qos=1)
-        result = self.results.get(timeout=10.0)
-        assert result.task_id == task_id
-        return result
-
-
 def test_ttl_still_expires_on_a_skewed_server(mqtt: BrokerEndpoint, topic_prefix: str, stack: Stack) -> None:
     """The ttl is counted on the server's clock from receipt: shorter than the work gives expired,
     longer gives ok, whatever the server's clock says."""
@@ -130,11 +97,14 @@ def test_ttl_still_expires_on_a_skewed_server(mqtt: BrokerEndpoint, topic_prefix
     client = RawClient(mqtt, topic_prefix, stack)
     wait_for(lambda: client.transport.connected)
     started = time.monotonic()
-    short = client.send("srv-off", "t-short", "sleep", {"seconds": 1.0}, ttl=0.2)
+    short = client.task(client.tree.task_inbox("srv-off"), "sleep", {"seconds": 1.0}, task_id="t-short",
+                        ttl=0.2)
     assert short.status == "expired" and short.error is not None and "deadline" in short.error
     assert time.monotonic() - started < 1.0  # answered at the ttl, not after the work
-    assert client.send("srv-off", "t-long", "sleep", {"seconds": 0.05}, ttl=5.0).status == "ok"
-    assert client.send("srv-off", "t-none", "square", {"x": 3}).payload == {"y": 9}
+    assert client.task(client.tree.task_inbox("srv-off"), "sleep", {"seconds": 0.05}, task_id="t-long",
+                       ttl=5.0).status == "ok"
+    assert client.task(client.tree.task_inbox("srv-off"), "square", {"x": 3}, task_id="t-none",
+                       ttl=None).payload == {"y": 9}
 
 
 def test_legacy_absolute_deadline_still_accepted(mqtt: BrokerEndpoint, topic_prefix: str,
@@ -142,8 +112,11 @@ def test_legacy_absolute_deadline_still_accepted(mqtt: BrokerEndpoint, topic_pre
     """An older client's absolute ``deadline`` still works when the clocks agree; ``ttl`` wins."""
     start_cloud(mqtt, stack, topic_prefix, "srv-a")
     client = RawClient(mqtt, topic_prefix, stack)
-    late = client.send("srv-a", "t-abs", "sleep", {"seconds": 1.0}, deadline=time.time() + 0.2)
+    late = client.task(client.tree.task_inbox("srv-a"), "sleep", {"seconds": 1.0}, task_id="t-abs",
+                       ttl=None, deadline=time.time() + 0.2)
     assert late.status == "expired"
-    assert client.send("srv-a", "t-abs-ok", "square", {"x": 2}, deadline=time.time() + 5.0).status == "ok"
-    both = client.send("srv-a", "t-both", "square", {"x": 4}, deadline=time.time() - 1.0, ttl=5.0)
+    assert client.task(client.tree.task_inbox("srv-a"), "square", {"x": 2}, task_id="t-abs-ok", ttl=None,
+                       deadline=time.time() + 5.0).status == "ok"
+    both = client.task(client.tree.task_inbox("srv-a"), "square", {"x": 4}, task_id="t-both",
+                       deadline=time.time() - 1.0, ttl=5.0)
     assert both.status == "ok"

@@ -22,11 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TypedDict
 
 import pytest
 from brokers_support import (
     BrokerEndpoint,
+    RawClient,
     Stack,
     endpoint,
     require,
@@ -40,10 +41,8 @@ from agent_common.registry import TaskRegistry
 from edge_agent.agent import EdgeAgent
 from edge_agent.records import TaskRecord
 from topics.brokers import MosquittoBridge, MosquittoBroker, free_port, mqtt_answers, write_mosquitto_config
-from topics.codec import Codec
-from topics.models import NodeState, Ping, Pong, Result, Task
+from topics.models import NodeState
 from topics.mqtt import MqttTransport
-from topics.names import TopicTree
 from topics.transport import Message
 
 REPO = Path(__file__).resolve().parent.parent
@@ -130,63 +129,6 @@ def topology(topic_prefix: str, stack: Stack) -> Topology:
 def serving(edge: EdgeAgent, node: str, task: str = "square") -> Callable[[], bool]:
     return lambda: any(v.node == node and not v.stale and not v.dead and task in v.tasks
                        for v in edge.servers())
-
-
-class RawClient:
-    """A bare MQTT client speaking the protocol by hand: tasks, pings, state."""
-
-    def __init__(self, target: BrokerEndpoint, prefix: str, stack: Stack) -> None:
-        self.id = f"raw-{uuid.uuid4().hex[:6]}"
-        self.tree = TopicTree(prefix)
-        self.codec = Codec("cbor")
-        self.results: queue.Queue[Result] = queue.Queue()
-        self.pongs: queue.Queue[Pong] = queue.Queue()
-        self.states: queue.Queue[tuple[NodeState, bool]] = queue.Queue()
-        self.transport = MqttTransport(target.config(self.id), name=self.id)
-        self.transport.connect(timeout=5.0)
-        stack.append(lambda: self.transport.close(timeout=2.0))
-        self.transport.subscribe(self.tree.result_inbox(self.id), self._on_result, qos=1)
-        self.transport.subscribe(self.tree.pong(self.id), self._on_pong, qos=0)
-        self._nonce = 0
-        self._tasks = 0
-
-    def _on_result(self, message: Message) -> None:
-        self.results.put(self.codec.decode(message.payload, Result, topic=message.topic))
-
-    def _on_pong(self, message: Message) -> None:
-        self.pongs.put(self.codec.decode(message.payload, Pong, topic=message.topic))
-
-    def _on_state(self, message: Message) -> None:
-        if message.payload:
-            self.states.put((self.codec.decode(message.payload, NodeState, topic=message.topic),
-                             message.retain))
-
-    def watch_states(self) -> None:
-        self.transport.subscribe(f"{self.tree.prefix}/node/+/state", self._on_state, qos=1)
-
-    def send_task(self, topic: str, name: str, payload: Any) -> str:
-        self._tasks += 1
-        task_id = f"{self.id}-{self._tasks}"
-        task = Task(id=task_id, task=name, sender=self.id, reply_to=self.tree.result_inbox(self.id),
-                    created=time.time(), payload=payload, ttl=10.0)
-        self.transport.publish(topic, self.codec.encode(task), qos=1)
-        return task_id
-
-    def task(self, topic: str, name: str, payload: Any) -> Result:
-        task_id = self.send_task(topic, name, payload)
-        result = self.results.get(timeout=10.0)
-        assert result.task_id == task_id
-        return result
-
-    def ping(self, server: str) -> float:
-        """One ping round trip to ``server``, in seconds."""
-        self._nonce += 1
-        sent = time.monotonic()
-        ping = Ping(nonce=self._nonce, sender=self.id, reply_to=self.tree.pong(self.id), sent=sent)
-        self.transport.publish(self.tree.ping(server), self.codec.encode(ping), qos=0)
-        pong = self.pongs.get(timeout=5.0)
-        assert pong.nonce == self._nonce
-        return time.monotonic() - sent
 
 
 def recorded(edge: EdgeAgent) -> list[TaskRecord]:
