@@ -642,6 +642,10 @@ class EdgeAgent:
         if task.error and task.outcome != "ok" and task.targets:
             log.debug("node=%s task=%s id=%s ended %s after %d attempt(s): %s", self.id, task.name,
                       task.task_id, task.outcome, task.attempts, task.error)
+        self._tell_records(listeners, record)
+
+    def _tell_records(self, listeners: list[RecordListener], record: TaskRecord) -> None:
+        """Give ``record`` to each listener; one that raises is counted and logged, not fatal."""
         for listener in listeners:
             try:
                 listener(record)
@@ -809,12 +813,7 @@ class EdgeAgent:
                                 error=error, payload_bytes=len(entry.payload))
             job.handle.record = record
             job.handle.set_exception(TaskFailed("expired", error, 0, task_id=entry.task_id, name=entry.name))
-            for listener in listeners:
-                try:
-                    listener(record)
-                except Exception:
-                    self.counters["listener_errors"] += 1
-                    log.exception("node=%s record listener failed", self.id)
+            self._tell_records(listeners, record)
 
     def _drain_spool(self, batch: int = 64) -> None:
         """Hand the spooled tasks a usable server serves to the core, oldest first; an entry leaves
