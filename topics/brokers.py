@@ -12,6 +12,7 @@ enough MQTT 3.1.1 by hand (CONNECT, CONNACK, DISCONNECT) so that this module nee
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import logging
 import os
@@ -25,6 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -71,13 +73,7 @@ def mqtt_answers(host: str, port: int, *, timeout: float = 1.0, tls: bool = Fals
     With ``tls`` the probe speaks TLS without verifying the certificate: it only asks "is it up?".
     """
     try:
-        with socket.create_connection((host, port), timeout=timeout) as raw:
-            sock = raw
-            if tls:
-                context = ssl.create_default_context()
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-                sock = context.wrap_socket(raw, server_hostname=host)
+        with _probe_socket(host, port, timeout=timeout, tls=tls) as sock:
             sock.sendall(_connect_packet(f"probe-{uuid.uuid4().hex[:12]}"))
             answer = b""
             while len(answer) < 4:
@@ -94,6 +90,21 @@ def mqtt_answers(host: str, port: int, *, timeout: float = 1.0, tls: bool = Fals
         return False
 
 
+@contextlib.contextmanager
+def _probe_socket(host: str, port: int, *, timeout: float, tls: bool) -> Iterator[socket.socket]:
+    """A connection to ``host:port`` for a liveness probe; with ``tls``, TLS without verifying the
+    certificate (the probe only asks "is it up?")."""
+    with socket.create_connection((host, port), timeout=timeout) as raw:
+        if not tls:
+            yield raw
+            return
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        with context.wrap_socket(raw, server_hostname=host) as wrapped:
+            yield wrapped
+
+
 def _ws_frame(payload: bytes) -> bytes:
     """One binary WebSocket frame as a client sends it (masked, under 126 bytes)."""
     mask = os.urandom(4)
@@ -108,13 +119,7 @@ def websocket_answers(host: str, port: int, *, timeout: float = 1.0, tls: bool =
                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n").encode()
     try:
-        with socket.create_connection((host, port), timeout=timeout) as raw:
-            sock = raw
-            if tls:
-                context = ssl.create_default_context()
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-                sock = context.wrap_socket(raw, server_hostname=host)
+        with _probe_socket(host, port, timeout=timeout, tls=tls) as sock:
             sock.sendall(request)
             answer = b""
             while b"\r\n\r\n" not in answer:
