@@ -9,7 +9,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,6 +180,19 @@ def start_cloud(target: BrokerEndpoint, stack: Stack, prefix: str, node: str, *,
     agent.start()
     stack.append(lambda: agent.stop(grace=0.0))
     return agent
+
+
+def start_servers(target: BrokerEndpoint, stack: Stack, prefix: str, nodes: Sequence[str], *,
+                  heartbeat_interval: float, formats: Mapping[str, str] | None = None
+                  ) -> dict[str, MqttTransport]:
+    """Cloud agents ``nodes`` on ``target`` (each in ``formats``' wire format, default CBOR); their
+    transports, for a test that crashes one (``abort()``) or cuts it off (``close()``)."""
+    links = {}
+    for node in nodes:
+        links[node] = MqttTransport(target.config(node, reconnect_max_delay=0.5), name=node)
+        start_cloud(target, stack, prefix, node, transport=links[node], heartbeat_interval=heartbeat_interval,
+                    format=(formats or {}).get(node, "cbor"))
+    return links
 
 
 def start_edge(target: BrokerEndpoint, stack: Stack, prefix: str, *, registry: TaskRegistry | None = None,

@@ -30,12 +30,14 @@ import pytest
 from brokers_support import (
     BrokerEndpoint,
     Stack,
+    connected,
     endpoint,
     make_test_certificates,
     require,
     require_mosquitto,
     start_cloud,
     start_edge,
+    start_servers,
     wait_for,
 )
 from cdp_support import CHROMIUM_MISSING, Browser, chromium_binary
@@ -116,19 +118,8 @@ class HeartbeatClock:
 
 def start_fleet(target: BrokerEndpoint, stack: Stack, prefix: str) -> dict[str, MqttTransport]:
     """Three servers (srv2 configured for CBOR: its heartbeats are JSON all the same); their links."""
-    links = {}
-    for node in SERVERS:
-        links[node] = MqttTransport(target.config(node, reconnect_max_delay=0.5), name=node)
-        start_cloud(target, stack, prefix, node, transport=links[node], heartbeat_interval=HEARTBEAT,
-                    format="cbor" if node == "srv2" else "json")
-    return links
-
-
-def connected(target: BrokerEndpoint, stack: Stack, name: str) -> MqttTransport:
-    transport = MqttTransport(target.config(name), name=name)
-    transport.connect()
-    stack.append(lambda: transport.close(timeout=2.0))
-    return transport
+    return start_servers(target, stack, prefix, SERVERS, heartbeat_interval=HEARTBEAT,
+                         formats={node: "json" for node in SERVERS if node != "srv2"})
 
 
 def open_page(browser: Browser, url: str) -> None:

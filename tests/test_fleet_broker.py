@@ -13,6 +13,7 @@ from brokers_support import (
     retained_on,
     start_cloud,
     start_edge,
+    start_servers,
     wait_for,
 )
 
@@ -39,12 +40,8 @@ def rows_of(watch: FleetWatch) -> dict[str, NodeRow]:
 
 def start_fleet(target: BrokerEndpoint, stack: Stack, prefix: str) -> dict[str, MqttTransport]:
     """Three servers on ``target`` (srv-b speaks JSON); their transports, to crash them."""
-    links = {}
-    for node in SERVERS:
-        links[node] = MqttTransport(target.config(node, reconnect_max_delay=0.5), name=node)
-        start_cloud(target, stack, prefix, node, transport=links[node], heartbeat_interval=HEARTBEAT,
-                    format="json" if node == "srv-b" else "cbor")
-    return links
+    return start_servers(target, stack, prefix, SERVERS, heartbeat_interval=HEARTBEAT,
+                         formats={"srv-b": "json"})
 
 
 def watch_fleet(target: BrokerEndpoint, stack: Stack, prefix: str) -> FleetWatch:
