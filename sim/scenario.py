@@ -318,7 +318,41 @@ class Scenario(_Model):
                 raise _FieldError(f"{where}.devices", f"no device group named {link.devices!r}")
             if link.servers not in server_names:
                 raise _FieldError(f"{where}.servers", f"no server group named {link.servers!r}")
+        for index, device_group in enumerate(self.devices):
+            self._check_reachable(index, device_group)
         return self
+
+    def _check_reachable(self, index: int, group: DeviceGroup) -> None:
+        """Refuse a device group whose tasks no option can ever complete (in time, with a deadline)."""
+        cost = self.tasks[group.task]
+        runners = [server for server in self.servers if self.capable(server, group.task)]
+        if not group.capable and not runners:
+            raise _FieldError(f"devices[{index}].capable", f"false, and no server group runs "
+                              f"{group.task!r}: every task would fail")
+        if group.deadline is None or (group.capable and _least_service(cost, group.speed) <= group.deadline):
+            return
+        floors = {server.name: self._least_remote(group, server, cost) for server in runners}
+        if any(floor <= group.deadline for floor in floors.values()):
+            return
+        fastest = min(floors, key=floors.__getitem__) if floors else None
+        remote = (f"the fastest answer from a server takes {floors[fastest] * 1000:.1f} ms (group "
+                  f"{fastest!r}: payload and result over the link, its delay both ways less the jitter, "
+                  "the service time)") if fastest else "no server group runs it"
+        local = ("the devices cannot run it (capable = false)" if not group.capable else
+                 f"a local run takes {_least_service(cost, group.speed) * 1000:.1f} ms")
+        raise _FieldError(f"devices[{index}].deadline",
+                          f"{group.deadline * 1000:g} ms can never be met: {local}, and {remote}")
+
+    def _least_remote(self, group: DeviceGroup, server: ServerGroup, cost: TaskCost) -> float:
+        """The least time a task of ``group`` can take on ``server``: the payload there and the result
+        back (bandwidth), the one-way delay both ways less its jitter, over the link at the start and
+        after every link event of the pair; plus the service time when every task costs the same."""
+        specs: list[LinkSpec] = [self.link(group.name, server.name)]
+        specs.extend(event for event in self.events if isinstance(event, LinkEvent)
+                     and event.devices == group.name and event.servers == server.name)
+        trip = min((group.payload_bytes + cost.result_bytes) / spec.bandwidth
+                   + 2.0 * max(spec.delay - spec.jitter, 0.0) for spec in specs)
+        return trip + _least_service(cost, server.speed)
 
     def policy_config(self, **overrides: Any) -> PolicyConfig:
         """The scenario's :class:`PolicyConfig`, with ``overrides`` on top."""
@@ -368,6 +402,12 @@ class _FieldError(ValueError):
         super().__init__(f"{where}: {message}")
         self.where = where
         self.message = message
+
+
+def _least_service(cost: TaskCost, speed: float) -> float:
+    """The least service time of a task on a node of ``speed``: its cost when every task costs the same,
+    else 0 (a lognormal work factor has no floor)."""
+    return cost.service_time / speed if cost.variation == 0.0 else 0.0
 
 
 def _unique(where: str, names: list[str]) -> None:

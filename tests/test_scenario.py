@@ -164,3 +164,103 @@ def test_scenario_is_frozen() -> None:
     with pytest.raises(Exception, match="frozen"):
         scenario.duration = 5.0
     assert isinstance(scenario, Scenario)
+
+
+def _set(path: str, value: Any) -> dict[str, Any]:
+    """BASE with one field changed, the field given as in the error messages (``servers[1].workers``)."""
+    data = copy.deepcopy(BASE)
+    *parents, last = path.replace("]", "").replace("[", ".").split(".")
+    node: Any = data
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+    node[int(last) if last.isdigit() else last] = value
+    return data
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("devices[0].workload.rate", 0), ("devices[0].workload.rate", -2.5),
+    ("devices[0].count", 0), ("devices[0].workers", 0), ("devices[0].speed", 0), ("devices[0].speed", -1),
+    ("devices[0].deadline", 0), ("devices[0].payload_bytes", -1), ("devices[0].local_queue_size", -1),
+    ("servers[0].workers", 0), ("servers[1].speed", 0), ("servers[1].speed", -0.5),
+    ("servers[0].count", 0), ("servers[0].queue_size", -1),
+    ("links.default.delay", -0.001), ("links.default.jitter", -0.001), ("links.default.bandwidth", 0),
+    ("links.default.bandwidth", -1e6), ("links.default.loss", 1.5),
+    ("tasks.detect.service_time", 0), ("tasks.detect.result_bytes", -1),
+    ("heartbeat_interval", 0), ("duration", -1), ("tuning.max_attempts", 0),
+    ("devices[0].speed", float("nan")), ("links.default.delay", float("inf")),
+])
+def test_impossible_values_are_refused_with_the_field(field: str, value: Any) -> None:
+    assert f"fleet.toml: {field}: " in bad(_set(field, value))
+
+
+@pytest.mark.parametrize(("kind", "field"), [
+    ({"kind": "fps", "fps": 0}, "fps"), ({"kind": "bursts", "burst_size": 0, "interval": 1.0}, "burst_size"),
+    ({"kind": "bursts", "burst_size": 3, "interval": -1.0}, "interval"),
+    ({"kind": "bursts", "burst_size": 3, "interval": 1.0, "spacing": -0.1}, "spacing"),
+])
+def test_impossible_workloads_are_refused(kind: dict[str, Any], field: str) -> None:
+    assert f"devices[0].workload.{field}: " in bad(_set("devices[0].workload", kind))
+
+
+@pytest.mark.parametrize(("event", "field"), [
+    ({"kind": "slowdown", "at": 1.0, "server": "edge-0", "factor": 0}, "factor"),
+    ({"kind": "crash", "at": -1.0, "server": "edge-0"}, "at"),
+    ({"kind": "offline", "at": 1.0, "devices": "cams", "duration": 0}, "duration"),
+    ({"kind": "link", "at": 1.0, "devices": "cams", "servers": "edge", "bandwidth": 0}, "bandwidth"),
+    ({"kind": "link", "at": 1.0, "devices": "cams", "servers": "edge", "delay": -1}, "delay"),
+])
+def test_impossible_events_are_refused(event: dict[str, Any], field: str) -> None:
+    assert f"events[0].{field}: " in bad(scenario_with(events=[event]))
+
+
+def remote_only(deadline: float, **link: Any) -> dict[str, Any]:
+    """Devices that cannot run their task, 100 kB payloads and 1 kB results on a 1 MB/s, 10 ms link:
+    an answer takes at least 0.101 s + 0.02 s + 20 ms of service (no variation) = 141 ms."""
+    return scenario_with(
+        tasks={"detect": {"service_time": 0.02, "result_bytes": 1_000}},
+        devices=[{**BASE["devices"][0], "capable": False, "payload_bytes": 100_000, "deadline": deadline}],
+        links={"default": {"delay": 0.01, "bandwidth": 1e6, **link}})
+
+
+def test_a_deadline_below_every_round_trip_is_refused() -> None:
+    message = bad(remote_only(0.14))
+    assert "devices[0].deadline: 140 ms can never be met: the devices cannot run it (capable = false), " \
+        "and the fastest answer" in message
+    assert "the fastest answer from a server takes 141.0 ms (group 'edge': " in message
+    assert parse_scenario(remote_only(0.142)).devices[0].deadline == 0.142
+    # Jitter can shorten the one-way delay down to zero: only the transfers and the service are sure.
+    assert parse_scenario(remote_only(0.125, jitter=0.01))
+    assert "can never be met" in bad(remote_only(0.12, jitter=0.01))
+    # With variation the service time has no floor: only the link counts.
+    varied = remote_only(0.125)
+    varied["tasks"]["detect"]["variation"] = 0.5
+    assert parse_scenario(varied)
+
+
+def test_a_deadline_is_judged_against_every_option() -> None:
+    # One server group near enough is enough: the far one is a choice the policy should avoid.
+    near = remote_only(0.05)
+    near["links"]["pairs"] = [{"devices": "cams", "servers": "big", "delay": 0.001, "bandwidth": 1e8}]
+    assert parse_scenario(near)
+    # ... unless that group does not run the task.
+    near["servers"][1]["capabilities"] = ["other"]
+    near["tasks"]["other"] = {"service_time": 0.01}
+    assert "devices[0].deadline: 50 ms can never be met" in bad(near)
+    # A link event that makes the link fast later makes the deadline reachable from then on.
+    later = remote_only(0.05) | {"events": [
+        {"kind": "link", "at": 2.0, "devices": "cams", "servers": "edge", "delay": 0.001, "bandwidth": 1e8}]}
+    assert parse_scenario(later)
+    # Devices that run the task themselves can meet it locally, unless every run takes longer.
+    local = remote_only(0.05)
+    local["devices"][0]["capable"] = True
+    assert parse_scenario(local)
+    local["devices"][0]["speed"] = 0.2
+    assert "a local run takes 100.0 ms" in bad(local)
+
+
+def test_a_task_nobody_can_run_is_refused() -> None:
+    alone = scenario_with(devices=[{**BASE["devices"][0], "capable": False}],
+                          servers=[{"name": "edge", "capabilities": ["other"]}],
+                          tasks={"detect": {"service_time": 0.02}, "other": {"service_time": 0.01}})
+    assert "devices[0].capable: false, and no server group runs 'detect'" in bad(alone)
+    assert "devices[0].capable: " in bad(alone | {"servers": []})
