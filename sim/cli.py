@@ -4,6 +4,8 @@
     offload-sim run herding --mode des                           # discrete-event mode, with the oracle
     offload-sim run server_crash --broker mosquitto              # spawn a Mosquitto for the run
     offload-sim run near_overloaded --broker mqtt://10.0.0.5     # a broker you run
+    offload-sim sweep herding server_crash --seeds 5             # every policy x seed, mean and 95% CI
+    offload-sim sweep my.toml --seeds 20 --dask tcp://10.0.0.7:8786
     offload-sim validate my.toml
     offload-sim scenarios
     offload-sim demo
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import json
 import logging
 import sys
@@ -42,6 +45,7 @@ SCENARIO_DIR = Path(__file__).parent / "scenarios"
 EXIT_USAGE = 2
 EXIT_RUNTIME = 1
 EXIT_INTERRUPTED = 130
+MAX_SEEDS = 10_000
 
 
 class CliError(Exception):
@@ -67,10 +71,19 @@ def resolve_scenario(name: str) -> Path:
 def _policies(text: str | None, scenario: Scenario) -> list[str]:
     if not text:
         return list(scenario.policies)
+    return _named_policies(text)
+
+
+def _named_policies(text: str) -> list[str]:
+    """The comma-separated policies of ``--policies``; an unknown one is a usage error naming the
+    closest valid name."""
     chosen = [name.strip() for name in text.split(",") if name.strip()]
+    valid = [*POLICIES, ORACLE]
     for name in chosen:
-        if name not in POLICIES and name != ORACLE:
-            raise CliError(f"unknown policy {name!r}; valid: {', '.join(POLICIES)}, "
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise CliError(f"unknown policy {name!r}{hint}; valid: {', '.join(POLICIES)}, "
                            f"{ORACLE} (discrete-event mode)", EXIT_USAGE)
     if not chosen:
         raise CliError("--policies is empty", EXIT_USAGE)
@@ -238,6 +251,63 @@ def run_scenario(args: argparse.Namespace) -> int:
     return 0
 
 
+def sweep(args: argparse.Namespace) -> int:
+    """Every scenario x policy x seed in discrete-event mode; everything is checked before a run starts."""
+    from sim import sweep as sweeps
+
+    if not 1 <= args.seeds <= MAX_SEEDS:
+        raise CliError(f"--seeds must be between 1 and {MAX_SEEDS}", EXIT_USAGE)
+    if args.workers is not None and args.workers < 1:
+        raise CliError("--workers must be at least 1", EXIT_USAGE)
+    if args.workers is not None and args.dask:
+        raise CliError("--workers is for local processes; a Dask cluster has its own workers", EXIT_USAGE)
+    named = _named_policies(args.policies) if args.policies is not None else None
+    scenarios: list[tuple[str, Scenario]] = []
+    sources: dict[str, str] = {}
+    for name in args.scenarios:
+        path, scenario = _load(name)
+        if path.stem in sources:
+            raise CliError(f"{path}: a scenario named {path.stem!r} is already in this sweep "
+                           f"({sources[path.stem]})", EXIT_USAGE)
+        sources[path.stem] = str(path)
+        scenarios.append((path.stem, scenario))
+
+    def policies_of(scenario: Scenario) -> list[str]:
+        return with_oracle(named or scenario.policies, "des", not args.no_oracle)
+
+    specs = sweeps.plan_runs(scenarios, policies_of, args.seeds)
+    workers = args.workers or sweeps.default_workers()
+    executor: sweeps.Executor = sweeps.InProcess() if workers == 1 else sweeps.LocalProcesses(workers)
+    if args.dask:
+        try:
+            executor = sweeps.DaskCluster(args.dask)
+        except sweeps.SweepError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from exc
+    if not args.quiet:
+        print(f"sweep: {len(specs)} runs ({len(scenarios)} scenarios, {args.seeds} seeds) in "
+              f"{executor.where}", file=sys.stderr)
+
+    def progress(done: int, total: int, run: sweeps.Finished) -> None:
+        if not args.quiet:
+            summary = run.row.summary
+            p95 = "-" if summary.p95 is None else f"{summary.p95 * 1000:.1f} ms"
+            print(f"[{done}/{total}] {run.row.scenario} {run.row.policy} seed {run.row.seed}: p95 {p95}, "
+                  f"{summary.completed}/{summary.tasks} ok ({run.cpu_seconds:.2f} s CPU)", file=sys.stderr)
+
+    try:
+        rows = sweeps.collect(specs, executor.run(specs), progress)
+    except sweeps.SweepError as exc:
+        raise CliError(str(exc)) from exc
+    aggregates = sweeps.aggregate(rows)
+    print(sweeps.format_sweep(aggregates))
+    if args.out:
+        meta = {"scenarios": sources, "seeds": args.seeds, "policies": args.policies,
+                "oracle": not args.no_oracle, "executor": executor.where}
+        written = sweeps.write_sweep(Path(args.out), rows, aggregates, meta=meta)
+        print(f"results: {args.out}/ ({', '.join(p.name for p in written)})")
+    return 0
+
+
 def validate(args: argparse.Namespace) -> int:
     path, scenario = _load(args.scenario)
     print(f"{path}: ok ({len(scenario.device_nodes())} devices, {len(scenario.server_nodes())} "
@@ -287,6 +357,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(handler=run_scenario)
+
+    many = commands.add_parser("sweep", help="every scenario x policy x seed in discrete-event mode: "
+                                             "mean and 95%% confidence interval per metric")
+    many.add_argument("scenarios", nargs="+", metavar="SCENARIO",
+                      help="scenario TOML files, or names of shipped ones")
+    many.add_argument("--seeds", type=int, default=5,
+                      help="seeds per combination: the scenario's seed and the ones after it (default 5)")
+    many.add_argument("--policies", help="comma-separated policies for every scenario "
+                                         "(default: each scenario's own)")
+    many.add_argument("--no-oracle", action="store_true",
+                      help=f"leave out the {ORACLE}, added to every comparison as the limit")
+    many.add_argument("--workers", type=int,
+                      help="local worker processes (default: the CPUs this process may use)")
+    many.add_argument("--dask", metavar="ADDRESS",
+                      help="run on the Dask cluster whose scheduler is at ADDRESS (tcp://host:port)")
+    many.add_argument("--out", help="folder for sweep.json, sweep.csv (per policy) and runs.csv (per run)")
+    many.add_argument("--quiet", action="store_true", help="no progress line per run")
+    many.set_defaults(handler=sweep)
 
     check = commands.add_parser("validate", help="check a scenario file and say what it describes")
     check.add_argument("scenario")
