@@ -31,8 +31,10 @@ send queue. ``busy`` (decayed ``rejected-busy``/``expired`` answers) is load: th
 is uncertainty: it is caution, not part of the mean. Neither bans a server: both fade with time and
 halve on each answer.
 
-``ect`` ranks an option by ``ECT + caution + u x spread`` (``u`` uniform in [-1, 1), drawn per option
-and decision: what the option may take, as Thompson sampling draws it) and counts it as meeting a
+``ect`` ranks an option by ``ECT + caution + tail x deviation + u x spread`` (``deviation``: the
+measured part of the spread, without the defaults of unknowns, so a jittery option ranks by its tail
+and an unknown one still gets tried; ``u`` uniform in [-1, 1), drawn per option and decision: what the
+option may take, as Thompson sampling draws it) and counts it as meeting a
 deadline only when ``ECT + risk x (spread + caution)`` does (a high quantile, not the mean). It
 considers ``choices`` servers drawn at random from the table (plus the one chosen last time, and the
 local option): power of d choices, so devices reading the same stale report do not all pick the same
@@ -192,6 +194,9 @@ class PolicyConfig:
     """``ect``: an option meets a deadline when ``ECT + risk x (spread + caution)`` does."""
     explore: float = 1.0
     """``ect``: the rank's draw is uniform over ``ECT +- explore x spread`` (0: rank on the mean)."""
+    tail: float = 1.0
+    """``ect``: the rank adds this many measured deviations (``rtt_dev + error_dev`` of a server, the
+    service time's of a local run; not the default spread of unknowns): the goal is a low p95."""
     busy_tasks: int = 4
     """Queued tasks per worker a busy answer stands for when the server reports no queue capacity."""
 
@@ -407,12 +412,15 @@ def _ect(task: TaskInfo, local: LocalInfo, servers: Sequence[ServerInfo], *, rng
 
     explore = config.explore
 
-    def add(label: str, mean: float, spread: float, caution: float) -> None:
-        options.append((label, mean + caution + (2.0 * random_() - 1.0) * explore * spread,
+    tail = config.tail
+
+    def add(label: str, mean: float, spread: float, caution: float, measured: float) -> None:
+        options.append((label, mean + caution + tail * measured + (2.0 * random_() - 1.0) * explore * spread,
                         mean + risk * (spread + caution), mean))
 
     if allow_local and local.capable:
-        add(LOCAL, *_local_estimate(local, config))
+        estimate = _local_estimate(local, config)
+        add(LOCAL, *estimate, estimate[1])
     taken: set[int] = set()
     # An unknown service time is assumed as short as the shortest known among the servers drawn (with the
     # default's spread): a new server gets tried beside known ones, and its first answer says the truth.
@@ -433,7 +441,7 @@ def _ect(task: TaskInfo, local: LocalInfo, servers: Sequence[ServerInfo], *, rng
             if row.service_time is not None and (prior is None or row.service_time < prior):
                 prior = row.service_time
         for row in rows:
-            add(row.node, *_server_estimate(task, row, config, prior))
+            add(row.node, *_server_estimate(task, row, config, prior), row.rtt_dev + row.error_dev)
         rows.clear()
         if time_left is None or any(option[2] <= time_left for option in options):
             break

@@ -158,6 +158,19 @@ def test_unmeasured_server_is_tried_but_not_trusted() -> None:
     assert {run("ect", [measured, new], task=tight, seed=seed).target for seed in range(50)} == {"old"}
 
 
+def test_rank_counts_a_jittery_option_by_its_tail() -> None:
+    # Same 30 ms mean; "jittery" deviates by 10 ms (its answers), "steady" by 1 ms: ranked on
+    # mean + deviation +- the draw, the steady one is chosen mostly, and always without the draw.
+    steady = ServerInfo("steady", rtt=0.010, rtt_dev=0.001, service_time=0.020)
+    jittery = ServerInfo("jittery", rtt=0.010, error_dev=0.010, service_time=0.020)
+    picks = Counter(run("ect", [steady, jittery], seed=seed).target for seed in range(400))
+    assert picks["steady"] > 0.7 * 400 and picks["jittery"] > 0   # still drawn now and then
+    flat = PolicyConfig(explore=0.0)
+    assert {run("ect", [jittery, steady], seed=seed, config=flat).target for seed in range(20)} == {"steady"}
+    # Without the tail (tail = 0) and the draw the two tie on the mean: table order decides.
+    assert run("ect", [jittery, steady], config=PolicyConfig(explore=0.0, tail=0.0)).target == "jittery"
+
+
 def test_threshold_rule_of_the_old_proxy() -> None:
     server = ServerInfo("s", rtt=0.002, service_time=0.005)
     slow = LocalInfo(capable=True, service_time=0.040, rate=20.0)
@@ -286,9 +299,14 @@ def test_deadline_is_judged_on_a_high_quantile_not_the_mean() -> None:
         decision = run("ect", [server], local=local, task=tight, seed=seed)
         assert (decision.target, decision.reason) == ("s", "deadline")
         assert decision.quantile == pytest.approx(0.075)
-    # Without the deadline local, faster on average, wins most of the time (its spread is a draw).
+    # Without the deadline the rank counts local's tail (70 + 10 ms, +- 10 ms drawn) against the
+    # server's steady 75 ms: local wins about a quarter of the time; on the mean (tail 0) mostly.
     loose = Counter(run("ect", [server], local=local, seed=seed).target for seed in range(400))
-    assert 0.6 < loose[None] / 400 < 0.9
+    assert 0.1 < loose[None] / 400 < 0.4
+    mean_only = PolicyConfig(tail=0.0)
+    on_mean = Counter(run("ect", [server], local=local, seed=seed, config=mean_only).target
+                      for seed in range(400))
+    assert 0.6 < on_mean[None] / 400 < 0.9
     # The mean alone (risk 0) would have kept local.
     assert run("ect", [server], local=local, task=tight, config=PolicyConfig(risk=0.0), seed=1).target is None
 
