@@ -1,4 +1,4 @@
-"""The shipped scenarios x their policies (plus ``p2c`` and the oracle) over several seeds, in DES mode.
+"""Every shipped scenario x their policies (plus ``p2c`` and the oracle) over several seeds, in DES mode.
 
 Prints, per scenario and policy: completed tasks and deadline misses summed over the seeds, the mean
 p95 and the mean p95/oracle ratio; then, per scenario, the default policy's (``ect``) mean p95 over the
@@ -17,13 +17,14 @@ import statistics
 from collections import defaultdict
 
 from edge_agent.policy import DEFAULT_POLICY, POLICIES
-from sim.cli import resolve_scenario
+from sim.cli import SCENARIO_DIR, resolve_scenario
 from sim.des import run_des
 from sim.oracle import ORACLE
 from sim.report import summarize, with_oracle_ratios
 from sim.scenario import load_scenario
 
-SCENARIOS = ("herding", "heterogeneous", "near_overloaded", "old_proxy", "server_crash")
+SCENARIOS = tuple(sorted(path.stem for path in SCENARIO_DIR.glob("*.toml")))
+"""Every shipped scenario (sim/scenarios/*.toml)."""
 
 
 def _seeds(text: str) -> list[int]:

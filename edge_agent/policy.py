@@ -19,6 +19,8 @@ Expected completion time (ECT) of an option, in seconds, and its spread::
     spread     = rtt_dev + error_dev   (a server's; a local run's: the service time's mean deviation)
                  + the default of a server's unknown round trip or service time
     caution    = doubt; for a local run never timed, the default service time
+    service    = the server's; if unknown, ``ect`` assumes the shortest known among the servers it drew
+                 for this decision (the default if none is known), with the default's spread
 
 ``in_flight_residual`` (default 0.5) is the part of a running task still to do when a new one
 arrives: the head of the line is on average half done. A server's ``queue_length`` comes from its last
@@ -29,8 +31,10 @@ send queue. ``busy`` (decayed ``rejected-busy``/``expired`` answers) is load: th
 is uncertainty: it is caution, not part of the mean. Neither bans a server: both fade with time and
 halve on each answer.
 
-``ect`` ranks an option by ``ECT + caution + u x spread`` (``u`` uniform in [-1, 1), drawn per option
-and decision: what the option may take, as Thompson sampling draws it) and counts it as meeting a
+``ect`` ranks an option by ``ECT + caution + tail x deviation + u x spread`` (``deviation``: the
+measured part of the spread, without the defaults of unknowns, so a jittery option ranks by its tail
+and an unknown one still gets tried; ``u`` uniform in [-1, 1), drawn per option and decision: what the
+option may take, as Thompson sampling draws it) and counts it as meeting a
 deadline only when ``ECT + risk x (spread + caution)`` does (a high quantile, not the mean). It
 considers ``choices`` servers drawn at random from the table (plus the one chosen last time, and the
 local option): power of d choices, so devices reading the same stale report do not all pick the same
@@ -190,6 +194,9 @@ class PolicyConfig:
     """``ect``: an option meets a deadline when ``ECT + risk x (spread + caution)`` does."""
     explore: float = 1.0
     """``ect``: the rank's draw is uniform over ``ECT +- explore x spread`` (0: rank on the mean)."""
+    tail: float = 1.0
+    """``ect``: the rank adds this many measured deviations (``rtt_dev + error_dev`` of a server, the
+    service time's of a local run; not the default spread of unknowns): the goal is a low p95."""
     busy_tasks: int = 4
     """Queued tasks per worker a busy answer stands for when the server reports no queue capacity."""
 
@@ -254,8 +261,10 @@ def _queue_wait(ahead: int, workers: int, service: float, residual: float) -> fl
     return (ahead - workers + residual) * service / workers
 
 
-def _server_estimate(task: TaskInfo, server: ServerInfo, config: PolicyConfig) -> tuple[float, float, float]:
-    """(ECT, spread, caution) of ``task`` on ``server`` (see the module docstring)."""
+def _server_estimate(task: TaskInfo, server: ServerInfo, config: PolicyConfig,
+                     prior: float | None = None) -> tuple[float, float, float]:
+    """(ECT, spread, caution) of ``task`` on ``server`` (see the module docstring). ``prior``: the
+    service time assumed when the server's is unknown (else ``default_service_time``)."""
     spread = server.rtt_dev + server.error_dev
     caution = server.doubt
     rtt = server.rtt
@@ -266,8 +275,8 @@ def _server_estimate(task: TaskInfo, server: ServerInfo, config: PolicyConfig) -
         rtt += config.rtt_dev_weight * server.rtt_dev
     service = server.service_time
     if service is None:
-        service = config.default_service_time
-        spread += service
+        service = config.default_service_time if prior is None else prior
+        spread += config.default_service_time
     workers = server.workers if server.workers > 0 else 1
     bandwidth = server.bandwidth or config.default_bandwidth
     estimate = rtt + task.backlog + task.payload_bytes / bandwidth + service
@@ -294,9 +303,11 @@ def _local_estimate(local: LocalInfo, config: PolicyConfig) -> tuple[float, floa
                         config.in_flight_residual) + service, local.service_dev, caution)
 
 
-def server_ect(task: TaskInfo, server: ServerInfo, config: PolicyConfig = DEFAULT_POLICY_CONFIG) -> float:
-    """Expected completion time (s) of ``task`` sent to ``server`` (see the module docstring)."""
-    return _server_estimate(task, server, config)[0]
+def server_ect(task: TaskInfo, server: ServerInfo, config: PolicyConfig = DEFAULT_POLICY_CONFIG, *,
+               prior: float | None = None) -> float:
+    """Expected completion time (s) of ``task`` sent to ``server`` (see the module docstring); ``prior``:
+    the service time assumed if the server's is unknown (default: ``config.default_service_time``)."""
+    return _server_estimate(task, server, config, prior)[0]
 
 
 def local_ect(local: LocalInfo, config: PolicyConfig = DEFAULT_POLICY_CONFIG) -> float:
@@ -401,13 +412,20 @@ def _ect(task: TaskInfo, local: LocalInfo, servers: Sequence[ServerInfo], *, rng
 
     explore = config.explore
 
-    def add(label: str, mean: float, spread: float, caution: float) -> None:
-        options.append((label, mean + caution + (2.0 * random_() - 1.0) * explore * spread,
+    tail = config.tail
+
+    def add(label: str, mean: float, spread: float, caution: float, measured: float) -> None:
+        options.append((label, mean + caution + tail * measured + (2.0 * random_() - 1.0) * explore * spread,
                         mean + risk * (spread + caution), mean))
 
     if allow_local and local.capable:
-        add(LOCAL, *_local_estimate(local, config))
+        estimate = _local_estimate(local, config)
+        add(LOCAL, *estimate, estimate[1])
     taken: set[int] = set()
+    # An unknown service time is assumed as short as the shortest known among the servers drawn (with the
+    # default's spread): a new server gets tried beside known ones, and its first answer says the truth.
+    prior: float | None = None
+    rows: list[ServerInfo] = []
     if previous is not None and previous != LOCAL:
         at = previous_at
         if at is None or not 0 <= at < len(servers) or servers[at].node != previous:
@@ -416,10 +434,15 @@ def _ect(task: TaskInfo, local: LocalInfo, servers: Sequence[ServerInfo], *, rng
         if at is not None:
             taken.add(at)
             if _usable(servers[at], exclude):
-                add(previous, *_server_estimate(task, servers[at], config))
+                rows.append(servers[at])
     for _ in range(config.rounds):
-        for i in _draw(servers, config.choices, rng, exclude, taken):
-            add(servers[i].node, *_server_estimate(task, servers[i], config))
+        rows.extend(servers[i] for i in _draw(servers, config.choices, rng, exclude, taken))
+        for row in rows:
+            if row.service_time is not None and (prior is None or row.service_time < prior):
+                prior = row.service_time
+        for row in rows:
+            add(row.node, *_server_estimate(task, row, config, prior), row.rtt_dev + row.error_dev)
+        rows.clear()
         if time_left is None or any(option[2] <= time_left for option in options):
             break
         if len(taken) >= len(servers):

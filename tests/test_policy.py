@@ -145,14 +145,30 @@ def test_reports_since_heartbeat_and_failures_push_devices_away() -> None:
 
 def test_unmeasured_server_is_tried_but_not_trusted() -> None:
     measured = ServerInfo("old", rtt=0.020, service_time=0.010)
-    new = ServerInfo("new", rtt=None, service_time=None)   # default 5 ms rtt and 50 ms service
+    new = ServerInfo("new", rtt=None, service_time=None)   # default 5 ms rtt, "old"'s 10 ms service
     picks = Counter(run("ect", [measured, new], seed=seed).target for seed in range(400))
-    assert 0.1 < picks["new"] / 400 < 0.5          # explored, as a draw from a wide spread
+    # Explored, as a draw from 15 ms +- 55 ms against old's 30 ms: more than a third of the time.
+    assert 0.4 < picks["new"] / 400 < 0.8
     decision = run("ect", [measured, new])
-    assert decision.estimate("new") == pytest.approx(0.005 + 1_000 / 12.5e6 + 0.050)
-    # ... whose quantile (55 ms + 2 x 55 ms of spread) cannot promise a 100 ms deadline.
+    assert decision.estimate("new") == pytest.approx(0.005 + 1_000 / 12.5e6 + 0.010)
+    alone = run("ect", [new])                      # nothing known to compare with: the default
+    assert alone.estimate("new") == pytest.approx(0.005 + 1_000 / 12.5e6 + 0.050)
+    # ... whose quantile (15 ms + 2 x 55 ms of spread) cannot promise a 100 ms deadline.
     tight = TaskInfo("t", 1_000, time_left=0.100)
     assert {run("ect", [measured, new], task=tight, seed=seed).target for seed in range(50)} == {"old"}
+
+
+def test_rank_counts_a_jittery_option_by_its_tail() -> None:
+    # Same 30 ms mean; "jittery" deviates by 10 ms (its answers), "steady" by 1 ms: ranked on
+    # mean + deviation +- the draw, the steady one is chosen mostly, and always without the draw.
+    steady = ServerInfo("steady", rtt=0.010, rtt_dev=0.001, service_time=0.020)
+    jittery = ServerInfo("jittery", rtt=0.010, error_dev=0.010, service_time=0.020)
+    picks = Counter(run("ect", [steady, jittery], seed=seed).target for seed in range(400))
+    assert picks["steady"] > 0.7 * 400 and picks["jittery"] > 0   # still drawn now and then
+    flat = PolicyConfig(explore=0.0)
+    assert {run("ect", [jittery, steady], seed=seed, config=flat).target for seed in range(20)} == {"steady"}
+    # Without the tail (tail = 0) and the draw the two tie on the mean: table order decides.
+    assert run("ect", [jittery, steady], config=PolicyConfig(explore=0.0, tail=0.0)).target == "jittery"
 
 
 def test_threshold_rule_of_the_old_proxy() -> None:
@@ -265,9 +281,12 @@ def test_decision_estimates_are_server_ect(servers: list[ServerInfo], payload: i
         decision = decide(policy, task, NO_LOCAL, servers, now=0.0, rng=random.Random(0), allow_local=False,
                           config=PolicyConfig(choices=8))
         estimates = dict(decision.estimates)
-        for server in servers:
-            if server.capable and not server.stale:
-                assert estimates[server.node] == pytest.approx(server_ect(task, server), rel=1e-12)
+        usable = [server for server in servers if server.capable and not server.stale]
+        known = [server.service_time for server in usable if server.service_time is not None]
+        # ect, which draws them all here (choices=8), assumes the shortest known service for unknown ones.
+        prior = min(known) if known and policy == "ect" else None
+        for server in usable:
+            assert estimates[server.node] == pytest.approx(server_ect(task, server, prior=prior), rel=1e-12)
 
 
 def test_deadline_is_judged_on_a_high_quantile_not_the_mean() -> None:
@@ -280,9 +299,14 @@ def test_deadline_is_judged_on_a_high_quantile_not_the_mean() -> None:
         decision = run("ect", [server], local=local, task=tight, seed=seed)
         assert (decision.target, decision.reason) == ("s", "deadline")
         assert decision.quantile == pytest.approx(0.075)
-    # Without the deadline local, faster on average, wins most of the time (its spread is a draw).
+    # Without the deadline the rank counts local's tail (70 + 10 ms, +- 10 ms drawn) against the
+    # server's steady 75 ms: local wins about a quarter of the time; on the mean (tail 0) mostly.
     loose = Counter(run("ect", [server], local=local, seed=seed).target for seed in range(400))
-    assert 0.6 < loose[None] / 400 < 0.9
+    assert 0.1 < loose[None] / 400 < 0.4
+    mean_only = PolicyConfig(tail=0.0)
+    on_mean = Counter(run("ect", [server], local=local, seed=seed, config=mean_only).target
+                      for seed in range(400))
+    assert 0.6 < on_mean[None] / 400 < 0.9
     # The mean alone (risk 0) would have kept local.
     assert run("ect", [server], local=local, task=tight, config=PolicyConfig(risk=0.0), seed=1).target is None
 
