@@ -324,12 +324,16 @@ class ServerEntry:
 
 
 class _Rows(Sequence[ServerInfo]):
-    """:meth:`ServerTable.snapshot`: the table's rows, each built when read (in table order)."""
+    """:meth:`ServerTable.snapshot`: the table's rows, each built when first read (in table order) and
+    kept for the snapshot's life: a decision reads a drawn row several times (usable? its node? its
+    estimate?) and builds it once. A snapshot is the table at one instant: take a new one after the
+    table changed."""
 
-    __slots__ = ("_now", "_table", "_task")
+    __slots__ = ("_built", "_now", "_table", "_task")
 
     def __init__(self, table: ServerTable, task: str, now: float) -> None:
         self._table, self._task, self._now = table, task, now
+        self._built: dict[int, ServerInfo] = {}
 
     def __len__(self) -> int:
         return len(self._table._list)
@@ -342,13 +346,23 @@ class _Rows(Sequence[ServerInfo]):
 
     def __getitem__(self, index: int | slice) -> ServerInfo | Sequence[ServerInfo]:
         if isinstance(index, slice):
-            return [self._table.row(i, self._task, self._now) for i in range(*index.indices(len(self)))]
-        return self._table.row(index, self._task, self._now)
+            return [self._row(i) for i in range(*index.indices(len(self)))]
+        row = self._built.get(index)
+        if row is None:
+            row = self._row(index)
+        return row
+
+    def _row(self, index: int) -> ServerInfo:
+        if index < 0:
+            index += len(self._table._list)
+        row = self._built.get(index)
+        if row is None:
+            row = self._built[index] = self._table.row(index, self._task, self._now)
+        return row
 
     def __iter__(self) -> Iterator[ServerInfo]:
-        table, task, now = self._table, self._task, self._now
-        for index in range(len(table._list)):
-            yield table.row(index, task, now)
+        for index in range(len(self._table._list)):
+            yield self._row(index)
 
     def __repr__(self) -> str:
         return f"snapshot({list(self)!r})"

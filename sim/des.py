@@ -23,7 +23,9 @@ Fast paths, each with an equivalence test in ``tests/test_des.py``: devices of a
 heartbeats at the same times, so they share one :class:`~edge_agent.servers.ServerEntry` per server
 (fed once per heartbeat, not once per device), and one prober per group and server measures the
 round trip for all of them (devices of a group share their links). A death message reaches the shared
-entry once, and the cores of the group's devices are told with :meth:`DeviceCore.server_gone`.
+entry once, and the cores of the group's devices are told with :meth:`DeviceCore.server_gone`. Every
+device's next arrival waits in a queue of its own (:class:`_Calendar`: time slices, only the earliest
+kept as a heap), so the event heap stays as deep as the work in flight, not as the fleet.
 
 The ``oracle`` policy (:mod:`sim.oracle`) decides on the true state instead, plugged into each core as
 its decider; the simulation keeps that state current on its events (sends, arrivals, local admissions,
@@ -174,6 +176,9 @@ class _Simulation:
         self.decide_rng = random.Random(f"{seed}:decide:{policy}")
         # (time, sequence, kind, subject, value): the sequence keeps same-time events in push order.
         self.heap: list[tuple[float, int, int, Any, Any]] = []
+        self.arrivals = _Calendar(self.slice_width or _slice_width(scenario))
+        """The devices' next arrivals, one per device, in a queue of their own (same entries, same
+        order as if in :attr:`heap`: see :meth:`_events`)."""
         self.order = itertools.count()
         self.now = 0.0
         self.records: list[TaskRecord] = []
@@ -315,6 +320,9 @@ class _Simulation:
     # in the order it would have. ``hold_timers = False`` queues every timer at once (the equivalence
     # test runs both).
     hold_timers = True
+    slice_width: float | None = None
+    """Seconds per slice of the arrivals' queue (:class:`_Calendar`); ``None``: about 256 arrivals at
+    the scenario's nominal rate. Any width gives the same order (the equivalence test varies it)."""
 
     def release(self, job: _Job, by: float = _INF) -> None:
         """The answer of ``job``'s current attempt comes at ``by`` at the earliest (callers on the hot
@@ -330,7 +338,7 @@ class _Simulation:
         if following is None:
             self.pending_arrivals -= 1
         else:
-            heappush(self.heap, (following.time, next(self.order), _ARRIVE, device, following))
+            self.arrivals.push((following.time, next(self.order), _ARRIVE, device, following))
         device.created += 1
         relative = arrival.deadline
         task_id = f"{device.node}:{device.created}"
@@ -756,7 +764,7 @@ class _Simulation:
             first = next(device.arrivals, None)
             if first is not None:
                 self.pending_arrivals += 1
-                self.push(first.time, _ARRIVE, device, first)
+                self.arrivals.push((first.time, next(self.order), _ARRIVE, device, first))
         phase_rng = random.Random(f"{self.seed}:phase")
         for server in self.servers:
             self.push(0.0, _HEARTBEAT, server, 0)  # birth: the first heartbeat on connect
@@ -768,15 +776,27 @@ class _Simulation:
             self.push(event.at, _EVENT, event, index)
         horizon = scenario.duration + max(60.0, 10.0 * scenario.duration)
         events = 0
-        heap = self.heap
+        # Two queues, one order: every device has its next arrival queued, so at 10,000 devices the
+        # arrivals alone would make one heap 10,000 deep, and every pop would walk that depth through
+        # memory. Entries are unique (time, sequence) pairs, so taking the smaller head of the event
+        # heap and of the arrivals' current slice gives the order of one queue holding both.
+        heap, calendar = self.heap, self.arrivals
+        arrivals = calendar.heap
         pop = heapq.heappop
         handlers: tuple[Callable[[Any, Any, float], None], ...] = (
             self.arrive, self.server_receive, self.server_done, self.result, self.timer, self.local_done,
             self.heartbeat, self.heard, self.ping, self.pong, self.will, self.scenario_event)
         duration = scenario.duration
         when = 0.0
-        while heap:
-            when, _, kind, subject, value = pop(heap)
+        while True:
+            if not arrivals and calendar.slices:
+                arrivals = calendar.advance()
+            if arrivals and (not heap or arrivals[0] < heap[0]):
+                when, _, kind, subject, value = pop(arrivals)
+            elif heap:
+                when, _, kind, subject, value = pop(heap)
+            else:
+                break
             if when > horizon:
                 break
             events += 1
@@ -787,6 +807,63 @@ class _Simulation:
                 progress(min(when, duration))
         self.now = when if events else 0.0
         return events
+
+
+class _Calendar:
+    """A queue of ``(time, sequence, ...)`` entries, exact like one heap, for many entries spread over
+    time (every device's next arrival): entries fall into slices ``width`` seconds long, and only the
+    earliest slice is kept as a heap (:attr:`heap`, a few hundred entries, not the whole fleet).
+
+    :attr:`heap` holds every entry of the slices up to the current one, later slices wait unsorted;
+    :meth:`advance` makes the next one current when :attr:`heap` is empty.
+    """
+
+    __slots__ = ("current", "heap", "later", "slices", "width")
+
+    def __init__(self, width: float) -> None:
+        self.width = width
+        self.current = -1
+        self.heap: list[tuple[float, int, int, Any, Any]] = []
+        self.later: dict[int, list[tuple[float, int, int, Any, Any]]] = {}
+        self.slices: list[int] = []
+        """The indices of the slices in :attr:`later` (a heap)."""
+
+    def push(self, entry: tuple[float, int, int, Any, Any]) -> None:
+        index = int(entry[0] / self.width)
+        if index <= self.current:
+            heappush(self.heap, entry)
+            return
+        waiting = self.later.get(index)
+        if waiting is None:
+            self.later[index] = [entry]
+            heappush(self.slices, index)
+        else:
+            waiting.append(entry)
+
+    def advance(self) -> list[tuple[float, int, int, Any, Any]]:
+        """Make the earliest waiting slice current (call with :attr:`heap` empty); returns its heap."""
+        self.current = heapq.heappop(self.slices)
+        entries = self.later.pop(self.current)
+        heapq.heapify(entries)
+        self.heap = entries
+        return entries
+
+
+def _slice_width(scenario: Scenario) -> float:
+    """A :class:`_Calendar` slice holding about 256 arrivals at the scenario's nominal task rate."""
+    rate = 0.0
+    for group in scenario.devices:
+        workload = group.workload
+        if workload.kind == "poisson":
+            per_device = workload.rate
+        elif workload.kind == "fps":
+            per_device = workload.fps
+        elif workload.kind == "bursts":
+            per_device = workload.burst_size / workload.interval
+        else:
+            per_device = 2.0 / (workload.min_gap + workload.max_gap)
+        rate += group.count * per_device
+    return 256.0 / rate if rate > 0.0 else max(scenario.duration, 1.0)
 
 
 def run_des(scenario: Scenario, policy: str, *, config: PolicyConfig | None = None, seed: int | None = None,

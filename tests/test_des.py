@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import csv
+import heapq
+import math
 import random
 from collections import Counter
 from dataclasses import astuple
@@ -19,7 +21,7 @@ from edge_agent.core import DeviceCore, Send
 from edge_agent.servers import ServerEntry, ServerReport, ServerTable
 from edge_agent.tuning import Tuning
 from sim.cli import main
-from sim.des import _Simulation, run_des
+from sim.des import _Calendar, _Simulation, run_des
 from sim.report import (
     OK,
     OUTCOMES,
@@ -317,3 +319,54 @@ def test_devices_sharing_one_heartbeat_view_decide_as_with_their_own(
             assert shape(own.result(task_id, server, attempt, status, now)) == shape(
                 shared.result(task_id, server, attempt, status, now))
     assert own.views(now) == shared.views(now)
+
+
+@settings(max_examples=200, deadline=None)
+@given(script=st.lists(st.one_of(st.sampled_from([0.0, 0.25, 0.5, 1.0, 1.75, 3.0]), st.floats(0.0, 4.0),
+                                 st.none()), max_size=60),
+       width=st.sampled_from([0.001, 0.3, 1.0, 10.0, math.inf]))
+def test_the_arrivals_calendar_pops_in_the_order_of_one_heap(script: list[float | None],
+                                                             width: float) -> None:
+    """The arrivals' queue keeps only its earliest slice as a heap; pushed and popped in any order
+    (``None``: a pop), it gives every entry when one heap would, ties broken by the sequence."""
+    calendar = _Calendar(width)
+    heap: list[tuple[float, int, int, Any, Any]] = []
+    taken: list[tuple[float, int, int, Any, Any]] = []
+    expected: list[tuple[float, int, int, Any, Any]] = []
+    for sequence, step in enumerate(script):
+        if step is not None:
+            entry = (step, sequence, 0, None, 0)
+            calendar.push(entry)
+            heapq.heappush(heap, entry)
+        elif heap:
+            expected.append(heapq.heappop(heap))
+            if not calendar.heap:
+                calendar.advance()
+            taken.append(heapq.heappop(calendar.heap))
+    while heap:
+        expected.append(heapq.heappop(heap))
+        if not calendar.heap:
+            calendar.advance()
+        taken.append(heapq.heappop(calendar.heap))
+    assert taken == expected and not calendar.slices
+
+
+@settings(max_examples=15, deadline=None)
+@given(workload=st.sampled_from([{"kind": "poisson", "rate": 20.0}, {"kind": "fps", "fps": 16.0},
+                                 {"kind": "bursts", "burst_size": 4, "interval": 0.3, "spacing": 0.0},
+                                 {"kind": "uniform", "min_gap": 0.0, "max_gap": 0.1}]),
+       width=st.sampled_from([0.0005, 0.05, math.inf]), policy=st.sampled_from(["ect", "random", "oracle"]),
+       seed=st.integers(1, 50))
+def test_the_arrivals_slice_width_changes_nothing(workload: dict[str, Any], width: float, policy: str,
+                                                  seed: int) -> None:
+    """Arrivals in a queue of their own, sliced at any width, give the trace of the default slices."""
+    devices = [{"name": "cam", "count": 5, "speed": 0.5, "task": "detect", "payload_bytes": 5_000,
+                "deadline": 0.3, "workload": workload}]
+    scenario = small(duration=1.5, seed=seed, devices=devices)
+    default = run_des(scenario, policy)
+    try:
+        _Simulation.slice_width = width
+        sliced = run_des(scenario, policy)
+    finally:
+        _Simulation.slice_width = None
+    assert trace(default.records) == trace(sliced.records) and default.events == sliced.events

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_agent.core import DeviceCore, Send
 from edge_agent.policy import ServerInfo, TaskInfo, server_ect
@@ -186,3 +188,24 @@ def test_a_birth_names_the_pools_a_server_reads() -> None:
                       pools=frozenset({"gpu"}))
     (view,) = table.views(0.5)
     assert view.pools == ("gpu",)
+
+
+@settings(max_examples=60, deadline=None)
+@given(reads=st.lists(st.integers(-12, 11), min_size=1, max_size=30), answered=st.sets(st.integers(0, 11)),
+       sent=st.sets(st.integers(0, 11)))
+def test_a_snapshot_read_twice_gives_what_a_fresh_read_gives(reads: list[int], answered: set[int],
+                                                              sent: set[int]) -> None:
+    """A snapshot builds each row once and keeps it: whatever order a policy reads its rows in (again,
+    by negative index, by slice, by iterating), each is what a fresh snapshot's row says."""
+    table = ServerTable()
+    for index in range(12):
+        beat(table, f"s{index}", 1, 0.0, queue_length=index)
+    for index in sorted(answered):
+        table.answered(f"s{index}", 0.4, wall=0.015 + index / 1000, queue_wait=0.001, service_time=0.010)
+    for index in sorted(sent):
+        table.sending(f"s{index}", 0.5)
+        table.expect(f"s{index}", 0.6)
+    rows = table.snapshot("detect", 1.0)
+    for index in reads:
+        assert rows[index] == table.snapshot("detect", 1.0)[index]
+    assert list(rows) == list(table.snapshot("detect", 1.0)) == list(rows[0:12])
