@@ -161,6 +161,11 @@ class _Job:
     held: tuple[Timer, int] | None = None
     """The current attempt's timer and its place in the event order, not in the event queue yet (see
     :meth:`_Simulation.release`)."""
+    fate: tuple[float, float] | None = None
+    """On a lossy scenario, the draws deciding whether the next attempt's task and its result are lost
+    (lost when a draw is under the link's loss), drawn before the oracle decides so that it knows them."""
+    result_fates: dict[int, float] | None = None
+    """Per attempt on the wire, the draw deciding whether its result is lost."""
 
 
 class _Simulation:
@@ -208,6 +213,9 @@ class _Simulation:
         # links[device group][server group] = (delay, jitter, loss, bandwidth)
         self.links = [[self._link_tuple(scenario.link(dg.name, sg.name)) for sg in self.server_groups]
                       for dg in self.device_groups]
+        self.lossy = any(link.loss for link in (scenario.links.default, *scenario.links.pairs,
+                                                *(e for e in scenario.events if isinstance(e, LinkEvent))))
+        """Some link may lose messages: the oracle then decides knowing each attempt's loss draws."""
         tunings = [scenario.device_tuning(group) for group in self.device_groups]
         self.table_counters: dict[str, int] = Counter()
         # What the devices of a group have heard of each server: one entry, shared (see the docstring).
@@ -274,8 +282,8 @@ class _Simulation:
                 members.setdefault(server.group, []).append(self.truths[index])
         reach: list[Reach] = []
         for server_group, truths in members.items():
-            delay, _jitter, _loss, bandwidth = self.links[group][server_group]
-            entry = Reach(delay, bandwidth, self.server_groups[server_group].speed, truths)
+            delay, _jitter, loss, bandwidth = self.links[group][server_group]
+            entry = Reach(delay, bandwidth, self.server_groups[server_group].speed, truths, loss=loss)
             self.reaches.append((group, server_group, entry))
             reach.append(entry)
         return reach
@@ -382,10 +390,19 @@ class _Simulation:
         transfer = task.payload_bytes / bandwidth
         device.uplink_free = start + transfer
         random = self.net_rng.random
-        if loss and random() < loss:
-            self.count("lost_task_messages")
-            self.release(job)
-            return
+        if loss:
+            fate = job.fate
+            job.fate = None
+            if fate is None:
+                fate = (random(), random())
+            if fate[0] < loss:
+                self.count("lost_task_messages")
+                self.release(job)
+                return
+            fates = job.result_fates
+            if fates is None:
+                fates = job.result_fates = {}
+            fates[action.attempt] = fate[1]
         if jitter:
             delay += jitter * (2.0 * random() - 1.0)
             if delay < 0.0:
@@ -486,7 +503,10 @@ class _Simulation:
         name = job.record.task
         truth_of_task = TaskTruth(now, self.costs[name] * job.work, task.payload_bytes,
                                   self.result_bytes[name], task.deadline, device.uplink_free)
-        choice = choose(truth_of_task, truth, self.device_reach[device.index], self.decide_rng)
+        fate = None
+        if self.lossy:
+            fate = job.fate = (self.net_rng.random(), self.net_rng.random())
+        choice = choose(truth_of_task, truth, self.device_reach[device.index], self.decide_rng, fate)
         if choice is None:
             return Decision(ORACLE, None, "no-option", (), False)  # given up: nothing would complete it
         target = None if choice.server is None else choice.server.node
@@ -548,11 +568,18 @@ class _Simulation:
             else:
                 self.server_start(server, waiting, waiting_attempt, waiting_arrived, now)
 
+    def _result_fate(self, job: _Job, attempt: int) -> float:
+        """The loss draw of ``attempt``'s result: drawn when the attempt was sent (a fresh one for an
+        attempt sent while its link had no loss)."""
+        fates = job.result_fates
+        fate = fates.pop(attempt, None) if fates else None
+        return self.net_rng.random() if fate is None else fate
+
     def reply(self, server: _Server, job: _Job, attempt: int, status: str, queue_wait: float, service: float,
               now: float) -> None:
         delay, jitter, loss, bandwidth = self.links[job.device.group][server.group]
         current = job.held is not None and attempt == job.record.attempts
-        if loss and self.net_rng.random() < loss:
+        if loss and self._result_fate(job, attempt) < loss:
             self.count("lost_result_messages")
             if current:
                 self.release(job)
@@ -647,7 +674,7 @@ class _Simulation:
                     self.links[group][server_group] = self._link_tuple(event)
             for group, server_group, reach in self.reaches:
                 if group in devices and server_group in servers:
-                    reach.delay, reach.bandwidth = event.delay, event.bandwidth
+                    reach.delay, reach.bandwidth, reach.loss = event.delay, event.bandwidth, event.loss
             return
         server = self.servers[self.server_index[event.server]]
         if isinstance(event, SlowdownEvent):

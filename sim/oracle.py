@@ -23,8 +23,10 @@ The simulator hands it the true state through the small types below and keeps th
 
 Costs follow the simulator: a task's work ``base`` (seconds on a speed-1.0 node) costs
 ``base / speed * factor`` on a server and ``base / speed`` on the device; a result comes back after
-``result_bytes / bandwidth + delay``. Jitter and loss are future random draws: the oracle takes the
-mean delay and assumes the message arrives.
+``result_bytes / bandwidth + delay``. Jitter is a future random draw: the oracle takes the mean delay.
+Loss it knows: on a lossy scenario the simulator draws whether an attempt's task and result will be
+lost before the oracle decides (``fate`` of :func:`choose`), and the oracle never picks a link that
+would lose either; the other policies meet the same loss process, drawn when they send.
 """
 
 from __future__ import annotations
@@ -233,6 +235,8 @@ class Reach:
     speed: float
     servers: Sequence[ServerTruth]
     min_factor: float = 1.0
+    loss: float = 0.0
+    """The link's loss probability, each way."""
 
 
 @dataclass(slots=True)
@@ -276,7 +280,7 @@ class _Best:
 
 
 def choose(task: TaskTruth, local: LocalTruth | None, reach: Sequence[Reach],
-           rng: random.Random | None = None) -> Choice | None:
+           rng: random.Random | None = None, fate: tuple[float, float] | None = None) -> Choice | None:
     """The option where ``task`` truly completes first; ``None`` when no option completes it.
 
     ``local=None``: the device cannot run it now (incapable, or its queue is full). An option does not
@@ -285,7 +289,9 @@ def choose(task: TaskTruth, local: LocalTruth | None, reach: Sequence[Reach],
     attempt times out at the deadline and drops it (a late local run still completes). The earliest
     completion meets the deadline whenever any option does. Dead servers are never chosen (leave
     incapable ones out of ``reach``). Ties go to the first found; ``rng`` rotates where each group's
-    scan starts, so equal servers share the work. Cost: O(log workers) per server plus the tasks on the
+    scan starts, so equal servers share the work. ``fate``: the uniform draws that decide whether this
+    attempt's task and its result are lost (each lost on a link whose ``loss`` exceeds its draw): a
+    group that would lose either is not an option. Cost: O(log workers) per server plus the tasks on the
     wire that arrive before this one; a group whose earliest possible completion cannot beat the best
     so far is skipped.
     """
@@ -296,6 +302,8 @@ def choose(task: TaskTruth, local: LocalTruth | None, reach: Sequence[Reach],
             best.completion = start + task.base / local.speed
     uplink = task.uplink_free if task.uplink_free > task.now else task.now
     for group in reach:
+        if fate is not None and (fate[0] < group.loss or fate[1] < group.loss):
+            continue  # this attempt's task or result would be lost on that link
         _consider_group(best, task, group, uplink, rng)
     if best.completion == _INF:
         return None
