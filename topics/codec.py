@@ -152,10 +152,12 @@ def to_wire(value: Any, *, binary: bool, depth: int = 0) -> Any:
         out: dict[str, Any] = {}
         scalars = _SCALARS if binary else _TEXT_SCALARS
         for key, item in value.items():
-            if not isinstance(key, str):
+            if type(key) is not str and not isinstance(key, str):
                 raise EncodeError(f"map keys must be strings, not {type(key).__name__}")
-            # the common leaf inline, as the call below would return it
-            out[key] = item if type(item) in scalars else to_wire(item, binary=binary, depth=depth + 1)
+            # the common leaves inline, as the call below would return them
+            out[key] = item if type(item) in scalars or (
+                type(item) is int and -MAX_INT <= item <= MAX_INT) else to_wire(
+                item, binary=binary, depth=depth + 1)
         return out
     if isinstance(value, list | tuple):
         scalars = _SCALARS if binary else _TEXT_SCALARS
