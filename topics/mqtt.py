@@ -21,11 +21,12 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MessageState, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.matcher import MQTTMatcher
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -201,6 +202,25 @@ class _Outbox:
         return topic
 
 
+class _NoTopicCallbacks:
+    """Stands in for paho's per-topic callbacks (``message_callback_add``), which this transport
+    never registers: it routes every message itself.
+
+    paho looks each received topic up there, and its lookup builds a closure that refers to itself:
+    12 objects of cyclic garbage per message, which only the garbage collector frees, so a collection
+    (which pauses every thread) ran every ~60 messages. Nothing registered matches nothing, at once.
+    """
+
+    def iter_match(self, topic: str) -> Iterator[Any]:
+        return iter(())
+
+    def __setitem__(self, topic_filter: str, callback: Any) -> None:
+        raise TypeError("MqttTransport routes messages itself: no per-topic paho callbacks")
+
+    def __delitem__(self, topic_filter: str) -> None:
+        raise KeyError(topic_filter)
+
+
 class MqttTransport:
     """A :class:`~topics.transport.Transport` over a real MQTT broker (3.1.1 or 5, optional TLS)."""
 
@@ -244,6 +264,8 @@ class MqttTransport:
         self._client.on_subscribe = self._on_subscribe
         self._client.on_publish = self._on_publish
         self._outbox = _Outbox(self._client)
+        if isinstance(getattr(self._client, "_on_message_filtered", None), MQTTMatcher):
+            setattr(self._client, "_on_message_filtered", _NoTopicCallbacks())  # noqa: B010 - private
 
         self._lock = threading.RLock()
         self._filters: dict[str, tuple[Handler, int]] = {}
