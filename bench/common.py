@@ -1,8 +1,10 @@
-"""Small helpers shared by the benchmark scripts: percentiles and ratio tables."""
+"""Small helpers shared by the benchmark scripts: percentiles, ratio tables, CPU per thread."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,3 +46,39 @@ def print_comparison(title: str, baseline: Summary, ours: Summary) -> None:
         print(f"  {row.label:28} {row.count:>6} {row.p50_ms:>9.3f} {row.p99_ms:>9.3f}")
     print(f"  {'ratio ours/' + baseline.label:28} {'':>6} {ratio(ours.p50_ms, baseline.p50_ms):>9}"
           f" {ratio(ours.p99_ms, baseline.p99_ms):>9}")
+
+
+class ThreadCpu:
+    """CPU seconds of this process's threads, grouped by ``side(thread name)``: a snapshot, then the
+    difference (threads whose side is None are left out).
+
+    Reads each live thread's own CPU clock (``pthread_getcpuclockid``), so the time the benchmark's
+    bookkeeping spends in other threads does not count, and neither does the broker (a subprocess).
+    A thread that ends between the two snapshots is missed; one that starts is counted from zero.
+    """
+
+    def __init__(self, side: Callable[[str], str | None]) -> None:
+        self._side = side
+        self._start = self._read()
+
+    @staticmethod
+    def _read() -> dict[int, tuple[str, float]]:
+        seen: dict[int, tuple[str, float]] = {}
+        for thread in threading.enumerate():
+            ident = thread.ident
+            if ident is None:
+                continue
+            try:
+                seen[ident] = (thread.name, time.clock_gettime(time.pthread_getcpuclockid(ident)))
+            except (OSError, ProcessLookupError):  # ended meanwhile
+                continue
+        return seen
+
+    def spent(self) -> dict[str, float]:
+        """CPU seconds per side since this meter was made."""
+        totals: dict[str, float] = {}
+        for ident, (name, now) in self._read().items():
+            side = self._side(name)
+            if side is not None:
+                totals[side] = totals.get(side, 0.0) + now - self._start.get(ident, (name, 0.0))[1]
+        return totals

@@ -9,19 +9,26 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 
+import cbor2
+
 from topics.codec import Codec, EncodeError
 from topics.models import Result, Status, Task
 
 _DIGEST_CODEC = Codec("cbor", max_payload=1 << 40)
+_FLAT = frozenset((bytes, str, type(None), bool, float))
+"""Payload types the wire form leaves as they are (and that need no check to be encoded)."""
 
 
 def content_digest(task: Task) -> bytes:
     """What makes a retry the same task: name, payload, stage and reply_to (not attempt or times)."""
     fields = [task.task, task.reply_to, task.stage, task.payload]
-    try:
-        data = _DIGEST_CODEC.encode_value(fields, "cbor")
-    except EncodeError:
-        data = repr(fields).encode("utf-8", "backslashreplace")
+    if type(task.payload) in _FLAT:  # what encode_value would give, without its checks
+        data = cbor2.dumps(fields)
+    else:
+        try:
+            data = _DIGEST_CODEC.encode_value(fields, "cbor")
+        except EncodeError:
+            data = repr(fields).encode("utf-8", "backslashreplace")
     return hashlib.blake2b(data, digest_size=16).digest()
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent_common.badinput import BadInputLog, RateLimitedLog
+from agent_common.heap import freeze_startup_objects
 from agent_common.registry import TaskRegistry, TaskSpec, load_tasks
 from agent_common.settings import load_settings
 from cloud_agent.admission import Admission
@@ -172,6 +173,7 @@ class CloudAgent:
                      "EMQX or HiveMQ; amqtt accepts $share but never delivers it",
                      self.node_id, ", ".join(self.config.pools))
         self._spawn(self._liveness.heartbeat_loop, f"{self.node_id}-heartbeat")
+        freeze_startup_objects()  # full collections stop every thread: keep them short
         log.info("%s online: session %d, %d workers, queue %d, tasks %s", self.node_id, self.session,
                  self.config.workers, self.config.queue_size, ", ".join(self._registry.names()))
 

@@ -25,6 +25,8 @@ from topics.models import Result, Status
 
 EWMA_ALPHA = 0.2
 """Gain of the service-time average per task name that heartbeats report."""
+_COMPACT_MIN = 1024
+"""Deadlines kept before answered jobs are first dropped from the watchdog's heap."""
 
 
 class Workers:
@@ -42,6 +44,7 @@ class Workers:
         self._failures = failures
         self._overload = overload
         self._deadlines: list[tuple[float, int, Job]] = []
+        self._compact_at = _COMPACT_MIN
         self._deadline_seq = itertools.count()
         self._watch = threading.Condition(threading.Lock())
         self._process_pool: ProcessPoolExecutor | None = None
@@ -51,9 +54,21 @@ class Workers:
         if job.deadline is None:
             return
         with self._watch:
-            heapq.heappush(self._deadlines, (job.deadline, next(self._deadline_seq), job))
-            if self._deadlines[0][2] is job:  # else the watchdog wakes earlier anyway
+            deadlines = self._deadlines
+            if len(deadlines) >= self._compact_at:
+                self._compact()
+                deadlines = self._deadlines
+            heapq.heappush(deadlines, (job.deadline, next(self._deadline_seq), job))
+            if deadlines[0][2] is job:  # else the watchdog wakes earlier anyway
                 self._watch.notify()
+
+    def _compact(self) -> None:
+        """Drop the answered jobs from the deadline heap (caller holds ``_watch``): most are answered
+        long before their deadline, and would otherwise stay in memory until it (and be walked by
+        every full garbage collection). Linear, once per ``len`` new deadlines at most."""
+        self._deadlines = [entry for entry in self._deadlines if not entry[2].answered]
+        heapq.heapify(self._deadlines)
+        self._compact_at = max(_COMPACT_MIN, 2 * len(self._deadlines))
 
     def wake(self) -> None:
         """Wake every worker and the watchdog (to see ``stopping``)."""

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent_common.badinput import BadInputLog
 from agent_common.decoding import decode_or_count
+from agent_common.heap import freeze_startup_objects
 from agent_common.registry import TaskRegistry, TaskSpec, UnknownTaskError, load_tasks, run_spec
 from edge_agent.bridge import Bridge
 from edge_agent.config import EdgeConfig, load_edge_config
@@ -339,6 +340,7 @@ class EdgeAgent:
         self._thread.start()
         if self.http_endpoint is not None:
             self.http_endpoint.start()
+        freeze_startup_objects()  # full collections stop every thread: keep them short
 
     def _open_endpoints(self) -> None:
         """Start the metrics server and bind the HTTP endpoint the config asks for, before anything

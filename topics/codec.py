@@ -20,7 +20,6 @@ bounds, and no NaN or infinity (``1e999`` included).
 from __future__ import annotations
 
 import base64
-import io
 import json
 import math
 import re
@@ -54,6 +53,8 @@ _BYTES_KEY = "$bytes"
 _ARRAY_KEY = "$ndarray"
 _RESERVED_KEYS = frozenset((_BYTES_KEY, _ARRAY_KEY))
 _PLAIN = (str, int, float, bool, type(None))
+_SCALARS = frozenset((str, float, bool, type(None), bytes))
+"""Exact types that need neither a change nor a check on either way (ints are range-checked)."""
 _SHORT = reprlib.Repr()
 _SHORT.maxstring = _SHORT.maxother = 40
 
@@ -149,16 +150,26 @@ def to_wire(value: Any, *, binary: bool, depth: int = 0) -> Any:
         if len(value) == 1 and next(iter(value)) in _RESERVED_KEYS:
             raise EncodeError(f"a map whose only key is {next(iter(value))!r} is reserved for the codec")
         out: dict[str, Any] = {}
+        scalars = _SCALARS if binary else _TEXT_SCALARS
         for key, item in value.items():
-            if not isinstance(key, str):
+            if type(key) is not str and not isinstance(key, str):
                 raise EncodeError(f"map keys must be strings, not {type(key).__name__}")
-            out[key] = to_wire(item, binary=binary, depth=depth + 1)
+            # the common leaves inline, as the call below would return them
+            out[key] = item if type(item) in scalars or (
+                type(item) is int and -MAX_INT <= item <= MAX_INT) else to_wire(
+                item, binary=binary, depth=depth + 1)
         return out
     if isinstance(value, list | tuple):
-        return [to_wire(item, binary=binary, depth=depth + 1) for item in value]
+        scalars = _SCALARS if binary else _TEXT_SCALARS
+        return [item if type(item) in scalars else to_wire(item, binary=binary, depth=depth + 1)
+                for item in value]
     if hasattr(value, "model_dump"):
         return to_wire(value.model_dump(), binary=binary, depth=depth)
     raise EncodeError(f"cannot put a {type(value).__name__} on the wire")
+
+
+_TEXT_SCALARS = frozenset((str, bool, type(None)))
+"""What JSON takes unchanged and unchecked (floats are checked for NaN, bytes become ``$bytes``)."""
 
 
 def from_wire(value: Any, *, depth: int = 0) -> Any:
@@ -180,7 +191,9 @@ def from_wire(value: Any, *, depth: int = 0) -> Any:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise ValueError(f"map key of type {type(key).__name__} (strings only)")
-            out[key] = from_wire(item, depth=depth + 1)
+            # the common leaf inline, as the call below would return it
+            out[key] = item if type(item) in _SCALARS or type(item) is int else from_wire(
+                item, depth=depth + 1)
         return out
     if isinstance(value, list):
         return [from_wire(item, depth=depth + 1) for item in value]
@@ -333,18 +346,16 @@ def _skip_chunks(data: bytes, pos: int, major: int) -> int:
 
 
 def _loads_cbor(data: bytes, max_items: int = MAX_ITEMS) -> Any:
+    """Scan, then decode. The scan found exactly one item spanning all of ``data`` (trailing bytes
+    are refused there), so ``loads`` needs no stream to tell where the item ended."""
     scan_cbor(data, max_items=max_items)
-    stream = io.BytesIO(data)
     try:
-        value = cbor2.CBORDecoder(stream, max_depth=MAX_DEPTH, allow_duplicate_keys=False,
-                                  strict_hashable_types=True).decode()
+        return cbor2.loads(data, max_depth=MAX_DEPTH, allow_duplicate_keys=False,
+                           strict_hashable_types=True)
     except cbor2.CBORDecodeError as exc:
         if "nesting depth" in str(exc):
             raise _TooDeep(str(exc)) from exc
         raise
-    if stream.tell() != len(data):
-        raise ValueError(f"{len(data) - stream.tell()} bytes after the end of the CBOR item")
-    return value
 
 
 # JSON: the same bounds, from hooks of the standard parser and a count before parsing ---------------

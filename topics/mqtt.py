@@ -21,11 +21,12 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MessageState, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.matcher import MQTTMatcher
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -54,6 +55,8 @@ _LINK_LOG_REFILL = 10.0  # seconds per extra connect/disconnect line once the bu
 _PAUSE_POLL = 0.005  # while reading is paused: how often the loop writes and checks for room
 _STRIKES = 2  # a message in flight at this many connection losses in a row is dropped
 _DROP_LOG_INTERVAL = 10.0  # at most one "dropped a refused message" warning per interval
+_ROUTES = 1024  # received topics whose handlers are remembered (emptied when full)
+_ROUTED_LENGTH = 256  # longer topics are matched against the filters every time
 
 # CONNACK reason codes (MQTT 5 numbering; paho maps 3.1.1 return codes onto them).
 _UNSUPPORTED_PROTOCOL = 132
@@ -199,6 +202,25 @@ class _Outbox:
         return topic
 
 
+class _NoTopicCallbacks:
+    """Stands in for paho's per-topic callbacks (``message_callback_add``), which this transport
+    never registers: it routes every message itself.
+
+    paho looks each received topic up there, and its lookup builds a closure that refers to itself:
+    12 objects of cyclic garbage per message, which only the garbage collector frees, so a collection
+    (which pauses every thread) ran every ~60 messages. Nothing registered matches nothing, at once.
+    """
+
+    def iter_match(self, topic: str) -> Iterator[Any]:
+        return iter(())
+
+    def __setitem__(self, topic_filter: str, callback: Any) -> None:
+        raise TypeError("MqttTransport routes messages itself: no per-topic paho callbacks")
+
+    def __delitem__(self, topic_filter: str) -> None:
+        raise KeyError(topic_filter)
+
+
 class MqttTransport:
     """A :class:`~topics.transport.Transport` over a real MQTT broker (3.1.1 or 5, optional TLS)."""
 
@@ -242,9 +264,14 @@ class MqttTransport:
         self._client.on_subscribe = self._on_subscribe
         self._client.on_publish = self._on_publish
         self._outbox = _Outbox(self._client)
+        if isinstance(getattr(self._client, "_on_message_filtered", None), MQTTMatcher):
+            setattr(self._client, "_on_message_filtered", _NoTopicCallbacks())  # noqa: B010 - private
 
         self._lock = threading.RLock()
         self._filters: dict[str, tuple[Handler, int]] = {}
+        self._routes: dict[str, tuple[tuple[Handler, ...], int]] = {}
+        """Per received topic: its handlers and the highest QoS they subscribed with (a memo of
+        matching ``_filters``, emptied whenever they change; under ``_lock``)."""
         self._listeners: list[ConnectListener] = []
         self._pending_subacks: dict[int, tuple[threading.Event, list[ReasonCode]]] = {}
         self._counters: Counter[str] = Counter()
@@ -398,6 +425,7 @@ class MqttTransport:
         validate_filter(topic_filter)
         with self._lock:
             self._filters[topic_filter] = (handler, qos)
+            self._routes.clear()
         if not self._connected:
             return  # subscribed on (re)connect
         result, mid = self._client.subscribe(topic_filter, qos)
@@ -409,6 +437,7 @@ class MqttTransport:
         if codes is not None and any(code.is_failure for code in codes):
             with self._lock:
                 self._filters.pop(topic_filter, None)
+                self._routes.clear()
             self._count("subscribe_refused")
             raise TransportError(f"broker refused the subscription: {codes[0]}", topic=topic_filter)
 
@@ -428,6 +457,7 @@ class MqttTransport:
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
             known = self._filters.pop(topic_filter, None) is not None
+            self._routes.clear()
         if known and self._connected:
             self._client.unsubscribe(topic_filter)
 
@@ -784,21 +814,34 @@ class MqttTransport:
         topic = message.topic
         delivered = Message(topic, bytes(message.payload), message.qos, bool(message.retain))
         with self._lock:
-            matched = [(handler, qos) for topic_filter, (handler, qos) in self._filters.items()
-                       if topic_matches(topic_filter, topic)]
+            route = self._routes.get(topic)
+            if route is None:
+                route = self._route(topic)
+        handlers, best_qos = route
         dispatcher = self._dispatcher
-        reliable = message.qos > 0 and any(qos > 0 for _h, qos in matched)
-        if message.qos > 0 and (not reliable or dispatcher is None):
-            self._acknowledge(message.mid, message.qos, self._link)  # nothing waits for it
+        qos = message.qos
+        reliable = qos > 0 and best_qos > 0
+        if qos > 0 and (not reliable or dispatcher is None):
+            self._acknowledge(message.mid, qos, self._link)  # nothing waits for it
         if dispatcher is None:
             return
         if reliable:
-            mid, qos, link = message.mid, message.qos, self._link
-            dispatcher.deliver_acked([handler for handler, _q in matched], delivered,
-                                     lambda: self._acknowledge(mid, qos, link))
+            mid, link = message.mid, self._link
+            dispatcher.deliver_acked(handlers, delivered, lambda: self._acknowledge(mid, qos, link))
             return
-        for handler, _qos in matched:
+        for handler in handlers:
             dispatcher.deliver(handler, delivered)
+
+    def _route(self, topic: str) -> tuple[tuple[Handler, ...], int]:
+        """The handlers of ``topic`` and their highest QoS, remembered (caller holds ``_lock``)."""
+        matched = [(handler, qos) for topic_filter, (handler, qos) in self._filters.items()
+                   if topic_matches(topic_filter, topic)]
+        route = (tuple(handler for handler, _q in matched), max((q for _h, q in matched), default=0))
+        if len(topic) <= _ROUTED_LENGTH:
+            if len(self._routes) >= _ROUTES:
+                self._routes.clear()
+            self._routes[topic] = route
+        return route
 
     def _acknowledge(self, mid: int, qos: int, link: int) -> None:
         """PUBACK/PUBCOMP ``mid``, unless the link it came on is gone (the id means nothing now)."""

@@ -14,6 +14,7 @@ Every topic lives under a prefix (default ``offload/v1``)::
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -44,6 +45,8 @@ def _shown(topic: str) -> str:
 
 def _character_problem(topic: str) -> str | None:
     """What is wrong with the first character MQTT refuses in ``topic``, or None."""
+    if topic.isascii() and topic.isprintable():  # the usual topic: no control character (0-31, 127)
+        return None
     found = _BAD_CHARACTER.search(topic)
     if found is None:
         return None
@@ -279,18 +282,31 @@ class TopicTree:
 
     def parse(self, topic: str) -> ParsedTopic | None:
         """Split a received topic of this tree; ``None`` when it is not one of ours."""
-        head = self.prefix + "/"
-        if not topic.startswith(head):
-            return None
-        levels = topic[len(head) :].split("/")
-        if len(levels) != 3:
-            return None
-        scope, name, last = levels
-        try:
-            if scope == "node":
-                return ParsedTopic(kind=Kind(last), node=name)
-            if scope == "pool" and last == Kind.TASK.value:
-                return ParsedTopic(kind=Kind.TASK, node=name, pool=name)
-        except ValueError:
-            return None
+        if len(topic) > _PARSED_LENGTH:
+            return _parse(self.prefix, topic)
+        return _parse_cached(self.prefix, topic)
+
+
+_PARSED_LENGTH = 256
+"""Topics up to this long have their parse remembered (a few per node, parsed for every message)."""
+
+
+def _parse(prefix: str, topic: str) -> ParsedTopic | None:
+    head = prefix + "/"
+    if not topic.startswith(head):
         return None
+    levels = topic[len(head) :].split("/")
+    if len(levels) != 3:
+        return None
+    scope, name, last = levels
+    try:
+        if scope == "node":
+            return ParsedTopic(kind=Kind(last), node=name)
+        if scope == "pool" and last == Kind.TASK.value:
+            return ParsedTopic(kind=Kind.TASK, node=name, pool=name)
+    except ValueError:
+        return None
+    return None
+
+
+_parse_cached = functools.lru_cache(maxsize=1024)(_parse)
