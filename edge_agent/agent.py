@@ -70,6 +70,7 @@ from topics.errors import DecodeError, TopicError
 from topics.models import MAX_TTL, Heartbeat, Load, NodeState, Pong, Result, Role, Task
 from topics.models import Ping as PingMessage
 from topics.names import DELIVERY, Kind, TopicTree, topic_matches, validate_node_id, validate_publish_topic
+from topics.task_wire import TaskEncoder
 from topics.transport import (
     BrokerRefused,
     ConnectError,
@@ -268,6 +269,7 @@ class EdgeAgent:
         self._next_connect: float | None = None
         self._connect_backoff = backoff_delays(0.2, 10.0, self._rng)
         self._result_topic = self._tree.result_inbox(self.id)
+        self._tasks_out = TaskEncoder(self._codec, sender=self.id, reply_to=self._result_topic)
         self._pong_topic = self._tree.pong(self.id)
         self.bridge: Bridge | None = None
         """The topic bridge, when the config has routes (created by :meth:`start`)."""
@@ -603,12 +605,11 @@ class EdgeAgent:
         if job is None:
             return  # completed meanwhile
         ttl = None if task.deadline is None else min(MAX_TTL, max(0.0, task.deadline - self._mono()))
-        message = Task(id=task.task_id, task=task.name, sender=self.id, reply_to=self._result_topic,
-                       created=max(0.0, self._clock()), attempt=action.attempt,
-                       ttl=ttl,  # relative: immune to an offset between this clock and the server's
-                       payload=job.payload, stage=job.stage)
         try:
-            data = self._codec.encode(message)
+            data = self._tasks_out.encode(task_id=task.task_id, name=task.name,
+                                          created=max(0.0, self._clock()), attempt=action.attempt,
+                                          ttl=ttl,  # relative: immune to an offset between the clocks
+                                          payload=job.payload, stage=job.stage)
         except EncodeError as exc:
             self._bad.record("unencodable-payload", str(exc), task_id=task.task_id)
             self._feed(self._core.unsendable, task, self._mono(), f"payload cannot be sent: {exc}")

@@ -481,11 +481,15 @@ class Codec:
 
     def encode(self, message: WireModel) -> bytes:
         """Serialise a message; raises :class:`EncodeError` if it is too large or not encodable."""
-        fields = message.model_dump(mode="python", exclude_none=True)
+        return self.encode_dumped(message.model_dump(mode="python", exclude_none=True),
+                                  type(message).__name__)
+
+    def encode_dumped(self, fields: dict[str, Any], name: str) -> bytes:
+        """Serialise what ``model_dump(mode="python", exclude_none=True)`` made of a ``name`` message
+        (or the same fields built by code that checked them as the model would: :mod:`topics.task_wire`)."""
         data = self._dumps(to_wire(fields, binary=self.format == "cbor"))
         if len(data) > self.max_payload:
-            raise EncodeError(f"encoded {type(message).__name__} is {len(data)} bytes, over the "
-                              f"limit of {self.max_payload}")
+            raise EncodeError(f"encoded {name} is {len(data)} bytes, over the limit of {self.max_payload}")
         self._check_items(data, self.format)
         return data
 
