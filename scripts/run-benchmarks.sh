@@ -19,6 +19,7 @@ run transport_rtt    -m bench.transport_rtt
 run server_overhead  -m bench.server_overhead
 run offload          -m bench.offload_bench
 run offload_trace    -m bench.offload_trace
+run codec            -m bench.codec_bench
 run decision         -m bench.decision_bench
 run des              -m bench.des_bench
 [ -f bench/vision_bench.py ] && run vision -m bench.vision_bench
