@@ -317,3 +317,15 @@ def test_devices_sharing_one_heartbeat_view_decide_as_with_their_own(
             assert shape(own.result(task_id, server, attempt, status, now)) == shape(
                 shared.result(task_id, server, attempt, status, now))
     assert own.views(now) == shared.views(now)
+
+
+def test_message_delay_is_paid_by_each_task_and_result() -> None:
+    """Each offloaded attempt's task and result message take ``message_delay`` on top of the link."""
+    def round_trips(message_delay: float) -> list[float]:
+        records = run_des(small(message_delay=message_delay), "remote").records
+        return [r.received - r.sent for r in records  # type: ignore[operator]
+                if r.outcome == OK and r.target is not None and r.attempts == 1]
+
+    quick, slow = round_trips(0.0), round_trips(0.05)
+    assert quick and slow
+    assert min(slow) >= 2 * 0.05 > max(quick)

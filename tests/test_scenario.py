@@ -164,3 +164,9 @@ def test_scenario_is_frozen() -> None:
     with pytest.raises(Exception, match="frozen"):
         scenario.duration = 5.0
     assert isinstance(scenario, Scenario)
+
+
+def test_message_delay_is_seconds_from_zero_up() -> None:
+    assert "message_delay: Input should be greater than or equal to 0" in bad(
+        scenario_with(message_delay=-0.001))
+    assert parse_scenario(scenario_with(message_delay=0.0), "fleet.toml").message_delay == 0.0
