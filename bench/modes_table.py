@@ -1,13 +1,17 @@
 """Do emulation and the discrete-event mode agree? Every shipped scenario, both modes, same seeds.
 
 For each scenario and each policy it lists: p95 in discrete-event mode and in emulation (real agents
-on a Mosquitto this script starts), their ratio, and completed tasks; then per scenario the two
-rankings by p95 and whether they agree. Two policies whose p95 differ by less than ``--tie``
+on a Mosquitto this script starts, the devices spread over ``--device-processes`` processes), their
+ratio, the discrete-event p95's range over ``--spread-seeds`` other seeds (how much one run of that
+policy moves with its random draws alone), the policy's DES p95 over the oracle's, and completed
+tasks; then per scenario the two rankings by p95, the oracle's p95 (DES only) and whether the
+rankings agree. Two policies whose p95 differ by less than ``--tie``
 (relative, default 10%) in a mode are a tie there: a ranking only disagrees when one mode orders a
 pair clearly one way and the other clearly the other way (within the noise of one run, an order
 means nothing).
 
     python -m bench.modes_table [--scenarios herding,old_proxy] [--seeds 1] [--tie 0.10]
+                                [--device-processes 2] [--spread-seeds 10]
 
 Bounded: each emulated run lasts its scenario's duration plus the drain; the script ends by itself.
 """
@@ -23,7 +27,8 @@ from pathlib import Path
 
 from sim.des import run_des
 from sim.emulate import run_emulation
-from sim.report import summarize
+from sim.oracle import ORACLE
+from sim.report import RunResult, summarize
 from sim.scenario import Scenario, load_scenario
 from topics.brokers import MosquittoBroker
 
@@ -37,11 +42,12 @@ class Cell:
     created: int
 
 
-def run_mode(scenario: Scenario, policy: str, seed: int, mode: str, url: str) -> Cell:
+def run_mode(scenario: Scenario, policy: str, seed: int, mode: str, url: str, processes: int) -> Cell:
+    result: RunResult
     if mode == "des":
         result = run_des(scenario, policy, seed=seed)
     else:
-        result = run_emulation(scenario, policy, broker_url=url, seed=seed)
+        result = run_emulation(scenario, policy, broker_url=url, seed=seed, device_processes=processes)
     summary = summarize(result.records, name=policy, duration=result.duration)
     return Cell(1000.0 * (summary.p95 or 0.0), summary.completed, len(result.records))
 
@@ -61,46 +67,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scenarios", default=",".join(sorted(p.stem for p in SHIPPED.glob("*.toml"))))
     parser.add_argument("--seeds", default="", help="comma-separated seeds (default: each scenario's own)")
     parser.add_argument("--tie", type=float, default=0.10)
+    parser.add_argument("--device-processes", type=int, default=2,
+                        help="processes the emulated devices are spread over (0: all in this one)")
+    parser.add_argument("--spread-seeds", type=int, default=10,
+                        help="DES runs at other seeds for the p95 range column")
     args = parser.parse_args(argv)
     broker = MosquittoBroker().start()
     summary_rows = []
     try:
-        print("| scenario | policy | DES p95 ms | emulation p95 ms | emulation/DES | DES completed "
-              "| emulation completed |")
-        print("|---|---|---|---|---|---|---|")
+        print("| scenario | policy | DES p95 ms | emulation p95 ms | emulation/DES | DES p95 ms at "
+              f"{args.spread_seeds} other seeds | DES/oracle | DES completed | emulation completed |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for name in args.scenarios.split(","):
             scenario = load_scenario(SHIPPED / f"{name}.toml")
             seeds = [int(s) for s in args.seeds.split(",") if s] or [scenario.seed]
             means: dict[str, dict[str, float]] = {"des": {}, "emulate": {}}
+            oracle = statistics.mean(run_mode(scenario, ORACLE, seed, "des", broker.url, 0).p95_ms
+                                     for seed in seeds)
+            others = range(max(seeds) + 1, max(seeds) + 1 + args.spread_seeds)
             for policy in scenario.policies:
                 cells: dict[str, list[Cell]] = {"des": [], "emulate": []}
                 for seed in seeds:
                     for mode in ("des", "emulate"):
-                        cells[mode].append(run_mode(scenario, policy, seed, mode, broker.url))
+                        cells[mode].append(run_mode(scenario, policy, seed, mode, broker.url,
+                                                    args.device_processes))
                 for mode in cells:
                     means[mode][policy] = statistics.mean(c.p95_ms for c in cells[mode])
                 des, emu = means["des"][policy], means["emulate"][policy]
                 done = {mode: f"{sum(c.completed for c in cs)}/{sum(c.created for c in cs)}"
                         for mode, cs in cells.items()}
-                print(f"| `{name}` | {policy} | {des:.1f} | {emu:.1f} | {emu / des:.2f} | "
-                      f"{done['des']} | {done['emulate']} |", flush=True)
+                spread = [run_mode(scenario, policy, seed, "des", broker.url, 0).p95_ms for seed in others]
+                ranged = f"{min(spread):.1f}-{max(spread):.1f}" if spread else "-"
+                print(f"| `{name}` | {policy} | {des:.1f} | {emu:.1f} | {emu / des:.2f} | {ranged} | "
+                      f"{des / oracle:.2f} | {done['des']} | {done['emulate']} |", flush=True)
             clash = {(a, b) for a, b in ordered_pairs(means["des"], args.tie)
                      if (b, a) in ordered_pairs(means["emulate"], args.tie)}
-            best = {mode: min(means[mode], key=means[mode].__getitem__) for mode in means}
             within = sum(abs(means["emulate"][p] / means["des"][p] - 1.0) <= 0.30
                          for p in scenario.policies)
             summary_rows.append((name, ranking(means["des"]), ranking(means["emulate"]),
                                  "yes" if not clash else "no: " + ", ".join(f"{a}<{b}" for a, b in
                                                                               sorted(clash)),
-                                 f"{within}/{len(scenario.policies)}", best))
+                                 f"{within}/{len(scenario.policies)}", oracle))
     finally:
         broker.close()
     print()
-    print(f"| scenario | DES ranking by p95 | emulation ranking by p95 | rankings agree (ties within "
-          f"{args.tie:.0%}) | p95 within 30% |")
-    print("|---|---|---|---|---|")
-    for name, des_rank, emu_rank, agree, within, _best in summary_rows:
-        print(f"| `{name}` | {des_rank} | {emu_rank} | {agree} | {within} |")
+    print(f"| scenario | DES ranking by p95 | emulation ranking by p95 | oracle p95 ms (DES) | rankings "
+          f"agree (ties within {args.tie:.0%}) | p95 within 30% |")
+    print("|---|---|---|---|---|---|")
+    for name, des_rank, emu_rank, agree, close, oracle_p95 in summary_rows:
+        print(f"| `{name}` | {des_rank} | {emu_rank} | {oracle_p95:.1f} | {agree} | {close} |")
     return 0
 
 

@@ -209,6 +209,7 @@ def test_cli_help_and_bad_input_get_one_clear_line(tmp_path: Path) -> None:
         (("run", "heterogeneous", "--broker", "mqtt://127.0.0.1:1", "--duration", "1"), 1,
          "127.0.0.1:1"),
         (("run", "heterogeneous", "--broker", "ftp://x"), 2, "--broker"),
+        (("run", "heterogeneous", "--device-processes", "-1"), 2, "--device-processes"),
     ]
     for args, code, needle in cases:
         done = run_cli(*args)
