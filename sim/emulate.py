@@ -354,6 +354,37 @@ def _apply_remaining(run: _Run, events: list[ScenarioEvent], start: float, stop:
         run.apply_events_until(events, events[0].at, start)
 
 
+class _WakeupProbe:
+    """How late this process's timers fire: a thread sleeps ``period`` again and again and keeps how
+    much later than asked it woke. On a busy machine every hop of every message pays that lateness,
+    so it says how much of an emulated latency is the machine, not the fleet."""
+
+    def __init__(self, period: float = 0.002) -> None:
+        self._period = period
+        self._late: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wakeup-probe", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            asked = time.monotonic()
+            time.sleep(self._period)
+            self._late.append(time.monotonic() - asked - self._period)
+
+    def stop(self, counters: Counter[str]) -> None:
+        """Stop, and count the lateness's p50, p95 and maximum in microseconds."""
+        self._stop.set()
+        self._thread.join(1.0)
+        late = sorted(self._late)
+        if late:
+            for name, value in (("p50", late[len(late) // 2]), ("p95", late[int(0.95 * (len(late) - 1))]),
+                                ("max", late[-1])):
+                counters[f"wakeup_late_{name}_us"] = round(1e6 * value)
+
+
 def run_emulation(scenario: Scenario, policy: str, *, broker_url: str, protocol: str = "3.1.1",
                   config: PolicyConfig | None = None, seed: int | None = None, label: str = "",
                   progress: Callable[[float], None] | None = None,
@@ -377,7 +408,9 @@ def run_emulation(scenario: Scenario, policy: str, *, broker_url: str, protocol:
     servers = _Servers(run)
     devices = scenario.device_nodes()
     records: list[TaskRecord] = []
+    probe = _WakeupProbe()
     try:
+        probe.start()
         servers.start()
         if device_processes:
             records = _drive_in_children(run, servers, devices, device_processes, settle_timeout,
@@ -395,6 +428,7 @@ def run_emulation(scenario: Scenario, policy: str, *, broker_url: str, protocol:
     finally:
         servers.stop()
         run.scheduler.stop()
+        probe.stop(run.counters)
     run.link_counters()
     return RunResult(policy, records, scenario.duration, servers.series(), dict(run.counters),
                      label=label)

@@ -113,6 +113,8 @@ def test_devices_in_child_processes_run_the_same_workload_and_see_the_crash(
     after = [r for r in result.records if r.created > 1.5 and r.outcome == "ok"]
     assert after and all(r.target != "srv-0" for r in after), "the crashed server was still chosen"
     assert result.queue_series, "no server heartbeats were observed"
+    late = [result.counters[f"wakeup_late_{name}_us"] for name in ("p50", "p95", "max")]
+    assert 0 <= late[0] <= late[1] <= late[2], late  # how late this process's timers fired
 
 
 def test_device_processes_must_not_be_negative(amqtt_broker: EmbeddedBroker) -> None:
