@@ -1,17 +1,20 @@
 """Do emulation and the discrete-event mode agree? Every shipped scenario, both modes, same seeds.
 
 For each scenario and each policy it lists: p95 in discrete-event mode and in emulation (real agents
-on a Mosquitto this script starts, the devices spread over ``--device-processes`` processes), their
+on a Mosquitto this script starts; in fleets of ``--spread-from`` devices or more, the devices spread
+over ``--device-processes`` processes), their
 ratio, the discrete-event p95's range over ``--spread-seeds`` other seeds (how far one run of that
 policy moves with its random draws alone), the policy's DES p95 over the oracle's, completed tasks,
 and how late a 2 ms timer fired in the emulation's servers' process (p95: the machine's share). Then
 per scenario the two rankings by p95, the oracle's p95 (DES only) and whether the rankings agree.
 Two policies whose p95 differ by less than ``--tie`` (relative, default 10%) in a mode are a tie
 there: a ranking only disagrees when one mode orders a pair clearly one way and the other clearly
-the other way (within the noise of one run, an order means nothing).
+the other way (within the noise of one run, an order means nothing). With ``--repeats n`` each
+emulated cell is the median of n runs, its range in brackets (on a shared machine one run can be
+off by a factor of two).
 
     python -m bench.modes_table [--scenarios herding,old_proxy] [--seeds 1] [--tie 0.10]
-                                [--device-processes 2] [--spread-seeds 10]
+                                [--device-processes 2] [--spread-seeds 10] [--repeats 3]
 
 Bounded: each emulated run lasts its scenario's duration plus the drain; the script ends by itself.
 """
@@ -72,9 +75,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tie", type=float, default=0.10)
     parser.add_argument("--device-processes", type=int, default=2,
                         help="processes the emulated devices are spread over (0: all in this one)")
+    parser.add_argument("--spread-from", type=int, default=10,
+                        help="spread the devices only in scenarios with at least this many devices")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="emulated runs per policy and seed: the table shows their median and range")
     parser.add_argument("--spread-seeds", type=int, default=10,
                         help="DES runs at other seeds for the p95 range column")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be 1 or more")
     broker = MosquittoBroker().start()
     summary_rows = []
     try:
@@ -85,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in args.scenarios.split(","):
             scenario = load_scenario(SHIPPED / f"{name}.toml")
             seeds = [int(s) for s in args.seeds.split(",") if s] or [scenario.seed]
+            # Measured: 40 devices gain from their own processes (herding p95 44-60 -> 21-24 ms);
+            # one device loses ~1.5 ms p95 to the extra hop (old_proxy/min_rtt 8.9-9.8 -> 10.2-12.1 ms).
+            processes = args.device_processes if len(scenario.device_nodes()) >= args.spread_from else 0
             means: dict[str, dict[str, float]] = {"des": {}, "emulate": {}}
             oracle = statistics.mean(run_mode(scenario, ORACLE, seed, "des", broker.url, 0).p95_ms
                                      for seed in seeds)
@@ -92,17 +104,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             for policy in scenario.policies:
                 cells: dict[str, list[Cell]] = {"des": [], "emulate": []}
                 for seed in seeds:
-                    for mode in ("des", "emulate"):
-                        cells[mode].append(run_mode(scenario, policy, seed, mode, broker.url,
-                                                    args.device_processes))
-                for mode in cells:
-                    means[mode][policy] = statistics.mean(c.p95_ms for c in cells[mode])
+                    cells["des"].append(run_mode(scenario, policy, seed, "des", broker.url, 0))
+                    for _ in range(args.repeats):
+                        cells["emulate"].append(run_mode(scenario, policy, seed, "emulate", broker.url,
+                                                         processes))
+                means["des"][policy] = statistics.mean(c.p95_ms for c in cells["des"])
+                means["emulate"][policy] = statistics.median(c.p95_ms for c in cells["emulate"])
                 des, emu = means["des"][policy], means["emulate"][policy]
                 done = {mode: f"{sum(c.completed for c in cs)}/{sum(c.created for c in cs)}"
                         for mode, cs in cells.items()}
                 spread = [run_mode(scenario, policy, seed, "des", broker.url, 0).p95_ms for seed in others]
                 ranged = f"{min(spread):.1f}-{max(spread):.1f}" if spread else "-"
-                print(f"| `{name}` | {policy} | {des:.1f} | {emu:.1f} | {emu / des:.2f} | {ranged} | "
+                runs = [c.p95_ms for c in cells["emulate"]]
+                emulated = f"{emu:.1f}" + (f" ({min(runs):.1f}-{max(runs):.1f})" if len(runs) > 1 else "")
+                print(f"| `{name}` | {policy} | {des:.1f} | {emulated} | {emu / des:.2f} | {ranged} | "
                       f"{des / oracle:.2f} | {done['des']} | {done['emulate']} | "
                       f"{statistics.mean(c.late_ms for c in cells['emulate']):.2f} |", flush=True)
             clash = {(a, b) for a, b in ordered_pairs(means["des"], args.tie)

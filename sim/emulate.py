@@ -557,9 +557,10 @@ def device_process(conn: Connection) -> None:
 
 
 def _watch_stop(conn: Connection, stop: threading.Event) -> None:
+    """Stop when the parent says so, or when it is gone (its end of the pipe closed)."""
     with contextlib.suppress(EOFError, OSError):
-        if conn.recv()[0] == "stop":
-            stop.set()
+        conn.recv()  # the only message after "go" is "stop"
+    stop.set()
 
 
 def _quietly(action: Callable[[], object]) -> None:
