@@ -191,6 +191,8 @@ def run_scenario(args: argparse.Namespace) -> int:
         scenario = scenario.model_copy(update={"duration": args.duration})
     if args.seed is not None:
         scenario = scenario.model_copy(update={"seed": args.seed})
+    if args.device_processes < 0:
+        raise CliError("--device-processes must be 0 or more", EXIT_USAGE)
     policies = with_oracle(_policies(args.policies, scenario), args.mode, not args.no_oracle)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path(args.out) if args.out else Path("results") / f"{scenario.name}-{args.mode}-{stamp}"
@@ -230,7 +232,8 @@ def run_scenario(args: argparse.Namespace) -> int:
                     try:
                         results.append(run_emulation(scenario, policy, broker_url=url,
                                                      protocol=args.protocol,
-                                                     progress=progress.update, stop=stop))
+                                                     progress=progress.update, stop=stop,
+                                                     device_processes=args.device_processes))
                     except KeyboardInterrupt:
                         stop.set()
                         raise
@@ -352,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-oracle", action="store_true",
                      help=f"leave out the {ORACLE}, which --mode des adds to every comparison as the limit")
     run.add_argument("--seed", type=int, help="replace the scenario's seed")
+    run.add_argument("--device-processes", type=int, default=0, metavar="N",
+                     help="emulation: spread the devices over N child processes (default 0: all in this one)")
     run.add_argument("--duration", type=float, help="replace the scenario's duration (s)")
     run.add_argument("--out", help="results folder (default results/<scenario>-<mode>-<time>)")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

@@ -192,6 +192,8 @@ class _Simulation:
         self.open = 0
         self.pending_arrivals = 0
         self.interval = scenario.heartbeat_interval
+        self.message_delay = scenario.message_delay
+        """The broker's and the agents' handling of each task, result and pong, on top of its link."""
         self.costs = {name: cost.service_time for name, cost in scenario.tasks.items()}
         self.result_bytes = {name: cost.result_bytes for name, cost in scenario.tasks.items()}
         self.nonces = itertools.count(1)
@@ -283,7 +285,8 @@ class _Simulation:
         reach: list[Reach] = []
         for server_group, truths in members.items():
             delay, _jitter, loss, bandwidth = self.links[group][server_group]
-            entry = Reach(delay, bandwidth, self.server_groups[server_group].speed, truths, loss=loss)
+            speed = self.server_groups[server_group].speed
+            entry = Reach(delay + self.message_delay, bandwidth, speed, truths, loss=loss)
             self.reaches.append((group, server_group, entry))
             reach.append(entry)
         return reach
@@ -407,7 +410,7 @@ class _Simulation:
             delay += jitter * (2.0 * random() - 1.0)
             if delay < 0.0:
                 delay = 0.0
-        arrival = start + transfer + delay
+        arrival = start + transfer + delay + self.message_delay
         held = job.held
         if held is not None and arrival >= held[0].at:
             self.release(job)
@@ -589,7 +592,7 @@ class _Simulation:
             if delay < 0.0:
                 delay = 0.0
         size = self.result_bytes[job.record.task] if status == _OK else _ANSWER_BYTES
-        back = now + size / bandwidth + delay
+        back = now + size / bandwidth + delay + self.message_delay
         if current and back >= job.held[0].at:  # type: ignore[index]  # current: it holds one
             self.release(job)
         heappush(self.heap, (back, next(self.order), _RES_RECV, job,
@@ -634,7 +637,7 @@ class _Simulation:
         delay, jitter, loss, _bandwidth = self.links[group][server.group]
         if loss and (self.net_rng.random() < loss or self.net_rng.random() < loss):
             return
-        sample = 0.0
+        sample = 2.0 * self.message_delay
         for _direction in range(2):
             sample += max(0.0, delay + jitter * (2.0 * self.net_rng.random() - 1.0))
         self.push(now + sample, _PONG, entry, (nonce, now))
@@ -674,7 +677,8 @@ class _Simulation:
                     self.links[group][server_group] = self._link_tuple(event)
             for group, server_group, reach in self.reaches:
                 if group in devices and server_group in servers:
-                    reach.delay, reach.bandwidth, reach.loss = event.delay, event.bandwidth, event.loss
+                    reach.delay, reach.bandwidth = event.delay + self.message_delay, event.bandwidth
+                    reach.loss = event.loss
             return
         server = self.servers[self.server_index[event.server]]
         if isinstance(event, SlowdownEvent):

@@ -15,9 +15,14 @@ the broker drops the Will and devices notice only by missed heartbeats.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import heapq
 import logging
+import multiprocessing
 import random
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -25,6 +30,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from multiprocessing.connection import Connection
 from typing import Any
 
 from agent_common.registry import TaskRegistry
@@ -43,7 +49,6 @@ from sim.scenario import (
     LinkSpec,
     OfflineEvent,
     Scenario,
-    ServerNode,
     SlowdownEvent,
     iter_arrivals,
 )
@@ -56,7 +61,7 @@ from topics.transport import Message, TransportConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EmulationError", "run_emulation"]
+__all__ = ["EmulationError", "device_process", "run_emulation"]
 
 
 class EmulationError(RuntimeError):
@@ -128,126 +133,175 @@ def _to_trace(record: AgentRecord, origin: float, deadline: float | None) -> Tas
         outcome=record.outcome, attempts=record.attempts, estimate=estimate)
 
 
-def run_emulation(scenario: Scenario, policy: str, *, broker_url: str, protocol: str = "3.1.1",
-                  config: PolicyConfig | None = None, seed: int | None = None, label: str = "",
-                  progress: Callable[[float], None] | None = None,
-                  stop: threading.Event | None = None, settle_timeout: float = 10.0) -> RunResult:
-    """Run ``scenario`` under ``policy`` with real agents on the broker at ``broker_url``.
+ScenarioEvent = CrashEvent | SlowdownEvent | LinkEvent | OfflineEvent
 
-    Returns when every created task has its outcome (or, after ``stop`` is set, with the rest
-    marked ``unfinished``). ``progress`` is called with seconds of workload elapsed.
-    """
-    if seed is not None and seed != scenario.seed:
-        scenario = scenario.model_copy(update={"seed": seed})
-    policy_config = config or scenario.policy_config()
-    run_id = uuid.uuid4().hex[:8]
-    tree = TopicTree(f"offload-sim/{run_id}")
-    fleet = _Fleet(scenario)
-    scheduler = DelayScheduler(f"links-{run_id}")
-    servers = scenario.server_nodes()
-    devices = scenario.device_nodes()
-    group_of: dict[str, str] = {node.node: node.group.name for node in servers}
-    group_of.update({node.node: node.group.name for node in devices})
-    server_agents: dict[str, CloudAgent] = {}
-    device_agents: dict[str, EdgeAgent] = {}
-    emulators: dict[str, LinkEmulator] = {}
-    records: list[TaskRecord] = []
-    queue_series: list[tuple[float, str, int, int]] = []
-    counters: Counter[str] = Counter()
-    records_lock = threading.Lock()
-    stop = stop or threading.Event()
-    base_config = TransportConfig.from_url(broker_url, protocol=protocol, keepalive=5)
-    origin = time.time()  # reset when the workload starts; heartbeats during set-up come out negative
 
-    def transport(node: str, link_to: Callable[[str | None], LinkParams]) -> LinkEmulator:
-        inner = MqttTransport(base_config.model_copy(update={"client_id": f"sim-{run_id}-{node}"}))
-        emulator = LinkEmulator(inner, node_id=node, tree=tree, link_to=link_to,
-                                scheduler=scheduler, rng=random.Random(f"{scenario.seed}:link:{node}"))
-        emulators[node] = emulator
+@dataclass
+class _Run:
+    """What both sides of one run share: the scenario, its topics, links and counters."""
+
+    scenario: Scenario
+    policy: str
+    policy_config: PolicyConfig
+    broker_url: str
+    protocol: str
+    run_id: str
+    fleet: _Fleet = field(init=False)
+    tree: TopicTree = field(init=False)
+    scheduler: DelayScheduler = field(init=False)
+    group_of: dict[str, str] = field(init=False)
+    emulators: dict[str, LinkEmulator] = field(default_factory=dict)
+    counters: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self.fleet = _Fleet(self.scenario)
+        self.tree = TopicTree(f"offload-sim/{self.run_id}")
+        self.scheduler = DelayScheduler(f"links-{self.run_id}")
+        self.group_of = {node.node: node.group.name for node in self.scenario.server_nodes()}
+        self.group_of.update({node.node: node.group.name for node in self.scenario.device_nodes()})
+
+    def transport_config(self, client: str) -> TransportConfig:
+        config = TransportConfig.from_url(self.broker_url, protocol=self.protocol, keepalive=5)
+        return config.model_copy(update={"client_id": f"sim-{self.run_id}-{client}"})
+
+    def transport(self, node: str, own_group: str, *, server: bool) -> LinkEmulator:
+        """``node``'s MQTT connection behind its links (towards a peer: the pair of the two groups)."""
+        scenario, fleet, group_of = self.scenario, self.fleet, self.group_of
+
+        def link_to(peer: str | None) -> LinkParams:
+            if peer is None or peer not in group_of:
+                return _params(scenario.links.default)
+            if server:
+                return fleet.link(group_of[peer], own_group)
+            return fleet.link(own_group, group_of[peer])
+
+        emulator = LinkEmulator(MqttTransport(self.transport_config(node)), node_id=node,
+                                tree=self.tree, link_to=link_to, scheduler=self.scheduler,
+                                rng=random.Random(f"{scenario.seed}:link:{node}"))
+        self.emulators[node] = emulator
         return emulator
 
-    def server_link(server: ServerNode) -> Callable[[str | None], LinkParams]:
-        def link_to(peer: str | None) -> LinkParams:
-            if peer is None or peer not in group_of:
-                return _params(scenario.links.default)
-            return fleet.link(group_of[peer], server.group.name)
-        return link_to
+    def apply_events_until(self, events: list[ScenarioEvent], due: float, start: float) -> None:
+        """Apply (and take off ``events``) every event due by run time ``due``."""
+        while events and events[0].at <= due:
+            _apply_event(events.pop(0), self.fleet, self.emulators, self.counters, start,
+                         self.group_of, self.scheduler)
 
-    def device_link(device: DeviceNode) -> Callable[[str | None], LinkParams]:
-        def link_to(peer: str | None) -> LinkParams:
-            if peer is None or peer not in group_of:
-                return _params(scenario.links.default)
-            return fleet.link(device.group.name, group_of[peer])
-        return link_to
+    def link_counters(self) -> None:
+        for emulator in self.emulators.values():
+            for name, value in emulator.counters.items():
+                self.counters[f"link_{name}"] += value
 
-    monitor = MqttTransport(base_config.model_copy(update={"client_id": f"sim-{run_id}-monitor"}))
-    codec = Codec()
 
-    def on_heartbeat(message: Message) -> None:
-        try:
-            beat = codec.decode(message.payload, Heartbeat, topic=message.topic)
-        except DecodeError:
-            counters["monitor_bad_heartbeats"] += 1
-            return
-        if beat.role == "server":
-            with records_lock:
-                queue_series.append((time.time() - origin, beat.node, beat.load.queue_length,
-                                     beat.load.in_flight))
+class _Servers:
+    """The scenario's servers (one :class:`CloudAgent` each) and a monitor of their heartbeats."""
 
-    all_tasks = list(scenario.tasks)
-    try:
-        monitor.connect(timeout=10.0)
-        monitor.subscribe(tree.all_of(Kind.HEARTBEAT), on_heartbeat, qos=0)
-        for server in servers:
-            capabilities = [t for t in all_tasks if scenario.capable(server.group, t)]
+    def __init__(self, run: _Run) -> None:
+        self._run = run
+        self.agents: dict[str, CloudAgent] = {}
+        self.queue_series: list[tuple[float, str, int, int]] = []
+        self.origin = time.time()  # reset when the workload starts; set-up heartbeats come out negative
+        self._lock = threading.Lock()
+        self._codec = Codec()
+        self._monitor = MqttTransport(run.transport_config("monitor"))
+
+    def start(self) -> None:
+        run, scenario = self._run, self._run.scenario
+        self._monitor.connect(timeout=10.0)
+        self._monitor.subscribe(run.tree.all_of(Kind.HEARTBEAT), self._on_heartbeat, qos=0)
+        for server in scenario.server_nodes():
+            capabilities = [t for t in scenario.tasks if scenario.capable(server.group, t)]
             agent = CloudAgent(
-                CloudConfig(id=server.node, broker=broker_url, prefix=tree.prefix, tasks=[],
+                CloudConfig(id=server.node, broker=run.broker_url, prefix=run.tree.prefix, tasks=[],
                             workers=server.group.workers, queue_size=server.group.queue_size,
                             heartbeat_interval=scenario.heartbeat_interval, grace_period=0.0),
-                transport(server.node, server_link(server)),
-                _registry(scenario, capabilities, server.node, server.group.speed, fleet))
+                run.transport(server.node, server.group.name, server=True),
+                _registry(scenario, capabilities, server.node, server.group.speed, run.fleet))
             agent.start()
-            server_agents[server.node] = agent
-        settings = PolicySettings(**{name: getattr(policy_config, name)
-                                     for name in PolicySettings.model_fields})
-        deadline_of = {device.node: device.group.deadline for device in devices}
-        offset_of = {device.node: device.group.clock_offset for device in devices}
+            self.agents[server.node] = agent
 
-        def on_record(record: AgentRecord) -> None:  # its times are on its device's clock
-            with records_lock:
-                records.append(_to_trace(record, origin + offset_of.get(record.device, 0.0),
-                                         deadline_of.get(record.device)))
+    def _on_heartbeat(self, message: Message) -> None:
+        try:
+            beat = self._codec.decode(message.payload, Heartbeat, topic=message.topic)
+        except DecodeError:
+            self._run.counters["monitor_bad_heartbeats"] += 1
+            return
+        if beat.role == "server":
+            with self._lock:
+                self.queue_series.append((time.time() - self.origin, beat.node,
+                                          beat.load.queue_length, beat.load.in_flight))
 
-        for device in devices:
+    def series(self) -> list[tuple[float, str, int, int]]:
+        with self._lock:
+            return list(self.queue_series)
+
+    def stop(self) -> None:
+        for agent in self.agents.values():
+            _quietly(partial(agent.stop, grace=0.0))
+        _quietly(self._monitor.close)
+
+
+_DEVICE_STATS = ("late_results", "unknown_results", "retries", "timeouts", "local_full",
+                 "publish_failures", "server_deaths_in_flight")
+
+
+class _Devices:
+    """Some of the scenario's devices (one :class:`EdgeAgent` each): they submit their own workload,
+    wait for its outcomes and keep the records."""
+
+    def __init__(self, run: _Run, nodes: list[DeviceNode]) -> None:
+        self._run, self._nodes = run, nodes
+        self.agents: dict[str, EdgeAgent] = {}
+        self.records: list[TaskRecord] = []
+        self.origin = time.time()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        run, scenario = self._run, self._run.scenario
+        config = run.policy_config
+        settings = PolicySettings(**{name: getattr(config, name) for name in PolicySettings.model_fields})
+        for device in self._nodes:
             names = [device.group.task] if device.group.capable else []
-            agent_rng = random.Random(f"{scenario.seed}:decide:{device.index}")
             edge = EdgeAgent(
-                EdgeConfig(id=device.node, broker=broker_url, prefix=tree.prefix, tasks=[],
-                           policy=policy, policy_config=settings, local_workers=device.group.workers,
+                EdgeConfig(id=device.node, broker=run.broker_url, prefix=run.tree.prefix, tasks=[],
+                           policy=run.policy, policy_config=settings, announce=False,
+                           local_workers=device.group.workers,
                            heartbeat_interval=scenario.heartbeat_interval,
                            **scenario.device_tuning(device.group).settings()),
-                transport(device.node, device_link(device)),
-                _registry(scenario, names, device.node, device.group.speed, fleet), rng=agent_rng,
+                run.transport(device.node, device.group.name, server=False),
+                _registry(scenario, names, device.node, device.group.speed, run.fleet),
+                rng=random.Random(f"{scenario.seed}:decide:{device.index}"),
                 clock=_skewed_clock(device.group.clock_offset))
-            edge.add_record_listener(on_record)
+            edge.add_record_listener(partial(self._on_record, device))
             edge.start()
-            device_agents[device.node] = edge
-        _wait_for_discovery(device_agents, len(servers), settle_timeout, stop)
+            self.agents[device.node] = edge
 
+    def _on_record(self, device: DeviceNode, record: AgentRecord) -> None:
+        # its times are on its device's clock; self.origin is read when the record comes
+        trace = _to_trace(record, self.origin + device.group.clock_offset, device.group.deadline)
+        with self._lock:
+            self.records.append(trace)
+
+    def wait_for_discovery(self, timeout: float, stop: threading.Event) -> None:
+        _wait_for_discovery(self.agents, len(self._run.scenario.server_nodes()), timeout, stop)
+
+    def drive(self, start: float, origin: float, stop: threading.Event,
+              progress: Callable[[float], None] | None = None) -> None:
+        """Submit the workload from monotonic time ``start`` (wall time ``origin``), apply the
+        scenario's events on the way, then wait (bounded) for the outcomes."""
+        run, scenario = self._run, self._run.scenario
+        self.origin = origin
         arrivals: list[tuple[float, int, str, Any]] = []
-        for device in devices:
+        for device in self._nodes:
             for order, arrival in enumerate(iter_arrivals(scenario, device.index)):
                 arrivals.append((arrival.time, device.index * 10_000_000 + order, device.node, arrival))
         heapq.heapify(arrivals)
         events = sorted(scenario.events, key=lambda event: event.at)
         futures = []
-        start = time.monotonic()
-        origin = time.time()  # the run's time 0: the closures above read it when they are called
         last_progress = 0.0
         while arrivals and not stop.is_set():
             due, _, node, arrival = heapq.heappop(arrivals)
-            while events and events[0].at <= due:
-                _apply_event(events.pop(0), fleet, emulators, counters, start, group_of, scheduler)
+            run.apply_events_until(events, due, start)
             delay = start + due - time.monotonic()
             if delay > 0 and stop.wait(delay):
                 heapq.heappush(arrivals, (due, 0, node, arrival))
@@ -257,17 +311,13 @@ def run_emulation(scenario: Scenario, policy: str, *, broker_url: str, protocol:
                 last_progress = due
             payload = {"work": arrival.work, "data": bytes(arrival.payload_bytes)}
             try:
-                future = device_agents[node].submit(arrival.task, payload, deadline=arrival.deadline)
+                future = self.agents[node].submit(arrival.task, payload, deadline=arrival.deadline)
             except Exception as exc:  # noqa: BLE001 - count it; one bad submission must not end the run
-                counters[f"submit_failed:{type(exc).__name__}"] += 1
+                run.counters[f"submit_failed:{type(exc).__name__}"] += 1
                 continue
             futures.append(future)
-        while events and not stop.is_set():
-            event = events.pop(0)
-            if stop.wait(max(0.0, start + event.at - time.monotonic())):
-                break
-            _apply_event(event, fleet, emulators, counters, start, group_of, scheduler)
-        counters["not_submitted"] += len(arrivals)
+        _apply_remaining(run, events, start, stop)
+        run.counters["not_submitted"] += len(arrivals)
         if progress is not None:
             progress(scenario.duration)
         drain_limit = time.monotonic() + _drain_budget(scenario)
@@ -281,26 +331,236 @@ def run_emulation(scenario: Scenario, policy: str, *, broker_url: str, protocol:
                 break
         unfinished = sum(1 for future in futures if not future.done())
         if unfinished:
-            counters[UNFINISHED] += unfinished
-    finally:
-        for edge in device_agents.values():
+            run.counters[UNFINISHED] += unfinished
+
+    def stop(self) -> None:
+        for edge in self.agents.values():
             _quietly(edge.stop)
-        for agent in server_agents.values():
-            _quietly(partial(agent.stop, grace=0.0))
-        _quietly(monitor.close)
-        scheduler.stop()
-    for emulator in emulators.values():
-        for name, value in emulator.counters.items():
-            counters[f"link_{name}"] += value
-    for edge in device_agents.values():
-        stats = edge.stats()
-        for name in ("late_results", "unknown_results", "retries", "timeouts", "local_full",
-                     "publish_failures", "server_deaths_in_flight"):
-            counters[f"device_{name}"] += stats.get(name, 0)
-    with records_lock:
-        done = list(records)
-        series = list(queue_series)
-    return RunResult(policy, done, scenario.duration, series, dict(counters), label=label)
+        for edge in self.agents.values():
+            stats = edge.stats()
+            for name in _DEVICE_STATS:
+                self._run.counters[f"device_{name}"] += stats.get(name, 0)
+
+    def taken_records(self) -> list[TaskRecord]:
+        with self._lock:
+            return list(self.records)
+
+
+def _apply_remaining(run: _Run, events: list[ScenarioEvent], start: float, stop: threading.Event) -> None:
+    """Apply the events still to come, each at its time (after the last arrival, or with no devices)."""
+    while events and not stop.is_set():
+        if stop.wait(max(0.0, start + events[0].at - time.monotonic())):
+            break
+        run.apply_events_until(events, events[0].at, start)
+
+
+class _WakeupProbe:
+    """How late this process's timers fire: a thread sleeps ``period`` again and again and keeps how
+    much later than asked it woke. On a busy machine every hop of every message pays that lateness,
+    so it says how much of an emulated latency is the machine, not the fleet."""
+
+    def __init__(self, period: float = 0.002) -> None:
+        self._period = period
+        self._late: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wakeup-probe", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            asked = time.monotonic()
+            time.sleep(self._period)
+            self._late.append(time.monotonic() - asked - self._period)
+
+    def stop(self, counters: Counter[str]) -> None:
+        """Stop, and count the lateness's p50, p95 and maximum in microseconds."""
+        self._stop.set()
+        self._thread.join(1.0)
+        late = sorted(self._late)
+        if late:
+            for name, value in (("p50", late[len(late) // 2]), ("p95", late[int(0.95 * (len(late) - 1))]),
+                                ("max", late[-1])):
+                counters[f"wakeup_late_{name}_us"] = round(1e6 * value)
+
+
+def run_emulation(scenario: Scenario, policy: str, *, broker_url: str, protocol: str = "3.1.1",
+                  config: PolicyConfig | None = None, seed: int | None = None, label: str = "",
+                  progress: Callable[[float], None] | None = None,
+                  stop: threading.Event | None = None, settle_timeout: float = 10.0,
+                  device_processes: int = 0) -> RunResult:
+    """Run ``scenario`` under ``policy`` with real agents on the broker at ``broker_url``.
+
+    Returns when every created task has its outcome (or, after ``stop`` is set, with the rest
+    marked ``unfinished``). ``progress`` is called with seconds of workload elapsed.
+    ``device_processes``: 0 runs every agent in this process; ``n`` spreads the devices over ``n``
+    child processes (each with its own interpreter, connections and link timers) and keeps the
+    servers here, so that a large fleet is not bound to one interpreter lock.
+    """
+    if device_processes < 0:
+        raise ValueError(f"device_processes must be >= 0, got {device_processes}")
+    if seed is not None and seed != scenario.seed:
+        scenario = scenario.model_copy(update={"seed": seed})
+    run = _Run(scenario, policy, config or scenario.policy_config(), broker_url, protocol,
+               uuid.uuid4().hex[:8])
+    stop = stop or threading.Event()
+    servers = _Servers(run)
+    devices = scenario.device_nodes()
+    records: list[TaskRecord] = []
+    probe = _WakeupProbe()
+    try:
+        probe.start()
+        servers.start()
+        if device_processes:
+            records = _drive_in_children(run, servers, devices, device_processes, settle_timeout,
+                                         stop, progress)
+        else:
+            local = _Devices(run, devices)
+            try:
+                local.start()
+                local.wait_for_discovery(settle_timeout, stop)
+                start, servers.origin = time.monotonic(), time.time()
+                local.drive(start, servers.origin, stop, progress)
+            finally:
+                local.stop()
+            records = local.taken_records()
+    finally:
+        servers.stop()
+        run.scheduler.stop()
+        probe.stop(run.counters)
+    run.link_counters()
+    return RunResult(policy, records, scenario.duration, servers.series(), dict(run.counters),
+                     label=label)
+
+
+@dataclass(frozen=True)
+class _ChildSpec:
+    """What a device process needs to build its part of the fleet (sent once, over its pipe)."""
+
+    scenario: Scenario
+    policy: str
+    policy_config: PolicyConfig
+    broker_url: str
+    protocol: str
+    run_id: str
+    devices: list[int]
+    """Indices into ``scenario.device_nodes()``."""
+    settle_timeout: float
+
+
+def _drive_in_children(run: _Run, servers: _Servers, devices: list[DeviceNode], processes: int,
+                       settle_timeout: float, stop: threading.Event,
+                       progress: Callable[[float], None] | None) -> list[TaskRecord]:
+    """Spread ``devices`` over ``processes`` children, start them together, apply the server-side
+    events here, and gather their records (plain tuples) and counters."""
+    shares = [list(range(len(devices)))[i::processes] for i in range(processes)]
+    children: list[tuple[subprocess.Popen[bytes], Connection]] = []
+    try:
+        for share in (s for s in shares if s):
+            ours, theirs = multiprocessing.Pipe()
+            spec = _ChildSpec(run.scenario, run.policy, run.policy_config, run.broker_url,
+                              run.protocol, run.run_id, share, settle_timeout)
+            # A fresh interpreter (not a fork of this threaded one, and not a re-run of the
+            # caller's main module as multiprocessing's spawn would do), its pipe end by number.
+            process = subprocess.Popen([sys.executable, "-m", "sim.device_process", str(theirs.fileno())],
+                                       pass_fds=[theirs.fileno()])
+            theirs.close()
+            children.append((process, ours))
+            ours.send(spec)
+        bound = settle_timeout + 30.0  # the children's start-up (imports) and discovery
+        for _, conn in children:
+            reply = _receive(conn, bound, "ready")
+            if reply[0] != "ready":
+                raise EmulationError(str(reply[1]))
+        start = time.monotonic() + 0.2
+        servers.origin = time.time() + 0.2
+        for _, conn in children:
+            conn.send(("go", start, servers.origin))
+        forward = threading.Thread(target=_forward_stop, args=(stop, children), daemon=True)
+        forward.start()
+        events = sorted(run.scenario.events, key=lambda event: event.at)
+        _apply_remaining(run, events, start, stop)
+        end = start + run.scenario.duration
+        while progress is not None and not stop.is_set() and time.monotonic() < end:
+            progress(time.monotonic() - start)
+            stop.wait(min(0.5, max(0.0, end - time.monotonic())))
+        if progress is not None:
+            progress(run.scenario.duration)
+        records: list[TaskRecord] = []
+        bound = max(0.0, end - time.monotonic()) + _drain_budget(run.scenario) + 30.0
+        for _, conn in children:
+            kind, rows, counters = _receive(conn, bound, "done")
+            if kind != "done":
+                raise EmulationError(str(rows))
+            records.extend(TaskRecord(*row) for row in rows)
+            run.counters.update(counters)
+        return records
+    finally:
+        for child, conn in children:
+            conn.close()
+            try:
+                child.wait(10.0)
+            except subprocess.TimeoutExpired:
+                child.terminate()
+                child.wait(2.0)
+
+
+def _receive(conn: Connection, timeout: float, what: str) -> Any:
+    if not conn.poll(timeout):
+        raise EmulationError(f"a device process sent no {what!r} within {timeout:.0f} s")
+    try:
+        return conn.recv()
+    except EOFError:
+        raise EmulationError(f"a device process ended before {what!r} (see its output)") from None
+
+
+def _forward_stop(stop: threading.Event,
+                  children: list[tuple[subprocess.Popen[bytes], Connection]]) -> None:
+    """When the caller stops the run, tell every child (they then drain no longer)."""
+    while not stop.wait(0.5):
+        if all(child.poll() is not None for child, _ in children):
+            return
+    for _, conn in children:
+        with contextlib.suppress(OSError, ValueError):
+            conn.send(("stop",))
+
+
+def device_process(conn: Connection) -> None:
+    """A device process's whole life (:mod:`sim.device_process`): read its spec from ``conn``,
+    build its devices, say ready, drive on "go", send the records back."""
+    spec: _ChildSpec = conn.recv()
+    stop = threading.Event()
+    run = _Run(spec.scenario, spec.policy, spec.policy_config, spec.broker_url, spec.protocol,
+               spec.run_id)
+    nodes = spec.scenario.device_nodes()
+    devices = _Devices(run, [nodes[i] for i in spec.devices])
+    try:
+        try:
+            devices.start()
+            devices.wait_for_discovery(spec.settle_timeout, stop)
+        except Exception as exc:  # noqa: BLE001 - the parent reports it
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+            return
+        conn.send(("ready",))
+        message = conn.recv()
+        if message[0] != "go":
+            return
+        threading.Thread(target=_watch_stop, args=(conn, stop), daemon=True).start()
+        devices.drive(message[1], message[2], stop)
+    finally:
+        devices.stop()
+        run.scheduler.stop()
+    run.link_counters()
+    rows = [dataclasses.astuple(record) for record in devices.taken_records()]
+    conn.send(("done", rows, dict(run.counters)))
+
+
+def _watch_stop(conn: Connection, stop: threading.Event) -> None:
+    """Stop when the parent says so, or when it is gone (its end of the pipe closed)."""
+    with contextlib.suppress(EOFError, OSError):
+        conn.recv()  # the only message after "go" is "stop"
+    stop.set()
 
 
 def _quietly(action: Callable[[], object]) -> None:
@@ -343,20 +603,24 @@ def _skewed_clock(offset: float) -> Callable[[], float]:
     return lambda: time.time() + offset
 
 
-def _apply_event(event: CrashEvent | SlowdownEvent | LinkEvent | OfflineEvent, fleet: _Fleet,
+def _apply_event(event: ScenarioEvent, fleet: _Fleet,
                  emulators: dict[str, LinkEmulator], counters: Counter[str], start: float,
                  group_of: dict[str, str], scheduler: DelayScheduler) -> None:
     delay = start + event.at - time.monotonic()
     if delay > 0:
         time.sleep(delay)
     if isinstance(event, OfflineEvent):
-        away = [emulators[node] for node, group in group_of.items() if group == event.devices]
+        away = [emulators[node] for node, group in group_of.items()
+                if group == event.devices and node in emulators]  # others: in another process
         for emulator in away:
             emulator.go_offline()
             scheduler.call_at(start + event.at + event.duration, emulator.come_back)
-        counters["offline_periods"] += len(away)
+        if away:
+            counters["offline_periods"] += len(away)
         log.info("event: devices %s offline for %.1f s", event.devices, event.duration)
     elif isinstance(event, CrashEvent):
+        if event.server not in emulators:  # the servers are in another process
+            return
         emulator = emulators[event.server]
         counters["crashes"] += 1
         if event.will:

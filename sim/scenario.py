@@ -47,6 +47,12 @@ TaskNameField = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A
 Seconds = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 Positive = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
 
+DEFAULT_MESSAGE_DELAY = 0.001
+"""One message's broker and agent handling, one way (s): half an offloaded no-op's round trip through
+Mosquitto and both agents on loopback (``python -m bench.offload_trace``: 1.2-1.9 ms on the 2-core
+development machine under load), and the gap between emulated and discrete-event medians in ``herding``
+(2.0-2.6 ms per task round trip)."""
+
 
 class ScenarioError(ValueError):
     """A scenario that cannot be used; the message names the file and the offending field."""
@@ -234,6 +240,9 @@ class Scenario(_Model):
     seed: int = 1
     heartbeat_interval: Positive = 1.0
     """Seconds between the servers' heartbeats."""
+    message_delay: Seconds = DEFAULT_MESSAGE_DELAY
+    """Seconds each task, result and pong spends in the broker and the agents' MQTT handling, on top
+    of its link (discrete-event mode; emulation pays it for real)."""
     tuning: Tuning = Tuning()
     """The devices' tuning (:class:`edge_agent.tuning.Tuning`, the edge agent's defaults): retries,
     timeouts, staleness, probes, failure half-life, the gains of their estimates, local queue size."""

@@ -370,3 +370,15 @@ def test_the_arrivals_slice_width_changes_nothing(workload: dict[str, Any], widt
     finally:
         _Simulation.slice_width = None
     assert trace(default.records) == trace(sliced.records) and default.events == sliced.events
+
+
+def test_message_delay_is_paid_by_each_task_and_result() -> None:
+    """Each offloaded attempt's task and result message take ``message_delay`` on top of the link."""
+    def round_trips(message_delay: float) -> list[float]:
+        records = run_des(small(message_delay=message_delay), "remote").records
+        return [r.received - r.sent for r in records  # type: ignore[operator]
+                if r.outcome == OK and r.target is not None and r.attempts == 1]
+
+    quick, slow = round_trips(0.0), round_trips(0.05)
+    assert quick and slow
+    assert min(slow) >= 2 * 0.05 > max(quick)

@@ -90,6 +90,38 @@ def test_server_crash_loses_no_task(amqtt_broker: EmbeddedBroker) -> None:
     assert sum(r.outcome == "ok" for r in result.records) >= 0.9 * len(result.records)
 
 
+def test_devices_in_child_processes_run_the_same_workload_and_see_the_crash(
+        amqtt_broker: EmbeddedBroker) -> None:
+    """Devices spread over two processes, the servers here: each device submits exactly its own
+    arrivals, in their order, and notices a crash applied in this process."""
+    scenario = small_scenario(
+        duration=3.0, devices=[{"name": "dev", "count": 3, "speed": 0.25, "task": "work",
+                                "payload_bytes": 2000, "deadline": 3.0,
+                                "workload": {"kind": "poisson", "rate": 8.0}}],
+        servers=[{"name": "srv", "count": 2, "workers": 2, "speed": 2.0}],
+        events=[{"kind": "crash", "at": 1.0, "server": "srv-0", "will": True}])
+    result = run_emulation(scenario, "ect", broker_url=amqtt_broker.url, device_processes=2)
+    assert_one_outcome_each(result.records, scenario)
+    for node in scenario.device_nodes():
+        arrivals = generate_arrivals(scenario, node.index)
+        mine = sorted((r for r in result.records if r.device == node.node), key=lambda r: r.created)
+        assert len(mine) == len(arrivals), node.node
+        lateness = [record.created - arrival.time for record, arrival in zip(mine, arrivals, strict=True)]
+        assert min(lateness) > -0.05, (node.node, min(lateness))  # none before its arrival time
+    assert result.counters.get("crashes") == 1
+    assert result.counters.get("unfinished", 0) == 0, result.counters
+    after = [r for r in result.records if r.created > 1.5 and r.outcome == "ok"]
+    assert after and all(r.target != "srv-0" for r in after), "the crashed server was still chosen"
+    assert result.queue_series, "no server heartbeats were observed"
+    late = [result.counters[f"wakeup_late_{name}_us"] for name in ("p50", "p95", "max")]
+    assert 0 <= late[0] <= late[1] <= late[2], late  # how late this process's timers fired
+
+
+def test_device_processes_must_not_be_negative(amqtt_broker: EmbeddedBroker) -> None:
+    with pytest.raises(ValueError, match="device_processes"):
+        run_emulation(small_scenario(), "ect", broker_url=amqtt_broker.url, device_processes=-1)
+
+
 class RecordingScheduler(DelayScheduler):
     """Keeps what the links schedule, with its due time, and runs it only when asked."""
 
@@ -179,6 +211,7 @@ def test_cli_help_and_bad_input_get_one_clear_line(tmp_path: Path) -> None:
         (("run", "heterogeneous", "--broker", "mqtt://127.0.0.1:1", "--duration", "1"), 1,
          "127.0.0.1:1"),
         (("run", "heterogeneous", "--broker", "ftp://x"), 2, "--broker"),
+        (("run", "heterogeneous", "--device-processes", "-1"), 2, "--device-processes"),
     ]
     for args, code, needle in cases:
         done = run_cli(*args)

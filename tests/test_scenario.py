@@ -264,3 +264,9 @@ def test_a_task_nobody_can_run_is_refused() -> None:
                           tasks={"detect": {"service_time": 0.02}, "other": {"service_time": 0.01}})
     assert "devices[0].capable: false, and no server group runs 'detect'" in bad(alone)
     assert "devices[0].capable: " in bad(alone | {"servers": []})
+
+
+def test_message_delay_is_seconds_from_zero_up() -> None:
+    assert "message_delay: Input should be greater than or equal to 0" in bad(
+        scenario_with(message_delay=-0.001))
+    assert parse_scenario(scenario_with(message_delay=0.0), "fleet.toml").message_delay == 0.0
