@@ -58,6 +58,8 @@ class JobBoard:
         self.cache = cache
         self.ewma: dict[str, float] = {}
         """Service time per task name, smoothed: what heartbeats report."""
+        self.ewma_at: dict[str, float] = {}
+        """Task name -> monotonic time its last run ended (what ages its average)."""
         self.counters: Counter[str] = Counter()
         self.draining = False
         """Set by a stopping server: new tasks get rejected-busy."""

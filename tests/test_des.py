@@ -317,3 +317,17 @@ def test_devices_sharing_one_heartbeat_view_decide_as_with_their_own(
             assert shape(own.result(task_id, server, attempt, status, now)) == shape(
                 shared.result(task_id, server, attempt, status, now))
     assert own.views(now) == shared.views(now)
+
+
+def test_work_comes_back_to_a_server_that_recovered_from_a_slowdown() -> None:
+    # The fast server is 10x slower from 5 s to 12 s: devices leave it, and once it is fast again its
+    # aged evidence gets it tried, its report follows the first new run, and the work comes back.
+    scenario = load_scenario(SCENARIOS / "server_slowdown.toml")
+    records = run_des(scenario, "ect", seed=1).records
+
+    def share(start: float, end: float) -> float:
+        window = [record for record in records if start <= record.created < end]
+        return sum(record.target == "fast-0" for record in window) / len(window)
+
+    assert share(1.0, 5.0) > 0.9 and share(6.0, 12.0) < 0.1
+    assert share(15.0, 20.0) > 0.5
