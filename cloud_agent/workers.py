@@ -17,18 +17,11 @@ from typing import Any
 
 from agent_common.badinput import RateLimitedLog
 from agent_common.registry import TaskSpec, run_spec
-from agent_common.smoothing import aged_gain
-from cloud_agent.jobs import Job
+from cloud_agent.jobs import EWMA_ALPHA, SERVICE_HALF_LIFE, Job
 from cloud_agent.node import ServerNode
 from cloud_agent.replies import Replies, content_type
 from topics.codec import EncodeError
 from topics.models import Result, Status
-
-EWMA_ALPHA = 0.2
-"""Gain of the service-time average per task name that heartbeats report."""
-SERVICE_HALF_LIFE = 2.0
-"""Seconds without a run of a task for its average's old value to lose half its weight against the next
-run (:func:`~agent_common.smoothing.aged_gain`): after a pause the report follows the first new run."""
 
 
 class Workers:
@@ -137,11 +130,7 @@ class Workers:
         ended = self._node.monotonic()
         service = ended - began
         with self._board.lock:
-            board = self._board
-            previous = board.ewma.get(task.task)
-            gain = aged_gain(EWMA_ALPHA, began - board.ewma_at.get(task.task, began), SERVICE_HALF_LIFE)
-            board.ewma[task.task] = service if previous is None else previous + gain * (service - previous)
-            board.ewma_at[task.task] = ended
+            self._board.ran(task.task, began, ended)
         if job.answered:
             self._board.count("late_results")
             self._overload.record("late-result", f"task {task.id[:128]!r} returned {service:.3f}s "

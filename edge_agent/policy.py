@@ -18,6 +18,9 @@ Expected completion time (ECT) of an option, in seconds, and its spread::
     busy_wait  = busy * (queue_capacity or busy_tasks * workers) * service / workers
     spread     = rtt_dev + error_dev   (a server's; a local run's: the service time's mean deviation)
                  + the default of a server's unknown round trip or service time
+                 + (1 - 0.5 ** (age / evidence_half_life)) x (queue_wait + busy_wait + service)
+    age        = now - evidence_at: how long its report has repeated an unchanged service time (it ran
+                 nothing) with no answer to this device since; 0 while anything measures it
     caution    = doubt; for a local run never timed, the default service time
     service    = the server's; if unknown, ``ect`` assumes the shortest known among the servers it drew
                  for this decision (the default if none is known), with the default's spread

@@ -23,10 +23,17 @@
   (:meth:`ServerTable.answered`): the round trip (the measured wall time minus the queue wait and
   service time the server reports and the expected transfer), the service time, the queue wait, the
   error of the prediction and the answer's wall time (peak EWMA, for ``p2c``), each an EWMA with the
-  gain ``answer_gain`` (the same up as down); the prediction error also halves every ``half_life``
+  gain ``answer_gain`` (the same up as down); the prediction error halves every ``evidence_half_life``
   seconds without an answer. The answers' round trip is used while it is at least as recent as the
   last pong, the pings' otherwise; their service time and queue wait replace the report's while they
-  are newer than it. Pings fill the gaps when no work flows.
+  are newer than it (the service time also while the report merely repeats a figure older than the
+  answer). Pings fill the gaps when no work flows.
+* **Evidence ages.** After a pause the previous estimate weighs less against the next sample
+  (:func:`~agent_common.smoothing.aged_gain` with ``evidence_half_life``: round trip, service time and
+  queue wait of answers, and the pongs' round trip), so one answer after a bad period moves it most of
+  the way. A report that repeats a task's service time unchanged says the server ran none since: the
+  row's ``evidence_at`` is then when that figure came (or this device's last answer, if newer), and
+  ``ect`` widens the spread of an estimate nothing refreshes, so the server gets tried again.
 * **Tasks sent since the report.** Each send is counted against the report it was decided on; a newer
   report includes it, so the count starts again; an answer takes it out of the count it was in.
 * **The device's own link.** While it was down nothing could be heard: :meth:`ServerTable.link_restored`
