@@ -18,9 +18,11 @@ Expected completion time (ECT) of an option, in seconds, and its spread::
     busy_wait  = busy * (queue_capacity or busy_tasks * workers) * service / workers
     spread     = rtt_dev + error_dev   (a server's; a local run's: the service time's mean deviation)
                  + the default of a server's unknown round trip or service time
-                 + (1 - 0.5 ** (age / evidence_half_life)) x (queue_wait + busy_wait + service)
+                 + (1 - 0.5 ** (age / evidence_half_life)) x (service - service_floor)
     age        = now - evidence_at: how long its report has repeated an unchanged service time (it ran
                  nothing) with no answer to this device since; 0 while anything measures it
+    service_floor = the lowest service time its reports have shown: what it may have gone back to
+                 (unknown: the aged part is queue_wait + busy_wait + service)
     caution    = doubt; for a local run never timed, the default service time
     service    = the server's; if unknown, ``ect`` assumes the shortest known among the servers it drew
                  for this decision (the default if none is known), with the default's spread
@@ -164,6 +166,8 @@ class ServerInfo:
     """When its service time was last measured (the caller's clock), once its report repeats an unchanged
     one (it ran nothing since): when that figure came, or this device's last answer from it if newer.
     ``None``: current (its last report changed it, or no report says); ``ect`` does not age it."""
+    service_floor: float | None = None
+    """The lowest service time its reports have shown for the task (s): what it does when well."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,10 +210,10 @@ class PolicyConfig:
     service time's of a local run; not the default spread of unknowns): the goal is a low p95."""
     busy_tasks: int = 4
     """Queued tasks per worker a busy answer stands for when the server reports no queue capacity."""
-    evidence_half_life: float = 2.0
-    """``ect``: seconds for a server's work estimate (queue and service) to lose half its weight
-    while nothing measures it (``ServerInfo.evidence_at``): the spread grows by
-    ``(1 - 0.5 ** (age / evidence_half_life)) x`` that part, so a server left after a bad period is drawn
+    evidence_half_life: float = 1.0
+    """``ect``: seconds for a server's service-time estimate to lose half its weight while nothing
+    measures it (``ServerInfo.evidence_at``): the spread grows by ``(1 - 0.5 ** (age /
+    evidence_half_life)) x (service - service_floor)``, so a server left after a bad period is drawn
     again now and then and its answer says whether it recovered (0: evidence never ages)."""
 
     def __post_init__(self) -> None:
@@ -306,9 +310,12 @@ def _server_estimate(task: TaskInfo, server: ServerInfo, config: PolicyConfig,
         estimate += server.recent_failures * config.failure_penalty
     measured_at = server.evidence_at
     if now is not None and measured_at is not None and now > measured_at and config.evidence_half_life:
-        # Aged evidence: what only work there measures (its queue and service) may have changed since.
-        spread += (1.0 - 0.5 ** ((now - measured_at) / config.evidence_half_life)) * (
-            estimate - rtt - task.backlog - task.payload_bytes / bandwidth)
+        # Aged evidence: the service time may have gone back to what the server does when well (its
+        # floor; unknown: anywhere down to 0, queue included) since anything measured it.
+        floor = server.service_floor
+        aged = estimate - rtt - task.backlog - task.payload_bytes / bandwidth if floor is None else (
+            service - floor if service > floor else 0.0)
+        spread += (1.0 - 0.5 ** ((now - measured_at) / config.evidence_half_life)) * aged
     return estimate, spread, caution
 
 

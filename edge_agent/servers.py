@@ -23,7 +23,7 @@
   (:meth:`ServerTable.answered`): the round trip (the measured wall time minus the queue wait and
   service time the server reports and the expected transfer), the service time, the queue wait, the
   error of the prediction and the answer's wall time (peak EWMA, for ``p2c``), each an EWMA with the
-  gain ``answer_gain`` (the same up as down); the prediction error halves every ``evidence_half_life``
+  gain ``answer_gain`` (the same up as down); the prediction error also halves every ``half_life``
   seconds without an answer. The answers' round trip is used while it is at least as recent as the
   last pong, the pings' otherwise; their service time and queue wait replace the report's while they
   are newer than it (the service time also while the report merely repeats a figure older than the
@@ -135,7 +135,7 @@ class ServerEntry:
     """
 
     __slots__ = ("_info", "_task", "_until", "awaiting", "bandwidth", "counters", "dead", "estimators",
-                 "figured", "generation", "interval", "last_heartbeat", "node", "pings", "repeated",
+                 "figured", "floor", "generation", "interval", "last_heartbeat", "node", "pings", "repeated",
                  "report", "restored_at", "rtt", "rtt_at", "rtt_dev", "seq", "session", "stale_after")
 
     def __init__(self, node: str, *, stale_after: int = 3, estimators: Estimators | None = None,
@@ -152,6 +152,8 @@ class ServerEntry:
         self.report: ServerReport | None = None
         self.figured: dict[str, float] = {}
         """Task name -> when a report's service time for it last changed (the server ran it since)."""
+        self.floor: dict[str, float] = {}
+        """Task name -> the lowest service time its reports have shown (what it can do when well)."""
         self.repeated: frozenset[str] = frozenset()
         """Tasks whose service time the last report repeated unchanged: the server ran none since."""
         self.generation = 0
@@ -192,10 +194,12 @@ class ServerEntry:
         self.last_heartbeat = now
         before = self.report.service_time if self.report is not None else {}
         if report.service_time != before:
-            figured = self.figured
+            figured, floor = self.figured, self.floor
             for task, value in report.service_time.items():
                 if before.get(task) != value:
                     figured[task] = now
+                    if value < floor.get(task, _INF):
+                        floor[task] = value
         self.repeated = frozenset(task for task, value in report.service_time.items()
                                   if before.get(task) == value)
         self.report = report
@@ -317,7 +321,8 @@ class ServerEntry:
             info = ServerInfo(self.node, task in report.capabilities, stale, self.rtt, self.rtt_dev,
                               self.bandwidth, report.queue_length, report.in_flight, report.workers,
                               report.service_time.get(task), queue_capacity=report.queue_capacity,
-                              evidence_at=self.figured.get(task) if task in self.repeated else None)
+                              evidence_at=self.figured.get(task) if task in self.repeated else None,
+                              service_floor=self.floor.get(task))
         self._task, self._info = task, info
         self._until = _INF if stale else self.stale_at()
         return info
@@ -624,7 +629,7 @@ class ServerTable:
         learned.wait = queue_wait if first else learned.wait + gain * (queue_wait - learned.wait)
         if predicted is not None:
             if learned.error_dev and now > learned.at > -_INF:  # an old error counts less
-                learned.error_dev *= 0.5 ** ((now - learned.at) / estimators.evidence_half_life)
+                learned.error_dev *= 0.5 ** ((now - learned.at) / self._half_life)
             learned.error_dev += base * (abs(wall - predicted) - learned.error_dev)
         latency = learned.latency
         learned.latency = wall if latency is None or wall > latency else latency + base * (wall - latency)
@@ -739,7 +744,8 @@ class ServerTable:
                 return row
             return ServerInfo(node, row.capable, row.stale, row.rtt, row.rtt_dev, row.bandwidth,
                               row.queue_length, row.in_flight, row.workers, row.service_time, since, failed,
-                              row.queue_capacity, evidence_at=row.evidence_at)
+                              row.queue_capacity, evidence_at=row.evidence_at,
+                              service_floor=row.service_floor)
         if learned.busy or learned.doubt:
             learned.decay(now, self._half_life)
         if entry is None:
@@ -760,14 +766,14 @@ class ServerTable:
                 measured_at = learned.at
         error_dev = learned.error_dev
         if error_dev and now > learned.at:  # the error fades while no answer says otherwise
-            error_dev *= 0.5 ** ((now - learned.at) / self._estimators.evidence_half_life)
+            error_dev *= 0.5 ** ((now - learned.at) / self._half_life)
         doubt = learned.doubt
         if learned.due and now > learned.due[0]:
             doubt += now - learned.due[0]
         return ServerInfo(node, row.capable, row.stale, rtt, rtt_dev, row.bandwidth, row.queue_length,
                           row.in_flight, row.workers, service, since, failed, row.queue_capacity,
                           learned.outstanding, wait, error_dev, learned.busy, doubt, learned.latency,
-                          measured_at)
+                          measured_at, row.service_floor)
 
     def announces(self, task: str) -> bool:
         """True when some server (alive or not) announced ``task`` in a heartbeat."""

@@ -422,6 +422,16 @@ def test_a_server_left_after_a_bad_period_is_drawn_again_as_its_evidence_ages() 
     assert share(99.0) == 0.0                       # a second old (half-life 2 s): not yet worth a try
     assert 0.03 < share(90.0) < 0.2                 # ten seconds without a sample: tried now and then
     assert share(90.0, PolicyConfig(evidence_half_life=0.0)) == 0.0  # evidence that never ages: never
+
+    def floored(floor: float) -> float:
+        slowed = ServerInfo("slowed", rtt=0.001, service_time=0.075, evidence_at=90.0, service_floor=floor)
+        picks = [run("ect", [fast, slowed], seed=seed).target for seed in range(1000)]
+        return picks.count("slowed") / len(picks)
+
+    # What it may have gone back to is what its reports showed when it was well: a server that was
+    # never faster than now is not worth a try; one that ran in 8 ms before its bad period is.
+    assert floored(0.070) == 0.0
+    assert 0.03 < floored(0.008) < 0.2
     # The deadline is judged on the same widened spread: an old figure is a risk, not a promise.
     old = ServerInfo("slowed", rtt=0.001, service_time=0.075, evidence_at=90.0)
     fresh = dataclasses.replace(old, evidence_at=100.0)

@@ -201,6 +201,8 @@ def test_a_heartbeat_repeating_an_old_service_time_is_no_new_evidence() -> None:
     beat(table, "s", 4, 8.0, service=0.009)            # it ran the task since: its figure is newer
     info = row(table, 8.5)
     assert info.evidence_at is None and info.service_time == pytest.approx(0.009)
+    beat(table, "s", 5, 9.0, service=0.030)
+    assert row(table, 9.5).service_floor == pytest.approx(0.009)  # the best its reports have shown
 
 
 def test_after_a_pause_one_answer_moves_the_estimate_most_of_the_way() -> None:
