@@ -13,10 +13,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent_common.registry import TaskSpec
+from agent_common.smoothing import aged_gain
 from cloud_agent.cache import ResultCache
 from cloud_agent.config import CloudConfig
 from topics.codec import Codec
 from topics.models import Load, Task
+
+EWMA_ALPHA = 0.2
+"""Gain of the service-time average per task name that heartbeats report."""
+SERVICE_HALF_LIFE = 2.0
+"""Seconds without a run of a task for its average's old value to lose half its weight against the next
+run (:func:`~agent_common.smoothing.aged_gain`): after a pause the report follows the first new run
+instead of repeating a figure from before it."""
 
 
 @dataclass(eq=False)
@@ -58,6 +66,8 @@ class JobBoard:
         self.cache = cache
         self.ewma: dict[str, float] = {}
         """Service time per task name, smoothed: what heartbeats report."""
+        self.ewma_at: dict[str, float] = {}
+        """Task name -> monotonic time its last run ended (what ages its average)."""
         self.counters: Counter[str] = Counter()
         self.draining = False
         """Set by a stopping server: new tasks get rejected-busy."""
@@ -65,6 +75,15 @@ class JobBoard:
     def count(self, key: str, n: int = 1) -> None:
         with self.lock:
             self.counters[key] += n
+
+    def ran(self, task: str, began: float, ended: float) -> None:
+        """A run of ``task`` took ``ended - began`` s: fold it into its reported average (caller holds
+        the lock); the longer since the last run ended, the more the new one weighs."""
+        service = ended - began
+        previous = self.ewma.get(task)
+        gain = aged_gain(EWMA_ALPHA, began - self.ewma_at.get(task, began), SERVICE_HALF_LIFE)
+        self.ewma[task] = service if previous is None else previous + gain * (service - previous)
+        self.ewma_at[task] = ended
 
     def has_room(self) -> bool:
         """Room for one more task: ``queue_size`` waiting beyond the workers (caller holds the lock)."""

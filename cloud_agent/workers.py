@@ -17,14 +17,12 @@ from typing import Any
 
 from agent_common.badinput import RateLimitedLog
 from agent_common.registry import TaskSpec, run_spec
-from cloud_agent.jobs import Job
+from cloud_agent.jobs import EWMA_ALPHA, SERVICE_HALF_LIFE, Job
 from cloud_agent.node import ServerNode
 from cloud_agent.replies import Replies, content_type
 from topics.codec import EncodeError
 from topics.models import Result, Status
 
-EWMA_ALPHA = 0.2
-"""Gain of the service-time average per task name that heartbeats report."""
 _COMPACT_MIN = 1024
 """Deadlines kept before answered jobs are first dropped from the watchdog's heap."""
 
@@ -145,11 +143,10 @@ class Workers:
             self.answer(job, Status.ERROR, error=f"{type(exc).__name__}: {exc}"[:4096],
                         service_time=service)
             return
-        service = self._node.monotonic() - began
+        ended = self._node.monotonic()
+        service = ended - began
         with self._board.lock:
-            previous = self._board.ewma.get(task.task)
-            self._board.ewma[task.task] = service if previous is None else (
-                previous + EWMA_ALPHA * (service - previous))
+            self._board.ran(task.task, began, ended)
         if job.answered:
             self._board.count("late_results")
             self._overload.record("late-result", f"task {task.id[:128]!r} returned {service:.3f}s "
@@ -229,4 +226,4 @@ class Workers:
             self.answer(job, Status.EXPIRED, error=f"deadline passed {where}")
 
 
-__all__ = ["EWMA_ALPHA", "Workers"]
+__all__ = ["EWMA_ALPHA", "SERVICE_HALF_LIFE", "Workers"]

@@ -18,6 +18,11 @@ Expected completion time (ECT) of an option, in seconds, and its spread::
     busy_wait  = busy * (queue_capacity or busy_tasks * workers) * service / workers
     spread     = rtt_dev + error_dev   (a server's; a local run's: the service time's mean deviation)
                  + the default of a server's unknown round trip or service time
+                 + (1 - 0.5 ** (age / evidence_half_life)) x (service - service_floor)
+    age        = now - evidence_at: how long its report has repeated an unchanged service time (it ran
+                 nothing) with no answer to this device since; 0 while anything measures it
+    service_floor = the lowest service time its reports have shown: what it may have gone back to
+                 (unknown: the aged part is queue_wait + busy_wait + service)
     caution    = doubt; for a local run never timed, the default service time
     service    = the server's; if unknown, ``ect`` assumes the shortest known among the servers it drew
                  for this decision (the default if none is known), with the default's spread
@@ -157,6 +162,12 @@ class ServerInfo:
     """Decayed seconds this device waited for attempts to it that timed out: uncertainty."""
     latency: float | None = None
     """Peak-EWMA wall time (s) of its answers to this device (``p2c``)."""
+    evidence_at: float | None = None
+    """When its service time was last measured (the caller's clock), once its report repeats an unchanged
+    one (it ran nothing since): when that figure came, or this device's last answer from it if newer.
+    ``None``: current (its last report changed it, or no report says); ``ect`` does not age it."""
+    service_floor: float | None = None
+    """The lowest service time its reports have shown for the task (s): what it does when well."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +210,11 @@ class PolicyConfig:
     service time's of a local run; not the default spread of unknowns): the goal is a low p95."""
     busy_tasks: int = 4
     """Queued tasks per worker a busy answer stands for when the server reports no queue capacity."""
+    evidence_half_life: float = 1.0
+    """``ect``: seconds for a server's service-time estimate to lose half its weight while nothing
+    measures it (``ServerInfo.evidence_at``): the spread grows by ``(1 - 0.5 ** (age /
+    evidence_half_life)) x (service - service_floor)``, so a server left after a bad period is drawn
+    again now and then and its answer says whether it recovered (0: evidence never ages)."""
 
     def __post_init__(self) -> None:
         checks = (
@@ -210,7 +226,7 @@ class PolicyConfig:
             ("in_flight_residual", 0.0 <= self.in_flight_residual <= 1.0),
             ("rtt_dev_weight", self.rtt_dev_weight >= 0.0), ("choices", self.choices >= 1),
             ("rounds", self.rounds >= 1), ("risk", self.risk >= 0.0), ("explore", self.explore >= 0.0),
-            ("busy_tasks", self.busy_tasks >= 0),
+            ("busy_tasks", self.busy_tasks >= 0), ("evidence_half_life", self.evidence_half_life >= 0.0),
         )
         for name, ok in checks:
             if not ok:
@@ -262,9 +278,10 @@ def _queue_wait(ahead: int, workers: int, service: float, residual: float) -> fl
 
 
 def _server_estimate(task: TaskInfo, server: ServerInfo, config: PolicyConfig,
-                     prior: float | None = None) -> tuple[float, float, float]:
+                     prior: float | None = None, now: float | None = None) -> tuple[float, float, float]:
     """(ECT, spread, caution) of ``task`` on ``server`` (see the module docstring). ``prior``: the
-    service time assumed when the server's is unknown (else ``default_service_time``)."""
+    service time assumed when the server's is unknown (else ``default_service_time``); ``now``: the
+    caller's clock, to age the evidence (``None``: no ageing)."""
     spread = server.rtt_dev + server.error_dev
     caution = server.doubt
     rtt = server.rtt
@@ -291,6 +308,14 @@ def _server_estimate(task: TaskInfo, server: ServerInfo, config: PolicyConfig,
         estimate += server.busy * capacity * service / workers
     if server.recent_failures and config.failure_penalty:
         estimate += server.recent_failures * config.failure_penalty
+    measured_at = server.evidence_at
+    if now is not None and measured_at is not None and now > measured_at and config.evidence_half_life:
+        # Aged evidence: the service time may have gone back to what the server does when well (its
+        # floor; unknown: anywhere down to 0, queue included) since anything measured it.
+        floor = server.service_floor
+        aged = estimate - rtt - task.backlog - task.payload_bytes / bandwidth if floor is None else (
+            service - floor if service > floor else 0.0)
+        spread += (1.0 - 0.5 ** ((now - measured_at) / config.evidence_half_life)) * aged
     return estimate, spread, caution
 
 
@@ -399,7 +424,7 @@ def _draw_scan(servers: Sequence[ServerInfo], count: int, rng: random.Random, ex
     return picked
 
 
-def _ect(task: TaskInfo, local: LocalInfo, servers: Sequence[ServerInfo], *, rng: random.Random,
+def _ect(task: TaskInfo, local: LocalInfo, servers: Sequence[ServerInfo], *, rng: random.Random, now: float,
          previous: str | None, previous_at: int | None, exclude: frozenset[str], allow_local: bool,
          config: PolicyConfig) -> Decision:
     """The ``ect`` rule (see the module docstring)."""
@@ -441,7 +466,7 @@ def _ect(task: TaskInfo, local: LocalInfo, servers: Sequence[ServerInfo], *, rng
             if row.service_time is not None and (prior is None or row.service_time < prior):
                 prior = row.service_time
         for row in rows:
-            add(row.node, *_server_estimate(task, row, config, prior), row.rtt_dev + row.error_dev)
+            add(row.node, *_server_estimate(task, row, config, prior, now), row.rtt_dev + row.error_dev)
         rows.clear()
         if time_left is None or any(option[2] <= time_left for option in options):
             break
@@ -544,10 +569,10 @@ def decide(policy: str, task: TaskInfo, local: LocalInfo, servers: Sequence[Serv
     ``previous`` is the option chosen last time for this task name (a node id, or :data:`LOCAL`),
     ``previous_at`` where it is in ``servers`` if the caller knows (``ect`` then finds it in O(1));
     ``exclude`` are servers already tried for this task; ``allow_local=False`` removes the local option.
-    ``now`` is the caller's clock (unused by the current policies, kept so that policies stay pure).
-    Raises :class:`UnknownPolicyError` for a name not in :data:`POLICIES`.
+    ``now`` is the caller's clock, the same one as ``ServerInfo.evidence_at`` (``ect`` ages evidence by it:
+    policies stay pure, time arrives as an argument). Raises :class:`UnknownPolicyError` for a name not
+    in :data:`POLICIES`.
     """
-    del now  # pure by contract: time arrives as an argument; no current policy needs it
     if policy not in POLICIES:
         raise UnknownPolicyError(policy)
     time_left = task.time_left
@@ -556,7 +581,7 @@ def decide(policy: str, task: TaskInfo, local: LocalInfo, servers: Sequence[Serv
         return Decision(policy, None, "always-local", ((LOCAL, estimate),), _fits(estimate, time_left),
                         estimate)
     if policy == "ect":
-        return _ect(task, local, servers, rng=rng, previous=previous, previous_at=previous_at,
+        return _ect(task, local, servers, rng=rng, now=now, previous=previous, previous_at=previous_at,
                     exclude=exclude, allow_local=allow_local, config=config)
     if policy == "p2c":
         picked = _p2c(task, servers, rng=rng, exclude=exclude, config=config)

@@ -26,7 +26,14 @@
   gain ``answer_gain`` (the same up as down); the prediction error also halves every ``half_life``
   seconds without an answer. The answers' round trip is used while it is at least as recent as the
   last pong, the pings' otherwise; their service time and queue wait replace the report's while they
-  are newer than it. Pings fill the gaps when no work flows.
+  are newer than it (the service time also while the report merely repeats a figure older than the
+  answer). Pings fill the gaps when no work flows.
+* **Evidence ages.** After a pause the previous estimate weighs less against the next sample
+  (:func:`~agent_common.smoothing.aged_gain` with ``evidence_half_life``: round trip, service time and
+  queue wait of answers, and the pongs' round trip), so one answer after a bad period moves it most of
+  the way. A report that repeats a task's service time unchanged says the server ran none since: the
+  row's ``evidence_at`` is then when that figure came (or this device's last answer, if newer), and
+  ``ect`` widens the spread of an estimate nothing refreshes, so the server gets tried again.
 * **Tasks sent since the report.** Each send is counted against the report it was decided on; a newer
   report includes it, so the count starts again; an answer takes it out of the count it was in.
 * **The device's own link.** While it was down nothing could be heard: :meth:`ServerTable.link_restored`
@@ -52,6 +59,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import overload
 
+from agent_common.smoothing import aged_gain
 from edge_agent.policy import ServerInfo
 from edge_agent.tuning import Estimators
 from topics.models import Heartbeat, Load, NodeState, Role
@@ -127,8 +135,8 @@ class ServerEntry:
     """
 
     __slots__ = ("_info", "_task", "_until", "awaiting", "bandwidth", "counters", "dead", "estimators",
-                 "generation", "interval", "last_heartbeat", "node", "pings", "report", "restored_at",
-                 "rtt", "rtt_at", "rtt_dev", "seq", "session", "stale_after")
+                 "figured", "floor", "generation", "interval", "last_heartbeat", "node", "pings", "repeated",
+                 "report", "restored_at", "rtt", "rtt_at", "rtt_dev", "seq", "session", "stale_after")
 
     def __init__(self, node: str, *, stale_after: int = 3, estimators: Estimators | None = None,
                  counters: dict[str, int] | None = None) -> None:
@@ -142,6 +150,12 @@ class ServerEntry:
         self.seq = -1
         self.dead = False
         self.report: ServerReport | None = None
+        self.figured: dict[str, float] = {}
+        """Task name -> when a report's service time for it last changed (the server ran it since)."""
+        self.floor: dict[str, float] = {}
+        """Task name -> the lowest service time its reports have shown (what it can do when well)."""
+        self.repeated: frozenset[str] = frozenset()
+        """Tasks whose service time the last report repeated unchanged: the server ran none since."""
         self.generation = 0
         """+1 per accepted report: what sends since the report are counted against."""
         self.rtt: float | None = None
@@ -178,6 +192,16 @@ class ServerEntry:
         self.seq = report.seq
         self.interval = report.interval
         self.last_heartbeat = now
+        before = self.report.service_time if self.report is not None else {}
+        if report.service_time != before:
+            figured, floor = self.figured, self.floor
+            for task, value in report.service_time.items():
+                if before.get(task) != value:
+                    figured[task] = now
+                    if value < floor.get(task, _INF):
+                        floor[task] = value
+        self.repeated = frozenset(task for task, value in report.service_time.items()
+                                  if before.get(task) == value)
         self.report = report
         self.generation += 1
         self.awaiting = False
@@ -246,7 +270,9 @@ class ServerEntry:
         else:
             gains = self.estimators
             self.rtt_dev += gains.rtt_dev_gain * (abs(sample - self.rtt) - self.rtt_dev)
-            self.rtt += gains.rtt_gain * (sample - self.rtt)
+            # The pings' previous estimate ages as answers' do (pings are seconds apart).
+            gain = aged_gain(gains.rtt_gain, now - self.rtt_at, gains.evidence_half_life)
+            self.rtt += gain * (sample - self.rtt)
         self.rtt_at = now
         self._task = None
         return sample
@@ -294,7 +320,9 @@ class ServerEntry:
         else:
             info = ServerInfo(self.node, task in report.capabilities, stale, self.rtt, self.rtt_dev,
                               self.bandwidth, report.queue_length, report.in_flight, report.workers,
-                              report.service_time.get(task), queue_capacity=report.queue_capacity)
+                              report.service_time.get(task), queue_capacity=report.queue_capacity,
+                              evidence_at=self.figured.get(task) if task in self.repeated else None,
+                              service_floor=self.floor.get(task))
         self._task, self._info = task, info
         self._until = _INF if stale else self.stale_at()
         return info
@@ -595,7 +623,10 @@ class ServerTable:
             return
         learned = self._learn(node)
         learned.decay(now, self._half_life)
-        gain = self._estimators.answer_gain
+        estimators = self._estimators
+        gain = base = estimators.answer_gain
+        if learned.at > -_INF:  # an old estimate is weaker evidence than a new sample
+            gain = aged_gain(base, now - learned.at, estimators.evidence_half_life)
         queue_wait = queue_wait if queue_wait > 0.0 else 0.0
         service_time = service_time if service_time > 0.0 else 0.0
         sample = wall - queue_wait - service_time - transfer
@@ -613,9 +644,9 @@ class ServerTable:
         if predicted is not None:
             if learned.error_dev and now > learned.at > -_INF:  # an old error counts less
                 learned.error_dev *= 0.5 ** ((now - learned.at) / self._half_life)
-            learned.error_dev += gain * (abs(wall - predicted) - learned.error_dev)
+            learned.error_dev += base * (abs(wall - predicted) - learned.error_dev)
         latency = learned.latency
-        learned.latency = wall if latency is None or wall > latency else latency + gain * (wall - latency)
+        learned.latency = wall if latency is None or wall > latency else latency + base * (wall - latency)
         learned.at = now
         learned.busy *= 0.5
         learned.doubt *= 0.5
@@ -727,7 +758,8 @@ class ServerTable:
                 return row
             return ServerInfo(node, row.capable, row.stale, row.rtt, row.rtt_dev, row.bandwidth,
                               row.queue_length, row.in_flight, row.workers, row.service_time, since, failed,
-                              row.queue_capacity)
+                              row.queue_capacity, evidence_at=row.evidence_at,
+                              service_floor=row.service_floor)
         if learned.busy or learned.doubt:
             learned.decay(now, self._half_life)
         if entry is None:
@@ -735,10 +767,17 @@ class ServerTable:
         rtt, rtt_dev = row.rtt, row.rtt_dev
         if learned.rtt is not None and (rtt is None or learned.at >= entry.rtt_at):
             rtt, rtt_dev = learned.rtt, learned.rtt_dev
-        service, wait = row.service_time, None
+        service, wait, measured_at = row.service_time, None, row.evidence_at
         heard = entry.last_heartbeat
-        if learned.at > -_INF and (heard is None or learned.at > heard):
-            service, wait = learned.service, learned.wait
+        if learned.at > -_INF:
+            if heard is None or learned.at > heard:
+                service, wait = learned.service, learned.wait
+            elif measured_at is not None and learned.at > measured_at:
+                # A heartbeat repeating a service time the server measured before this answer is no
+                # newer evidence of it: the answer's stands (the queue is the report's).
+                service = learned.service
+            if measured_at is not None and learned.at > measured_at:
+                measured_at = learned.at
         error_dev = learned.error_dev
         if error_dev and now > learned.at:  # the error fades while no answer says otherwise
             error_dev *= 0.5 ** ((now - learned.at) / self._half_life)
@@ -747,7 +786,8 @@ class ServerTable:
             doubt += now - learned.due[0]
         return ServerInfo(node, row.capable, row.stale, rtt, rtt_dev, row.bandwidth, row.queue_length,
                           row.in_flight, row.workers, service, since, failed, row.queue_capacity,
-                          learned.outstanding, wait, error_dev, learned.busy, doubt, learned.latency)
+                          learned.outstanding, wait, error_dev, learned.busy, doubt, learned.latency,
+                          measured_at, row.service_floor)
 
     def announces(self, task: str) -> bool:
         """True when some server (alive or not) announced ``task`` in a heartbeat."""

@@ -42,6 +42,9 @@ class Estimators(_Frozen):
     """EWMA gain of the device's own service time per task name (and of its mean deviation)."""
     answer_gain: Gain = 0.3
     """EWMA gain of what answers teach (round trip, service time, queue wait, prediction error)."""
+    evidence_half_life: PositiveSeconds = 2.0
+    """Seconds for what answers taught (round trip, service time, queue wait) to lose half its weight
+    against the next answer while none comes: after a pause the first answer moves it most of the way."""
     min_bandwidth_bytes: Annotated[int, Field(ge=1)] = 16 * 1024
     """Only transfers of at least this many bytes (task + result) update the bandwidth estimate."""
 

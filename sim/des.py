@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from heapq import heappush
 from typing import Any
 
+from agent_common.smoothing import aged_gain
 from edge_agent.core import Action, Complete, CoreTask, DeviceCore, Execute, RunLocal, Send, Timer
 from edge_agent.policy import LOCAL, Decision, LocalInfo, PolicyConfig, ServerInfo, TaskInfo, check_policy
 from edge_agent.servers import ServerEntry, ServerReport, ServerTable
@@ -75,6 +76,9 @@ _OK, _REJECTED, _EXPIRED = "ok", "rejected-busy", "expired"
 _INF = math.inf
 _SERVER_EWMA = 0.2
 """The servers' service-time EWMA gain (``cloud_agent.server.EWMA_ALPHA``)."""
+_SERVER_HALF_LIFE = 2.0
+"""... and how fast its old value ages while the task does not run (``cloud_agent.workers``'s
+``SERVICE_HALF_LIFE``)."""
 _ANSWER_BYTES = 100
 """Size of a result that carries no payload (busy, expired)."""
 
@@ -112,6 +116,8 @@ class _Server:
     queue: deque[tuple[_Job, int, float]] = field(default_factory=deque)
     """``(job, attempt, arrival time)`` waiting for a worker."""
     service: dict[str, float] = field(default_factory=dict)
+    service_at: dict[str, float] = field(default_factory=dict)
+    """Task name -> when its last run ended (what ages ``service``)."""
     phase: float = 0.0
     """Delay from the birth heartbeat to the second one; then every interval."""
 
@@ -560,8 +566,9 @@ class _Simulation:
         task = record.task
         measured = now - started
         previous = server.service.get(task)
-        server.service[task] = (measured if previous is None
-                                else previous + _SERVER_EWMA * (measured - previous))
+        gain = aged_gain(_SERVER_EWMA, started - server.service_at.get(task, started), _SERVER_HALF_LIFE)
+        server.service[task] = measured if previous is None else previous + gain * (measured - previous)
+        server.service_at[task] = now
         self.reply(server, job, attempt, _OK, started - arrived, measured, now)
         while server.queue and server.busy < server.workers:
             waiting, waiting_attempt, waiting_arrived = server.queue.popleft()

@@ -14,8 +14,10 @@ import pytest
 from brokers_support import wait_for
 
 from agent_common.registry import Done, TaskRegistry
+from cloud_agent.cache import ResultCache
 from cloud_agent.config import CloudConfig
 from cloud_agent.http_adapter import HttpAdapterError, HttpForwarder
+from cloud_agent.jobs import EWMA_ALPHA, JobBoard
 from cloud_agent.server import CloudAgent
 from topics.codec import Codec
 from topics.memory import MemoryBroker, MemoryTransport
@@ -761,3 +763,14 @@ def test_rate_limited_log_flushes_a_burst_that_stopped(caplog: pytest.LogCapture
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["x [k] detail", "x [k] 4 more in the last 10s (5 in all)"]
     assert summary.snapshot() == {"k": 5}
+
+
+def test_the_reported_service_time_follows_the_first_run_after_a_pause() -> None:
+    board = JobBoard(config(), ResultCache(8, 60.0, 1 << 20))
+    for step in range(10):                                    # a slow period, runs back to back
+        board.ran("detect", 0.075 * step, 0.075 * (step + 1))
+    assert board.ewma["detect"] == pytest.approx(0.075)
+    board.ran("detect", 0.75, 0.758)                          # right after: the plain gain moves it
+    assert board.ewma["detect"] == pytest.approx(0.075 + EWMA_ALPHA * (0.008 - 0.075))
+    board.ran("detect", 20.0, 20.008)                         # after 19 s without a run: nearly all of it
+    assert board.ewma["detect"] < 0.009

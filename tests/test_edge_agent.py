@@ -18,6 +18,7 @@ import pytest
 from brokers_support import wait_for
 
 from agent_common.registry import TaskRegistry, UnknownTaskError
+from agent_common.smoothing import aged_gain
 from cloud_agent.config import CloudConfig
 from cloud_agent.server import CloudAgent
 from edge_agent.agent import EdgeAgent, payload_size
@@ -469,7 +470,8 @@ def test_server_table_sessions_probes_bandwidth_and_failures() -> None:
     table.ping_sent("s", 2, 11.0)
     table.on_pong("s", 2, 11.0, 11.012)
     view = table.views(11.0)[0]
-    assert view.rtt == pytest.approx(0.004 + (0.012 - 0.004) / 2)  # pings are sparse: gain 1/2
+    # Pings are sparse: gain 1/2, and more as the previous pong ages (a second here).
+    assert view.rtt == pytest.approx(0.004 + aged_gain(0.5, 11.012 - 10.004, 2.0) * (0.012 - 0.004))
     assert view.rtt_dev > 0
 
     table.transfer_observed("s", 100, 0.5, 0.0)  # too small to say anything about bandwidth

@@ -407,3 +407,38 @@ def test_ect_finds_the_few_usable_servers_of_a_large_table() -> None:
              for i in range(1000)]
     picks = {run("ect", table, seed=seed).target for seed in range(60)}
     assert picks == {"s5", "s500", "s995"}
+
+
+def test_a_server_left_after_a_bad_period_is_drawn_again_as_its_evidence_ages() -> None:
+    # "slowed" answered 75 ms during a bad period; "fast" answers in 17 ms and its evidence is fresh.
+    fast = ServerInfo("fast", rtt=0.002, service_time=0.015, evidence_at=100.0)
+
+    def share(measured_at: float, config: PolicyConfig = DEFAULT_POLICY_CONFIG) -> float:
+        slowed = ServerInfo("slowed", rtt=0.001, service_time=0.075, evidence_at=measured_at)
+        picks = [run("ect", [fast, slowed], seed=seed, config=config).target for seed in range(1000)]
+        return picks.count("slowed") / len(picks)
+
+    assert share(100.0) == 0.0                      # just measured: its 75 ms stand
+    assert share(99.0) == 0.0                       # a second old (half-life 2 s): not yet worth a try
+    assert 0.03 < share(90.0) < 0.2                 # ten seconds without a sample: tried now and then
+    assert share(90.0, PolicyConfig(evidence_half_life=0.0)) == 0.0  # evidence that never ages: never
+
+    def floored(floor: float) -> float:
+        slowed = ServerInfo("slowed", rtt=0.001, service_time=0.075, evidence_at=90.0, service_floor=floor)
+        picks = [run("ect", [fast, slowed], seed=seed).target for seed in range(1000)]
+        return picks.count("slowed") / len(picks)
+
+    # What it may have gone back to is what its reports showed when it was well: a server that was
+    # never faster than now is not worth a try; one that ran in 8 ms before its bad period is.
+    assert floored(0.070) == 0.0
+    assert 0.03 < floored(0.008) < 0.2
+    # The deadline is judged on the same widened spread: an old figure is a risk, not a promise.
+    old = ServerInfo("slowed", rtt=0.001, service_time=0.075, evidence_at=90.0)
+    fresh = dataclasses.replace(old, evidence_at=100.0)
+    assert run("ect", [old], task=dataclasses.replace(TASK, time_left=0.15)).feasible is False
+    assert run("ect", [fresh], task=dataclasses.replace(TASK, time_left=0.15)).feasible is True
+
+
+def test_evidence_half_life_out_of_range_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="evidence_half_life"):
+        PolicyConfig(evidence_half_life=-1.0)

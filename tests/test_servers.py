@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent_common.smoothing import aged_gain
 from edge_agent.core import DeviceCore, Send
 from edge_agent.policy import ServerInfo, TaskInfo, server_ect
 from edge_agent.servers import BIRTH_INTERVAL, ServerReport, ServerTable
@@ -209,3 +210,48 @@ def test_a_snapshot_read_twice_gives_what_a_fresh_read_gives(reads: list[int], a
     for index in reads:
         assert rows[index] == table.snapshot("detect", 1.0)[index]
     assert list(rows) == list(table.snapshot("detect", 1.0)) == list(rows[0:12])
+
+
+def test_a_heartbeat_repeating_an_old_service_time_is_no_new_evidence() -> None:
+    table = table_with(service=0.075)                  # the server's figure from a slow period, at 0 s
+    assert row(table, 5.0).evidence_at is None         # the newest report: as current as reports get
+    beat(table, "s", 2, 1.0, service=0.075)            # the same figure again: it ran nothing since
+    assert row(table, 5.0).evidence_at == 0.0          # so the evidence is as old as before
+    table.answered("s", 6.0, wall=0.010, queue_wait=0.0, service_time=0.008)  # a try: fast again
+    beat(table, "s", 3, 7.0, service=0.075)            # still the old figure
+    info = row(table, 7.5)
+    assert info.evidence_at == 6.0 and info.service_time == pytest.approx(0.008)  # the answer stands
+    beat(table, "s", 4, 8.0, service=0.009)            # it ran the task since: its figure is newer
+    info = row(table, 8.5)
+    assert info.evidence_at is None and info.service_time == pytest.approx(0.009)
+    beat(table, "s", 5, 9.0, service=0.030)
+    assert row(table, 9.5).service_floor == pytest.approx(0.009)  # the best its reports have shown
+
+
+def test_after_a_pause_one_answer_moves_the_estimate_most_of_the_way() -> None:
+    def after(pause: float) -> float:
+        table = table_with()
+        for step in range(20):                         # a slow period: 75 ms, answers flowing
+            table.answered("s", 0.1 * step, wall=0.080, queue_wait=0.0, service_time=0.075)
+        table.answered("s", 1.9 + pause, wall=0.012, queue_wait=0.0, service_time=0.008)
+        service = row(table, 1.9 + pause).service_time
+        assert service is not None
+        return service
+
+    assert after(0.1) > 0.05                           # while answers flow: the plain gain (0.3)
+    assert after(10.0) < 0.010                         # ten seconds after the last one: nearly all of it
+
+
+def test_aged_gain_is_the_plain_gain_while_samples_flow_and_nears_one_after_a_pause() -> None:
+    assert aged_gain(0.3, 0.0, 2.0) == 0.3
+    assert aged_gain(0.3, 2.0, 2.0) == pytest.approx(1.0 - 0.7 / 2)
+    assert aged_gain(0.3, 20.0, 2.0) > 0.999
+
+
+def test_pongs_seconds_apart_weigh_the_old_round_trip_less() -> None:
+    table = table_with()
+    pong(table, 1, 0.0, 0.080)                         # a slow link
+    pong(table, 2, 0.1, 0.080)
+    pong(table, 3, 2.1, 0.001)                         # recovered; the next pong two seconds later
+    rtt = row(table, 2.2).rtt
+    assert rtt is not None and rtt < 0.080 - 0.5 * 0.079  # more than the plain gain (0.5) moved it
