@@ -15,13 +15,13 @@ import tempfile
 from pathlib import Path
 
 from edge_agent.policy import DEFAULT_POLICY
-from sim.cli import SCENARIO_DIR, resolve_scenario
+from sim.cli import resolve_scenario, shipped_scenarios
 from sim.des import run_des
 from sim.oracle import ORACLE
 from sim.report import RunResult, write_plots
 from sim.scenario import load_scenario
 
-SCENARIOS = tuple(sorted(path.stem for path in SCENARIO_DIR.glob("*.toml")))
+SCENARIOS = tuple(path.stem for path in shipped_scenarios())
 
 
 def scenario_cdf(name: str, seed: int, out: Path) -> Path:

@@ -26,16 +26,14 @@ import itertools
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
+from sim.cli import resolve_scenario, shipped_scenarios
 from sim.des import run_des
 from sim.emulate import run_emulation
 from sim.oracle import ORACLE
 from sim.report import RunResult, summarize
 from sim.scenario import Scenario, load_scenario
 from topics.brokers import MosquittoBroker
-
-SHIPPED = Path(__file__).resolve().parent.parent / "sim" / "scenarios"
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,8 @@ def ranking(p95: Mapping[str, float]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--scenarios", default=",".join(sorted(p.stem for p in SHIPPED.glob("*.toml"))))
+    parser.add_argument("--scenarios", default=",".join(p.stem for p in shipped_scenarios(adversarial=False)),
+                        help="shipped names or paths (default: the examples, not the adversarial ones)")
     parser.add_argument("--seeds", default="", help="comma-separated seeds (default: each scenario's own)")
     parser.add_argument("--tie", type=float, default=0.10)
     parser.add_argument("--device-processes", type=int, default=2,
@@ -92,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "| emulation timer lateness p95 ms |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for name in args.scenarios.split(","):
-            scenario = load_scenario(SHIPPED / f"{name}.toml")
+            scenario = load_scenario(resolve_scenario(name))
             seeds = [int(s) for s in args.seeds.split(",") if s] or [scenario.seed]
             # Measured: 40 devices gain from their own processes (herding p95 44-60 -> 21-24 ms);
             # one device loses ~1.5 ms p95 to the extra hop (old_proxy/min_rtt 8.9-9.8 -> 10.2-12.1 ms).

@@ -17,14 +17,14 @@ import statistics
 from collections import defaultdict
 
 from edge_agent.policy import DEFAULT_POLICY, POLICIES
-from sim.cli import SCENARIO_DIR, resolve_scenario
+from sim.cli import resolve_scenario, shipped_scenarios
 from sim.des import run_des
 from sim.oracle import ORACLE
 from sim.report import summarize, with_oracle_ratios
 from sim.scenario import load_scenario
 
-SCENARIOS = tuple(sorted(path.stem for path in SCENARIO_DIR.glob("*.toml")))
-"""Every shipped scenario (sim/scenarios/*.toml)."""
+SCENARIOS = tuple(path.stem for path in shipped_scenarios())
+"""Every shipped scenario (sim/scenarios/*.toml and sim/scenarios/adversarial/*.toml)."""
 
 
 def _seeds(text: str) -> list[int]:

@@ -42,6 +42,9 @@ from sim.scenario import Scenario, ScenarioError, load_scenario
 log = logging.getLogger("offload-sim")
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
+"""The shipped example scenarios (the old prototypes' experiments and the classic traps)."""
+ADVERSARIAL_DIR = SCENARIO_DIR / "adversarial"
+"""Shipped scenarios written to break a policy (stale crowds, bursts, flapping links, loss, ...)."""
 EXIT_USAGE = 2
 EXIT_RUNTIME = 1
 EXIT_INTERRUPTED = 130
@@ -56,15 +59,23 @@ class CliError(Exception):
         self.code = code
 
 
+def shipped_scenarios(*, adversarial: bool = True) -> list[Path]:
+    """The shipped scenario files: the examples, then (unless ``adversarial=False``) the adversarial ones."""
+    paths = sorted(SCENARIO_DIR.glob("*.toml"))
+    return [*paths, *sorted(ADVERSARIAL_DIR.glob("*.toml"))] if adversarial else paths
+
+
 def resolve_scenario(name: str) -> Path:
-    """A path as given, or the name of a shipped scenario (``herding`` -> sim/scenarios/herding.toml)."""
+    """A path as given, or the name of a shipped scenario (``herding`` -> sim/scenarios/herding.toml,
+    ``stale_crowd`` -> sim/scenarios/adversarial/stale_crowd.toml)."""
     path = Path(name)
     if path.exists():
         return path
-    shipped = SCENARIO_DIR / (name if name.endswith(".toml") else f"{name}.toml")
-    if shipped.exists():
-        return shipped
-    names = ", ".join(sorted(p.stem for p in SCENARIO_DIR.glob("*.toml")))
+    file_name = name if name.endswith(".toml") else f"{name}.toml"
+    for folder in (SCENARIO_DIR, ADVERSARIAL_DIR):
+        if (folder / file_name).exists():
+            return folder / file_name
+    names = ", ".join(p.stem for p in shipped_scenarios())
     raise CliError(f"no scenario file {name!r} (shipped scenarios: {names})", EXIT_USAGE)
 
 
@@ -319,7 +330,9 @@ def validate(args: argparse.Namespace) -> int:
 
 
 def list_scenarios(_: argparse.Namespace) -> int:
-    for path in sorted(SCENARIO_DIR.glob("*.toml")):
+    for path in shipped_scenarios():
+        if path.parent == ADVERSARIAL_DIR and path == sorted(ADVERSARIAL_DIR.glob("*.toml"))[0]:
+            print("adversarial (written to break a policy):")
         try:
             scenario = load_scenario(path)
             print(f"{path.stem:18} {scenario.description.splitlines()[0] if scenario.description else ''}")

@@ -389,7 +389,7 @@ def test_message_delay_is_paid_by_each_task_and_result() -> None:
 def test_work_comes_back_to_a_server_that_recovered_from_a_slowdown() -> None:
     # The fast server is 10x slower from 5 s to 12 s: devices leave it, and once it is fast again its
     # aged evidence gets it tried, its report follows the first new run, and the work comes back.
-    scenario = load_scenario(SCENARIOS / "server_slowdown.toml")
+    scenario = load_scenario(SCENARIOS / "adversarial" / "server_slowdown.toml")
     records = run_des(scenario, "ect", seed=1).records
 
     def share(start: float, end: float) -> float:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sim.cli import SCENARIO_DIR, main
+from sim.cli import main, shipped_scenarios
 from sim.des import run_des
 from sim.emulate import run_emulation
 from sim.linkemu import DelayScheduler, LinkEmulator, LinkParams
@@ -187,7 +187,7 @@ def test_link_emulator_delays_drops_and_paces() -> None:
         sink.close()
 
 
-@pytest.mark.parametrize("path", sorted(SCENARIO_DIR.glob("*.toml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", shipped_scenarios(), ids=lambda p: p.stem)
 def test_shipped_scenarios_validate(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", str(path)]) == 0
     assert "ok (" in capsys.readouterr().out
@@ -236,7 +236,7 @@ def test_cli_des_run_writes_the_results_folder(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", sorted(SCENARIO_DIR.glob("*.toml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", shipped_scenarios(), ids=lambda p: p.stem)
 def test_shipped_scenario_in_emulation_gives_every_task_one_outcome(
         path: Path, mosquitto_broker: MosquittoBroker) -> None:
     """The slow tier: each shipped scenario, every one of its policies, on a spawned Mosquitto."""

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import sim.des
-from sim.cli import main
+from sim.cli import main, shipped_scenarios
 from sim.des import run_des
 from sim.oracle import ORACLE, Choice, LocalTruth, Pool, Reach, ServerTruth, TaskTruth, choose
 from sim.report import OK, UNFINISHED, TaskRecord, format_table, summarize, with_oracle_ratios
@@ -268,7 +268,7 @@ ORACLE_TOLERANCE = 0.02
 fraction under its p95 by the luck of the draws (measured: 0.6% in big_payloads, 0.7% near_overloaded)."""
 
 
-@pytest.mark.parametrize("path", sorted(SCENARIOS.glob("*.toml")), ids=lambda path: path.stem)
+@pytest.mark.parametrize("path", shipped_scenarios(), ids=lambda path: path.stem)
 def test_no_policy_beats_the_oracle_at_p95_on_a_shipped_scenario(path: Path) -> None:
     """On every shipped scenario (lossy_fast too: the oracle knows each attempt's loss draws): no policy
     completes more tasks, nor as many with a clearly lower p95 (a policy that completes fewer may have a

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from sim.cli import shipped_scenarios
 from sim.scenario import (
     BurstWorkload,
     Scenario,
@@ -38,7 +39,7 @@ def scenario_with(**changes: Any) -> dict[str, Any]:
     return data
 
 
-@pytest.mark.parametrize("path", sorted(SCENARIOS.glob("*.toml")), ids=lambda path: path.stem)
+@pytest.mark.parametrize("path", shipped_scenarios(), ids=lambda path: path.stem)
 def test_shipped_scenarios_load(path: Path) -> None:
     scenario = load_scenario(path)
     assert scenario.name == path.stem
@@ -47,7 +48,7 @@ def test_shipped_scenarios_load(path: Path) -> None:
 
 
 def test_the_five_scenarios_of_the_issue_are_shipped() -> None:
-    assert {path.stem for path in SCENARIOS.glob("*.toml")} >= {
+    assert {path.stem for path in shipped_scenarios()} >= {
         "old_proxy", "heterogeneous", "near_overloaded", "server_crash", "herding"}
     old = load_scenario(SCENARIOS / "old_proxy.toml")
     assert "threshold" in old.policies and old.policy_config().threshold_rate == 25.0
