@@ -28,7 +28,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any
@@ -137,8 +137,8 @@ ScenarioEvent = CrashEvent | SlowdownEvent | LinkEvent | OfflineEvent
 
 
 @dataclass
-class _Run:
-    """What both sides of one run share: the scenario, its topics, links and counters."""
+class _RunSettings:
+    """What defines one run, the same in the caller's process and in every device process."""
 
     scenario: Scenario
     policy: str
@@ -146,6 +146,12 @@ class _Run:
     broker_url: str
     protocol: str
     run_id: str
+
+
+@dataclass
+class _Run(_RunSettings):
+    """What both sides of one run share: its settings, its topics, links and counters."""
+
     fleet: _Fleet = field(init=False)
     tree: TopicTree = field(init=False)
     scheduler: DelayScheduler = field(init=False)
@@ -159,6 +165,14 @@ class _Run:
         self.scheduler = DelayScheduler(f"links-{self.run_id}")
         self.group_of = {node.node: node.group.name for node in self.scenario.server_nodes()}
         self.group_of.update({node.node: node.group.name for node in self.scenario.device_nodes()})
+
+    @classmethod
+    def of(cls, settings: _RunSettings) -> _Run:
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(_RunSettings)})
+
+    def settings(self) -> _RunSettings:
+        """These settings alone (without the topics, links and counters built from them)."""
+        return _RunSettings(**{f.name: getattr(self, f.name) for f in fields(_RunSettings)})
 
     def transport_config(self, client: str) -> TransportConfig:
         config = TransportConfig.from_url(self.broker_url, protocol=self.protocol, keepalive=5)
@@ -438,12 +452,7 @@ def run_emulation(scenario: Scenario, policy: str, *, broker_url: str, protocol:
 class _ChildSpec:
     """What a device process needs to build its part of the fleet (sent once, over its pipe)."""
 
-    scenario: Scenario
-    policy: str
-    policy_config: PolicyConfig
-    broker_url: str
-    protocol: str
-    run_id: str
+    run: _RunSettings
     devices: list[int]
     """Indices into ``scenario.device_nodes()``."""
     settle_timeout: float
@@ -459,8 +468,7 @@ def _drive_in_children(run: _Run, servers: _Servers, devices: list[DeviceNode], 
     try:
         for share in (s for s in shares if s):
             ours, theirs = multiprocessing.Pipe()
-            spec = _ChildSpec(run.scenario, run.policy, run.policy_config, run.broker_url,
-                              run.protocol, run.run_id, share, settle_timeout)
+            spec = _ChildSpec(run.settings(), share, settle_timeout)
             # A fresh interpreter (not a fork of this threaded one, and not a re-run of the
             # caller's main module as multiprocessing's spawn would do), its pipe end by number.
             process = subprocess.Popen([sys.executable, "-m", "sim.device_process", str(theirs.fileno())],
@@ -531,9 +539,8 @@ def device_process(conn: Connection) -> None:
     build its devices, say ready, drive on "go", send the records back."""
     spec: _ChildSpec = conn.recv()
     stop = threading.Event()
-    run = _Run(spec.scenario, spec.policy, spec.policy_config, spec.broker_url, spec.protocol,
-               spec.run_id)
-    nodes = spec.scenario.device_nodes()
+    run = _Run.of(spec.run)
+    nodes = run.scenario.device_nodes()
     devices = _Devices(run, [nodes[i] for i in spec.devices])
     try:
         try:
