@@ -27,11 +27,18 @@ SCENARIOS = tuple(path.stem for path in shipped_scenarios())
 """Every shipped scenario (sim/scenarios/*.toml and sim/scenarios/adversarial/*.toml)."""
 
 
-def _seeds(text: str) -> list[int]:
+def parse_seeds(text: str) -> list[int]:
+    """``1-5`` or ``1,3,7``: the seeds to run."""
     if "-" in text:
         low, high = text.split("-", 1)
         return list(range(int(low), int(high) + 1))
     return [int(part) for part in text.split(",") if part]
+
+
+def parse_overrides(items: list[str]) -> dict[str, float | int]:
+    """``--set FIELD=VALUE`` items as PolicyConfig overrides (a value with a dot is a float)."""
+    return {field: float(value) if "." in value else int(value)
+            for field, value in (item.split("=", 1) for item in items)}
 
 
 def main() -> None:
@@ -42,9 +49,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a PolicyConfig override for every policy (repeatable), e.g. risk=3")
     args = parser.parse_args()
-    overrides = {field: float(value) if "." in value else int(value)
-                 for field, value in (item.split("=", 1) for item in args.set)}
-    seeds = _seeds(args.seeds)
+    overrides = parse_overrides(args.set)
+    seeds = parse_seeds(args.seeds)
     extra = [name for name in args.extra.split(",") if name and name in POLICIES]
     print(f"DES, seeds {seeds[0]}..{seeds[-1]} ({len(seeds)}); completed and misses summed, p95 and "
           "p95/oracle the mean over the seeds (p95/oracle: smallest and largest in brackets)")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from bench.policy_table import _seeds
+from bench.policy_table import parse_overrides, parse_seeds
 from sim.cli import resolve_scenario
 from sim.des import run_des
 from sim.oracle import ORACLE
@@ -60,9 +60,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a PolicyConfig override (repeatable)")
     args = parser.parse_args()
-    overrides = {field: float(value) if "." in value else int(value)
-                 for field, value in (item.split("=", 1) for item in args.set)}
-    seeds = _seeds(args.seeds)
+    overrides = parse_overrides(args.set)
+    seeds = parse_seeds(args.seeds)
     print(f"DES, seeds {seeds[0]}..{seeds[-1]}: share of tasks sent to the affected server (mean over "
           "seeds); half: seconds after recovery until a 1 s window has half the share before (mean, "
           "never counted "
