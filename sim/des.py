@@ -46,7 +46,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from heapq import heappush
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent_common.smoothing import aged_gain
 from edge_agent.core import Action, Complete, CoreTask, DeviceCore, Execute, RunLocal, Send, Timer
@@ -140,15 +140,13 @@ class _Device:
     """Local tasks it holds at most: workers plus the local queue size."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Reconnect:
+class _Reconnect(NamedTuple):
     """The end of an offline event: these device groups are connected again."""
 
     groups: tuple[int, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class _Rejoined:
+class _Rejoined(NamedTuple):
     """The first heartbeat of a server that a device group hears after its reconnect."""
 
     group: int
@@ -292,7 +290,7 @@ class _Simulation:
         for server_group, truths in members.items():
             delay, _jitter, loss, bandwidth = self.links[group][server_group]
             speed = self.server_groups[server_group].speed
-            entry = Reach(delay + self.message_delay, bandwidth, speed, truths, loss=loss)
+            entry = Reach(truths, delay + self.message_delay, bandwidth, speed, loss=loss)
             self.reaches.append((group, server_group, entry))
             reach.append(entry)
         return reach

@@ -230,10 +230,10 @@ class Reach:
     """A group of servers as a device reaches them: the link's true delay (one way) and bandwidth,
     the group's speed and the lowest slowdown factor among them (a bound that skips the group)."""
 
+    servers: Sequence[ServerTruth]
     delay: float
     bandwidth: float
     speed: float
-    servers: Sequence[ServerTruth]
     min_factor: float = 1.0
     loss: float = 0.0
     """The link's loss probability, each way."""

@@ -15,6 +15,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeAlias
 
 import numpy as np
 
@@ -37,6 +38,9 @@ OUTCOMES: tuple[str, ...] = (OK, ERROR, EXPIRED, REJECTED, TIMEOUT, NO_OPTION, U
 
 LOCAL_TARGET = "local"
 
+Instant: TypeAlias = float | None
+"""A time on the run's clock, or None while that step has not happened."""
+
 
 @dataclass(slots=True)
 class TaskRecord:
@@ -51,12 +55,12 @@ class TaskRecord:
     task: str
     created: float
     policy: str
-    deadline: float | None = None
-    decided: float | None = None
-    sent: float | None = None
-    started: float | None = None
-    finished: float | None = None
-    received: float | None = None
+    deadline: Instant = None
+    decided: Instant = None
+    sent: Instant = None
+    started: Instant = None
+    finished: Instant = None
+    received: Instant = None
     target: str | None = None
     reason: str = ""
     outcome: str = UNFINISHED

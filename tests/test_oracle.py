@@ -33,7 +33,7 @@ def server(index: int = 0, workers: int = 1, queue_size: int = 8, speed: float =
 
 
 def reach(*servers: ServerTruth, speed: float = 1.0) -> list[Reach]:
-    return [Reach(DELAY, BANDWIDTH, speed, list(servers))]
+    return [Reach(list(servers), DELAY, BANDWIDTH, speed)]
 
 
 def busy(truth: ServerTruth, *ends: float) -> ServerTruth:
