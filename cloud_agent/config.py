@@ -91,6 +91,10 @@ class CloudConfig(BaseModel):
         default=10.0, description="timeout of one forwarded HTTP request")
     http_max_response: Annotated[int, Field(ge=1, le=256 * 1024 * 1024)] = Field(
         default=512 * 1024, description="largest HTTP response body forwarded, in bytes")
+    freeze_startup_heap: bool = Field(
+        default=True, description="at start, freeze every object alive in the process (gc.freeze, once "
+        "per process) so full collections stay short; off for a host application whose start-up objects "
+        "may hold reference cycles it expects the collector to free")
     log_level: LogLevel = Field(default="info", description="log level: debug, info, warning, error")
     home_assistant: bool = Field(default=False, description="publish Home Assistant MQTT discovery "
                                  "(retained) so this server appears there as a device with sensors")

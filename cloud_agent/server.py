@@ -173,7 +173,8 @@ class CloudAgent:
                      "EMQX or HiveMQ; amqtt accepts $share but never delivers it",
                      self.node_id, ", ".join(self.config.pools))
         self._spawn(self._liveness.heartbeat_loop, f"{self.node_id}-heartbeat")
-        freeze_startup_objects()  # full collections stop every thread: keep them short
+        if self.config.freeze_startup_heap:
+            freeze_startup_objects()  # full collections stop every thread: keep them short
         log.info("%s online: session %d, %d workers, queue %d, tasks %s", self.node_id, self.session,
                  self.config.workers, self.config.queue_size, ", ".join(self._registry.names()))
 

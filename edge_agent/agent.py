@@ -342,7 +342,8 @@ class EdgeAgent:
         self._thread.start()
         if self.http_endpoint is not None:
             self.http_endpoint.start()
-        freeze_startup_objects()  # full collections stop every thread: keep them short
+        if self.config.freeze_startup_heap:
+            freeze_startup_objects()  # full collections stop every thread: keep them short
 
     def _open_endpoints(self) -> None:
         """Start the metrics server and bind the HTTP endpoint the config asks for, before anything

@@ -159,6 +159,10 @@ class EdgeConfig(_Frozen):
     estimators: Estimators = Estimators()
     """Gains of the round-trip, bandwidth and local service-time averages (``edge_agent.tuning``)."""
     heartbeat_interval: PositiveSeconds = 1.0
+    freeze_startup_heap: bool = True
+    """At start, freeze every object alive in the process (``gc.freeze``, once per process: see
+    ``agent_common.heap``) so full collections stay short. Off for a host application whose own
+    start-up objects may hold reference cycles it expects the collector to free."""
     announce: bool = True
     """Publish this device's heartbeats and retained birth/death (with its Will). One-shot clients
     (``edge-agent submit``, ``edge-agent servers``) turn it off and leave nothing retained."""
