@@ -9,11 +9,15 @@ and how late a 2 ms timer fired in the emulation's servers' process (p95: the ma
 per scenario the two rankings by p95, the oracle's p95 (DES only) and whether the rankings agree.
 Two policies whose p95 differ by less than ``--tie`` (relative, default 10%) in a mode are a tie
 there: a ranking only disagrees when one mode orders a pair clearly one way and the other clearly
-the other way (within the noise of one run, an order means nothing). With ``--repeats n`` each
-emulated cell is the median of n runs, its range in brackets (on a shared machine one run can be
-off by a factor of two).
+the other way (within the noise of one run, an order means nothing). With several seeds
+(``--seeds`` or ``--seed-count``) each cell is the median over them in both modes; with
+``--repeats n`` each emulated cell is the median of n runs per seed, its range in brackets (on a
+shared machine one run can be off by a factor of two). One seed does not give both modes the same
+draws (an emulated device's probe intervals come from its decision generator; the discrete-event
+devices share one prober per group), so a policy whose p95 swings with its draws is compared over
+several seeds.
 
-    python -m bench.modes_table [--scenarios herding,old_proxy] [--seeds 1] [--tie 0.10]
+    python -m bench.modes_table [--scenarios herding,old_proxy] [--seeds 1 | --seed-count 5] [--tie 0.10]
                                 [--device-processes 2] [--spread-seeds 10] [--repeats 3]
 
 Bounded: each emulated run lasts its scenario's duration plus the drain; the script ends by itself.
@@ -71,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scenarios", default=",".join(p.stem for p in shipped_scenarios(adversarial=False)),
                         help="shipped names or paths (default: the examples, not the adversarial ones)")
     parser.add_argument("--seeds", default="", help="comma-separated seeds (default: each scenario's own)")
+    parser.add_argument("--seed-count", type=int, default=1,
+                        help="without --seeds: this many seeds from each scenario's own (its seed, +1, ...)")
     parser.add_argument("--tie", type=float, default=0.10)
     parser.add_argument("--device-processes", type=int, default=2,
                         help="processes the emulated devices are spread over (0: all in this one)")
@@ -81,8 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--spread-seeds", type=int, default=10,
                         help="DES runs at other seeds for the p95 range column")
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be 1 or more")
+    if args.repeats < 1 or args.seed_count < 1:
+        parser.error("--repeats and --seed-count must be 1 or more")
     broker = MosquittoBroker().start()
     summary_rows = []
     try:
@@ -92,12 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("|---|---|---|---|---|---|---|---|---|---|")
         for name in args.scenarios.split(","):
             scenario = load_scenario(resolve_scenario(name))
-            seeds = [int(s) for s in args.seeds.split(",") if s] or [scenario.seed]
+            seeds = ([int(s) for s in args.seeds.split(",") if s]
+                     or list(range(scenario.seed, scenario.seed + args.seed_count)))
             # Measured: 40 devices gain from their own processes (herding p95 44-60 -> 21-24 ms);
             # one device loses ~1.5 ms p95 to the extra hop (old_proxy/min_rtt 8.9-9.8 -> 10.2-12.1 ms).
             processes = args.device_processes if len(scenario.device_nodes()) >= args.spread_from else 0
             means: dict[str, dict[str, float]] = {"des": {}, "emulate": {}}
-            oracle = statistics.mean(run_mode(scenario, ORACLE, seed, "des", broker.url, 0).p95_ms
+            oracle = statistics.median(run_mode(scenario, ORACLE, seed, "des", broker.url, 0).p95_ms
                                      for seed in seeds)
             others = range(max(seeds) + 1, max(seeds) + 1 + args.spread_seeds)
             for policy in scenario.policies:
@@ -107,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for _ in range(args.repeats):
                         cells["emulate"].append(run_mode(scenario, policy, seed, "emulate", broker.url,
                                                          processes))
-                means["des"][policy] = statistics.mean(c.p95_ms for c in cells["des"])
+                means["des"][policy] = statistics.median(c.p95_ms for c in cells["des"])
                 means["emulate"][policy] = statistics.median(c.p95_ms for c in cells["emulate"])
                 des, emu = means["des"][policy], means["emulate"][policy]
                 done = {mode: f"{sum(c.completed for c in cs)}/{sum(c.created for c in cs)}"
