@@ -4,12 +4,19 @@ A plain EWMA moves by the same gain whether its last sample is a millisecond or 
 pause (a server nobody sent work to, a device that stopped sending there) one new sample barely moves a
 figure the pause made meaningless. :func:`aged_gain` is the gain to give the next sample instead: the
 base gain while samples keep coming, approaching 1 as the old value ages. The edge agent's server table
-and the cloud agent's reported service times use it (and the simulator, which mirrors the cloud agent).
+uses it, and so does :func:`fold_service`: the service-time average a server reports, kept by the cloud
+agent and by the simulator's servers alike.
 """
 
 from __future__ import annotations
 
-__all__ = ["aged_gain"]
+__all__ = ["REPORTED_SERVICE_GAIN", "REPORTED_SERVICE_HALF_LIFE", "aged_gain", "fold_service"]
+
+REPORTED_SERVICE_GAIN = 0.2
+"""Gain of the service-time average per task name that a server's heartbeats report."""
+REPORTED_SERVICE_HALF_LIFE = 2.0
+"""Seconds without a run of a task for its average's old value to lose half its weight against the next
+run: after a pause the report follows the first new run instead of repeating a figure from before it."""
 
 
 def aged_gain(gain: float, idle: float, half_life: float) -> float:
@@ -19,3 +26,12 @@ def aged_gain(gain: float, idle: float, half_life: float) -> float:
         return gain
     weight: float = (1.0 - gain) * 0.5 ** (idle / half_life)
     return 1.0 - weight
+
+
+def fold_service(previous: float | None, service: float, idle: float) -> float:
+    """A server's reported service-time average of a task after a run of ``service`` s that began ``idle``
+    s after the previous run ended (``previous``: the average before it, ``None`` for the first run)."""
+    if previous is None:
+        return service
+    gain = aged_gain(REPORTED_SERVICE_GAIN, idle, REPORTED_SERVICE_HALF_LIFE)
+    return previous + gain * (service - previous)

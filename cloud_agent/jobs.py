@@ -13,18 +13,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent_common.registry import TaskSpec
-from agent_common.smoothing import aged_gain
+from agent_common.smoothing import REPORTED_SERVICE_GAIN, REPORTED_SERVICE_HALF_LIFE, fold_service
 from cloud_agent.cache import ResultCache
 from cloud_agent.config import CloudConfig
 from topics.codec import Codec
 from topics.models import Load, Task
 
-EWMA_ALPHA = 0.2
+EWMA_ALPHA = REPORTED_SERVICE_GAIN
 """Gain of the service-time average per task name that heartbeats report."""
-SERVICE_HALF_LIFE = 2.0
-"""Seconds without a run of a task for its average's old value to lose half its weight against the next
-run (:func:`~agent_common.smoothing.aged_gain`): after a pause the report follows the first new run
-instead of repeating a figure from before it."""
+SERVICE_HALF_LIFE = REPORTED_SERVICE_HALF_LIFE
+"""Seconds for that average's old value to lose half its weight while the task does not run."""
 
 
 @dataclass(eq=False)
@@ -79,10 +77,8 @@ class JobBoard:
     def ran(self, task: str, began: float, ended: float) -> None:
         """A run of ``task`` took ``ended - began`` s: fold it into its reported average (caller holds
         the lock); the longer since the last run ended, the more the new one weighs."""
-        service = ended - began
-        previous = self.ewma.get(task)
-        gain = aged_gain(EWMA_ALPHA, began - self.ewma_at.get(task, began), SERVICE_HALF_LIFE)
-        self.ewma[task] = service if previous is None else previous + gain * (service - previous)
+        idle = began - self.ewma_at.get(task, began)
+        self.ewma[task] = fold_service(self.ewma.get(task), ended - began, idle)
         self.ewma_at[task] = ended
 
     def has_room(self) -> bool:

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from heapq import heappush
 from typing import Any, NamedTuple
 
-from agent_common.smoothing import aged_gain
+from agent_common.smoothing import fold_service
 from edge_agent.core import Action, Complete, CoreTask, DeviceCore, Execute, RunLocal, Send, Timer
 from edge_agent.policy import LOCAL, Decision, LocalInfo, PolicyConfig, ServerInfo, TaskInfo, check_policy
 from edge_agent.servers import ServerEntry, ServerReport, ServerTable
@@ -74,11 +74,6 @@ __all__ = ["DesResult", "run_des"]
  _EVENT) = range(12)
 _OK, _REJECTED, _EXPIRED = "ok", "rejected-busy", "expired"
 _INF = math.inf
-_SERVER_EWMA = 0.2
-"""The servers' service-time EWMA gain (``cloud_agent.server.EWMA_ALPHA``)."""
-_SERVER_HALF_LIFE = 2.0
-"""... and how fast its old value ages while the task does not run (``cloud_agent.workers``'s
-``SERVICE_HALF_LIFE``)."""
 _ANSWER_BYTES = 100
 """Size of a result that carries no payload (busy, expired)."""
 
@@ -563,9 +558,8 @@ class _Simulation:
         record = job.record
         task = record.task
         measured = now - started
-        previous = server.service.get(task)
-        gain = aged_gain(_SERVER_EWMA, started - server.service_at.get(task, started), _SERVER_HALF_LIFE)
-        server.service[task] = measured if previous is None else previous + gain * (measured - previous)
+        server.service[task] = fold_service(server.service.get(task), measured,
+                                            started - server.service_at.get(task, started))
         server.service_at[task] = now
         self.reply(server, job, attempt, _OK, started - arrived, measured, now)
         while server.queue and server.busy < server.workers:
