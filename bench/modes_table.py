@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Measured: 40 devices gain from their own processes (herding p95 44-60 -> 21-24 ms);
             # one device loses ~1.5 ms p95 to the extra hop (old_proxy/min_rtt 8.9-9.8 -> 10.2-12.1 ms).
             processes = args.device_processes if len(scenario.device_nodes()) >= args.spread_from else 0
-            means: dict[str, dict[str, float]] = {"des": {}, "emulate": {}}
+            p95: dict[str, dict[str, float]] = {"des": {}, "emulate": {}}
             oracle = statistics.median(run_mode(scenario, ORACLE, seed, "des", broker.url, 0).p95_ms
                                      for seed in seeds)
             others = range(max(seeds) + 1, max(seeds) + 1 + args.spread_seeds)
@@ -114,9 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for _ in range(args.repeats):
                         cells["emulate"].append(run_mode(scenario, policy, seed, "emulate", broker.url,
                                                          processes))
-                means["des"][policy] = statistics.median(c.p95_ms for c in cells["des"])
-                means["emulate"][policy] = statistics.median(c.p95_ms for c in cells["emulate"])
-                des, emu = means["des"][policy], means["emulate"][policy]
+                p95["des"][policy] = statistics.median(c.p95_ms for c in cells["des"])
+                p95["emulate"][policy] = statistics.median(c.p95_ms for c in cells["emulate"])
+                des, emu = p95["des"][policy], p95["emulate"][policy]
                 done = {mode: f"{sum(c.completed for c in cs)}/{sum(c.created for c in cs)}"
                         for mode, cs in cells.items()}
                 spread = [run_mode(scenario, policy, seed, "des", broker.url, 0).p95_ms for seed in others]
@@ -126,11 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"| `{name}` | {policy} | {des:.1f} | {emulated} | {emu / des:.2f} | {ranged} | "
                       f"{des / oracle:.2f} | {done['des']} | {done['emulate']} | "
                       f"{statistics.mean(c.late_ms for c in cells['emulate']):.2f} |", flush=True)
-            clash = {(a, b) for a, b in ordered_pairs(means["des"], args.tie)
-                     if (b, a) in ordered_pairs(means["emulate"], args.tie)}
-            within = sum(abs(means["emulate"][p] / means["des"][p] - 1.0) <= 0.30
+            clash = {(a, b) for a, b in ordered_pairs(p95["des"], args.tie)
+                     if (b, a) in ordered_pairs(p95["emulate"], args.tie)}
+            within = sum(abs(p95["emulate"][p] / p95["des"][p] - 1.0) <= 0.30
                          for p in scenario.policies)
-            summary_rows.append((name, ranking(means["des"]), ranking(means["emulate"]),
+            summary_rows.append((name, ranking(p95["des"]), ranking(p95["emulate"]),
                                  "yes" if not clash else "no: " + ", ".join(f"{a}<{b}" for a, b in
                                                                               sorted(clash)),
                                  f"{within}/{len(scenario.policies)}", oracle))

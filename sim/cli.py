@@ -330,9 +330,11 @@ def validate(args: argparse.Namespace) -> int:
 
 
 def list_scenarios(_: argparse.Namespace) -> int:
+    heading_printed = False
     for path in shipped_scenarios():
-        if path.parent == ADVERSARIAL_DIR and path == sorted(ADVERSARIAL_DIR.glob("*.toml"))[0]:
+        if path.parent == ADVERSARIAL_DIR and not heading_printed:
             print("adversarial (written to break a policy):")
+            heading_printed = True
         try:
             scenario = load_scenario(path)
             print(f"{path.stem:18} {scenario.description.splitlines()[0] if scenario.description else ''}")
