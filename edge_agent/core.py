@@ -625,12 +625,7 @@ class DeviceCore:
             elif task.pool is None:
                 self._learn(server, now, now - task.sent_at, nbytes, queue_wait, service_time, task.transfer,
                             task.predicted)
-            task.received = now
-            task.service_time, task.queue_wait = service_time, queue_wait
-            if status == "ok":
-                self._finish(task, "ok", None, now, out)
-            else:
-                self._finish(task, "error", error or "task failed on the server", now, out)
+            self._answered(task, status, error, now, queue_wait, service_time, out)
             return out
         if status not in ANSWERED_FAILURES:
             counters["unknown_results"] += 1
@@ -673,13 +668,18 @@ class DeviceCore:
         targets = task.targets
         targets.remove(server)
         targets.append(server)  # the record names where it ran
+        self._answered(task, status, error, now, queue_wait, service_time, out)
+        return out
+
+    def _answered(self, task: CoreTask, status: str, error: str | None, now: float, queue_wait: float,
+                  service_time: float, out: list[Action]) -> None:
+        """A final answer gives ``task`` its outcome."""
         task.received = now
         task.service_time, task.queue_wait = service_time, queue_wait
         if status == "ok":
             self._finish(task, "ok", None, now, out)
         else:
             self._finish(task, "error", error or "task failed on the server", now, out)
-        return out
 
     def _give_up(self, leg: Leg, *, hedged: bool = False) -> None:
         """Remember ``leg``, given up without an answer, for its late answer; a hedged one is a loss

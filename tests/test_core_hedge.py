@@ -79,12 +79,17 @@ def test_an_attempt_to_a_lossy_server_is_hedged_and_the_first_answer_is_the_one_
     assert rig.completions.count("t") == 1
 
 
-def test_the_hedge_may_win_and_the_lossy_answer_then_only_counts() -> None:
-    rig = hedging()
+def hedge_wins(rig: Rig) -> None:
+    """After a loss, task ``t`` goes to both servers and the hedge (``slow``) answers first."""
     lose_one(rig)
     rig.take(rig.core.submit("t", "job", 0, rig.now))
     rig.now += 0.03
     rig.take(rig.core.result("t", "slow", 2, "ok", rig.now, service_time=0.03))
+
+
+def test_the_hedge_may_win_and_the_lossy_answer_then_only_counts() -> None:
+    rig = hedging()
+    hedge_wins(rig)
     assert (rig.records["t"].outcome, rig.records["t"].target) == ("ok", "slow")
     rig.now += 0.01
     rig.take(rig.core.result("t", "fast", 1, "ok", rig.now, service_time=0.002))
@@ -93,10 +98,7 @@ def test_the_hedge_may_win_and_the_lossy_answer_then_only_counts() -> None:
 
 def test_a_hedged_attempt_left_unanswered_is_a_loss_sample_without_doubt() -> None:
     rig = hedging()
-    lose_one(rig)
-    rig.take(rig.core.submit("t", "job", 0, rig.now))
-    rig.now += 0.03
-    rig.take(rig.core.result("t", "slow", 2, "ok", rig.now, service_time=0.03))
+    hedge_wins(rig)
     before = rig.core.table.loss("fast", rig.now)
     rig.advance(rig.now + 0.5)  # past the lossy attempt's timeout, and it never answered
     rig.take(rig.core.submit("u", "job", 0, rig.now))
