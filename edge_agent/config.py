@@ -66,6 +66,8 @@ class PolicySettings(_Frozen):
     risk: float = Field(default=2.0, ge=0.0)
     explore: float = Field(default=1.0, ge=0.0)
     busy_tasks: int = Field(default=4, ge=0)
+    hedge: float = Field(default=0.01, ge=0.0, le=1.0)
+    hedge_delay: float = Field(default=0.0, ge=0.0)
 
     def to_policy_config(self) -> PolicyConfig:
         return PolicyConfig(**self.model_dump())

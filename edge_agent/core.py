@@ -39,6 +39,14 @@ rules. The rules, in one place:
 * **Pinned tasks** (``target``, ``pool``; :mod:`edge_agent.pinning`): every attempt goes to that
   server, or to that pool's inbox, never local; a dead pinned server ends the task at once; a pool
   attempt is retried only on ``rejected-busy`` or ``unknown-task`` (anything else could run it twice).
+* **Hedges** (``ect`` only; :attr:`~edge_agent.policy.PolicyConfig.hedge`): when the chosen server's
+  measured loss (:meth:`~edge_agent.servers.ServerTable.loss`) is above the budget, the attempt is
+  also sent, at once or ``hedge_delay`` later if still unanswered, to the best other server of the
+  decision that can meet the deadline: a second :class:`Send`, the newer attempt, while the first
+  stays in flight as the task's *side* attempt. Both count as in flight to their servers and both
+  answers teach the table; the first final answer gives the outcome, the other attempt is given up
+  (a loss sample for its server if no answer comes by its timeout; its late answer is counted and
+  learned from, never a second outcome).
 * **One outcome per task**: the first ``ok``/``error`` result wins, also from an earlier attempt;
   anything later is counted (``late_results``, ``unknown_results``). A timer at or after the deadline
   gives a task still without an outcome the deadline outcome: ``timeout`` if a server has it,
@@ -81,13 +89,16 @@ from edge_agent.tuning import DEFAULT_TUNING, Tuning
 
 __all__ = [
     "ANSWERED_FAILURES", "ATTEMPT", "DEADLINE", "PROBE", "Action", "Complete", "CoreTask", "Decider",
-    "DeviceCore", "Execute", "Fault", "Park", "Ping", "RunLocal", "Send", "Timer", "attempt_timeout",
+    "DeviceCore", "Execute", "Fault", "Leg", "Park", "Ping", "RunLocal", "Send", "Timer", "attempt_timeout",
 ]
 
 RATE_WINDOW = 1.0
 """Seconds over which the local arrival rate (``threshold`` policy) is measured."""
 FINISHED_MEMORY = 10_000
 """How many finished task ids are remembered to tell late results from foreign ones."""
+GIVEN_UP_MEMORY = 1024
+"""How many attempts given up without an answer (timeouts, hedges made unneeded) are remembered, so
+that a late answer still teaches the table (and takes back a loss sample)."""
 ANSWERED_FAILURES = frozenset({"rejected-busy", "expired", "unknown-task"})
 """Statuses with which a server answered an attempt without doing it: retried elsewhere."""
 _FINAL = frozenset({"ok", "error"})
@@ -138,11 +149,11 @@ class CoreTask:
     Times are core times.
     """
 
-    __slots__ = ("attempts", "context", "created", "deadline", "deadline_armed", "decided",
-                 "decision", "done", "error", "finished", "generation", "last_error", "last_status", "link",
+    __slots__ = ("attempts", "context", "created", "deadline", "deadline_armed", "decided", "decision",
+                 "done", "error", "finished", "generation", "hedge_at", "last_error", "last_status", "link",
                  "local_ok", "name", "outcome", "payload_bytes", "pin", "policy", "pool", "predicted",
-                 "queue_wait", "received", "resend", "sent", "sent_at", "service_time", "started", "target",
-                 "targets", "task_id", "timeout_at", "timer", "transfer", "waited_for_link")
+                 "queue_wait", "received", "resend", "sent", "sent_at", "service_time", "side", "started",
+                 "target", "targets", "task_id", "timeout_at", "timer", "transfer", "waited_for_link")
 
     def __init__(self, task_id: str, name: str, payload_bytes: int, policy: str, created: float,
                  deadline: float | None, local_ok: bool, context: Any) -> None:
@@ -178,6 +189,10 @@ class CoreTask:
         heard from again."""
         self.timer = 0
         self.timeout_at = _INF
+        self.hedge_at = _INF
+        """When the current attempt is to be hedged if still unanswered (infinity: not at all)."""
+        self.side: Leg | None = None
+        """A hedged task's earlier attempt, still in flight beside the current one (the hedge)."""
         self.waited_for_link = False
         self.deadline_armed = False
         self.outcome: str | None = None
@@ -190,6 +205,33 @@ class CoreTask:
         """The server every attempt must go to (``submit(target=...)``), else ``None``."""
         self.pool: str | None = None
         """The pool every attempt is published to (``submit(pool=...)``), else ``None``."""
+
+
+@dataclass(slots=True, eq=False)
+class Leg:
+    """One attempt in flight that is not the task's current one: a hedged task's side attempt, or an
+    attempt given up without an answer (remembered for its late answer). Times are core times."""
+
+    task_id: str
+    server: str
+    attempt: int
+    sent_at: float
+    transfer: float
+    predicted: float | None
+    generation: int
+    timeout_at: float
+    link: int
+    counted: bool = False
+    """Its loss sample was counted (at its timeout): a late answer takes it back."""
+    hedged: bool = False
+    """A hedged task's attempt the other answer made unneeded: its late answer teaches the table."""
+
+    @classmethod
+    def current(cls, task: CoreTask) -> Leg:
+        """The current attempt of ``task`` (``task.target`` set) as a leg."""
+        assert task.target is not None
+        return cls(task.task_id, task.target, task.attempts, task.sent_at, task.transfer, task.predicted,
+                   task.generation, task.timeout_at, task.link)
 
 
 @dataclass(slots=True, eq=False)
@@ -375,11 +417,12 @@ class DeviceCore:
     simulator gives all its devices one).
     """
 
-    __slots__ = ("_decider", "_epoch", "_finished", "_finished_memory", "_link", "_links_up", "_local_tasks",
-                 "_max_attempts", "_min_bandwidth_bytes", "_nonces", "_penalty", "_pool", "_previous",
-                 "_probe_due", "_probe_token", "_probes", "_resend_waiting", "_tasks", "_tokens",
-                 "_uplink_free", "_watchdog", "connected", "counters", "node", "parking", "policy",
-                 "policy_config", "rng", "table", "tuning")
+    __slots__ = ("_decider", "_epoch", "_expiring", "_finished", "_finished_memory", "_given_up", "_hedge",
+                 "_hedge_delay", "_link", "_links_up", "_local_tasks", "_max_attempts",
+                 "_min_bandwidth_bytes", "_nonces", "_penalty", "_pool", "_previous", "_probe_due",
+                 "_probe_token", "_probes", "_resend_waiting", "_tasks", "_tokens", "_uplink_free",
+                 "_watchdog", "connected", "counters", "node", "parking", "policy", "policy_config", "rng",
+                 "table", "tuning")
 
     def __init__(self, node: str, *, local_tasks: Container[str], local_workers: int = 1,
                  tuning: Tuning = DEFAULT_TUNING, policy_config: PolicyConfig | None = None,
@@ -405,6 +448,12 @@ class DeviceCore:
         self._max_attempts = tuning.max_attempts
         self._min_bandwidth_bytes = tuning.estimators.min_bandwidth_bytes
         self._penalty = self.policy_config.failure_penalty
+        self._hedge = self.policy_config.hedge if decider is None else 0.0
+        self._hedge_delay = self.policy_config.hedge_delay
+        self._given_up: OrderedDict[tuple[str, int], Leg] = OrderedDict()
+        """(task id, attempt) -> an attempt given up without an answer, for its late answer."""
+        self._expiring: deque[Leg] = deque()
+        """Hedged attempts given up, until their timeout says whether they were lost."""
         self._tasks: dict[str, CoreTask] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._finished_memory = finished_memory
@@ -447,6 +496,7 @@ class DeviceCore:
     def views(self, now: float) -> list[ServerView]:
         """The server table as :class:`~edge_agent.servers.ServerView` rows, with this device's attempts."""
         in_flight = Counter(task.target for task in self._tasks.values() if task.target is not None)
+        in_flight.update(task.side.server for task in self._tasks.values() if task.side is not None)
         return self.table.views(now, in_flight)
 
     def live(self, timer: Timer) -> bool:
@@ -472,6 +522,8 @@ class DeviceCore:
                target: str | None = None, pool: str | None = None) -> list[Action]:
         """A task was submitted; ``deadline`` is relative (seconds from ``now``), ``policy`` checked.
         ``target`` / ``pool``: pinned (:meth:`check_pin` first: here a bad pin just fails the task)."""
+        if self._expiring and self._expiring[0].timeout_at <= now:
+            self._expire(now)
         pinned = target is not None or pool is not None
         local_ok = not pinned and name in self._local_tasks
         task = CoreTask(task_id, name, payload_bytes, policy or self.policy, now,
@@ -536,7 +588,14 @@ class DeviceCore:
         """A result from ``server`` for attempt ``attempt``; ``nbytes``: task and result bytes moved."""
         task = self._tasks.get(task_id)
         counters = self.counters
+        if self._expiring and self._expiring[0].timeout_at <= now:
+            self._expire(now)
+        given_up = self._given_up
         if task is None:
+            if given_up and self._late_answer(task_id, server, attempt, status, now, nbytes, queue_wait,
+                                              service_time):
+                counters["late_results"] += 1
+                return []
             counters["late_results" if task_id in self._finished else "unknown_results"] += 1
             return []
         if task.pool is not None:
@@ -549,6 +608,12 @@ class DeviceCore:
             return []
         else:
             current = task.target == server and task.attempts == attempt
+            if not current:
+                side = task.side
+                if side is not None and side.server == server and side.attempt == attempt:
+                    return self._side_answer(task, side, status, now, nbytes, queue_wait, service_time, error)
+                if given_up:
+                    self._late_answer(task_id, server, attempt, status, now, nbytes, queue_wait, service_time)
         final = status in _FINAL
         if not current and not final:
             counters["late_results"] += 1
@@ -558,17 +623,9 @@ class DeviceCore:
             if not current:
                 counters["late_results_used"] += 1
             elif task.pool is None:
-                wall = now - task.sent_at
-                if nbytes >= self._min_bandwidth_bytes:
-                    self.table.transfer_observed(server, nbytes, wall, queue_wait + service_time)
-                self.table.answered(server, now, wall=wall, queue_wait=queue_wait, service_time=service_time,
-                                    transfer=task.transfer, predicted=task.predicted)
-            task.received = now
-            task.service_time, task.queue_wait = service_time, queue_wait
-            if status == "ok":
-                self._finish(task, "ok", None, now, out)
-            else:
-                self._finish(task, "error", error or "task failed on the server", now, out)
+                self._learn(server, now, now - task.sent_at, nbytes, queue_wait, service_time, task.transfer,
+                            task.predicted)
+            self._answered(task, status, error, now, queue_wait, service_time, out)
             return out
         if status not in ANSWERED_FAILURES:
             counters["unknown_results"] += 1
@@ -577,6 +634,99 @@ class DeviceCore:
             self.table.busy(server, now)
         self._attempt_failed(task, task.attempts, status, error or f"{server} answered {status}", now, out)
         return out
+
+    def _learn(self, server: str, now: float, wall: float, nbytes: int, queue_wait: float,
+               service_time: float, transfer: float, predicted: float | None) -> None:
+        """What a final answer from ``server``, ``wall`` s after its attempt was sent, teaches the table."""
+        if nbytes >= self._min_bandwidth_bytes:
+            self.table.transfer_observed(server, nbytes, wall, queue_wait + service_time)
+        self.table.answered(server, now, wall=wall, queue_wait=queue_wait, service_time=service_time,
+                            transfer=transfer, predicted=predicted)
+
+    def _side_answer(self, task: CoreTask, side: Leg, status: str, now: float, nbytes: int, queue_wait: float,
+                     service_time: float, error: str | None) -> list[Action]:
+        """An answer to a hedged task's side attempt: it teaches the table; a final one gives the task its
+        outcome (the hedge in flight is given up), any other leaves the hedge to answer."""
+        server = side.server
+        task.side = None
+        table = self.table
+        table.settled(server)
+        table.task_done(server, answered=True, generation=side.generation)
+        out: list[Action] = []
+        if status not in _FINAL:
+            if status in ANSWERED_FAILURES and status != "unknown-task":
+                table.busy(server, now)
+            self.counters["hedge_side_failed"] += 1
+            return out
+        self._learn(server, now, now - side.sent_at, nbytes, queue_wait, service_time, side.transfer,
+                    side.predicted)
+        self.counters["hedge_side_won"] += 1
+        if task.target is not None:  # the hedge lost the race: it may still be answered
+            table.settled(task.target)
+            self._give_up(Leg.current(task), hedged=True)
+            task.target = None
+        targets = task.targets
+        targets.remove(server)
+        targets.append(server)  # the record names where it ran
+        self._answered(task, status, error, now, queue_wait, service_time, out)
+        return out
+
+    def _answered(self, task: CoreTask, status: str, error: str | None, now: float, queue_wait: float,
+                  service_time: float, out: list[Action]) -> None:
+        """A final answer gives ``task`` its outcome."""
+        task.received = now
+        task.service_time, task.queue_wait = service_time, queue_wait
+        if status == "ok":
+            self._finish(task, "ok", None, now, out)
+        else:
+            self._finish(task, "error", error or "task failed on the server", now, out)
+
+    def _give_up(self, leg: Leg, *, hedged: bool = False) -> None:
+        """Remember ``leg``, given up without an answer, for its late answer; a hedged one is a loss
+        sample once its timeout passes unanswered (:meth:`_expire`)."""
+        leg.hedged = hedged
+        memory = self._given_up
+        memory[(leg.task_id, leg.attempt)] = leg
+        if len(memory) > GIVEN_UP_MEMORY:
+            memory.popitem(last=False)
+        if hedged and not leg.counted and leg.link == self._link:
+            self._expiring.append(leg)
+
+    def _expire(self, now: float) -> None:
+        """Hedged attempts given up whose timeout passed without an answer: loss samples."""
+        expiring, memory = self._expiring, self._given_up
+        while expiring and expiring[0].timeout_at <= now:
+            leg = expiring.popleft()
+            if not leg.counted and memory.get((leg.task_id, leg.attempt)) is leg:
+                leg.counted = True
+                self.table.unanswered(leg.server, now)
+                self.counters["hedge_unanswered"] += 1
+
+    def _late_answer(self, task_id: str, server: str, attempt: int, status: str, now: float, nbytes: int,
+                     queue_wait: float, service_time: float) -> bool:
+        """A late answer to an attempt given up: it was not lost (its loss sample is taken back); one of a
+        hedge teaches the table as any answer. False if no such attempt is remembered."""
+        leg = self._given_up.get((task_id, attempt))
+        if leg is None or leg.server != server:
+            return False
+        del self._given_up[(task_id, attempt)]
+        table = self.table
+        if leg.counted:
+            table.late_answer(server)
+        if leg.hedged:
+            table.task_done(server, answered=True, generation=leg.generation)
+            if status in _FINAL:
+                self._learn(server, now, now - leg.sent_at, nbytes, queue_wait, service_time, leg.transfer,
+                            leg.predicted)
+            elif status in ANSWERED_FAILURES and status != "unknown-task":
+                table.busy(server, now)
+            self.counters["hedge_late_answers"] += 1
+        return True
+
+    def awaits(self, task_id: str, attempt: int) -> bool:
+        """Whether the core remembers attempt ``attempt`` of the finished task ``task_id`` as given up
+        without an answer (a driver that drops results of finished tasks passes these on)."""
+        return (task_id, attempt) in self._given_up
 
     def local_start(self, task: CoreTask, now: float) -> list[Action]:
         """A local worker took ``task`` from the queue: :class:`Execute` it, or it is already decided."""
@@ -685,6 +835,11 @@ class DeviceCore:
         timeout still bounds the wait. (The simulator calls this when a shared entry heard a death.)"""
         if out is None:
             out = []
+        for task in self._tasks.values():
+            side = task.side
+            if side is not None and side.server in nodes:  # its answer will not come: no loss either
+                task.side = None
+                self.table.settled(side.server)
         victims = [(task, task.attempts) for task in self._tasks.values()
                    if task.target in nodes and not task.resend]
         if not victims:
@@ -853,13 +1008,55 @@ class DeviceCore:
         stale_at += STALE_MARGIN
         if now < stale_at < at and self.connected and not task.resend:
             at = stale_at
+        hedge_at = _INF
+        if (self._hedge and not resend and task.side is None and task.policy == "ect"
+                and task.attempts < self._max_attempts and self.table.loss(target, now) > self._hedge):
+            hedge_at = now + self._hedge_delay
+            if hedge_at < at and hedge_at > now:
+                at = hedge_at
+        task.hedge_at = hedge_at
         self._tokens += 1
         task.timer = self._tokens
         out.append(Send(task, target, task.attempts, resend, Timer(at, _ATTEMPT, task, self._tokens)))
+        if hedge_at <= now:
+            task.hedge_at = _INF
+            self._hedge_attempt(task, now, out)
+
+    def _hedge_attempt(self, task: CoreTask, now: float, out: list[Action]) -> bool:
+        """Send the current attempt of ``task`` also to the best other server its decision drew that is
+        usable, can meet the deadline and shows no loss above the budget (else the best lossy one): it
+        becomes the current attempt, the first one stays in flight as ``task.side``."""
+        decision, target = task.decision, task.target
+        if decision is None or target is None or not self.connected or task.attempts >= self._max_attempts:
+            return False
+        deadline = task.deadline
+        left = None if deadline is None else deadline - now
+        table, budget, targets = self.table, self._hedge, task.targets
+        chosen = fallback = None
+        for node, expected in decision.estimates:
+            if (node == LOCAL or node in targets or (left is not None and expected > left)
+                    or table.stale(node, now)):
+                continue
+            if table.loss(node, now) <= budget:
+                chosen = node
+                break
+            if fallback is None:
+                fallback = node
+        if chosen is None:
+            chosen = fallback
+        if chosen is None:
+            self.counters["hedge_no_alternative"] += 1
+            return False
+        task.side = Leg.current(task)
+        self.counters["hedges"] += 1
+        self._send(task, chosen, decision, now, out)
+        return True
 
     def _rearm(self, task: CoreTask, now: float, out: list[Action]) -> None:
         """The attempt's timer again: at its timeout, or earlier at its server's (new) stale time."""
         at = task.timeout_at
+        if task.hedge_at < at:
+            at = task.hedge_at
         target = task.target
         if target is not None and self.connected and not task.resend:
             stale_at = self.table.stale_at(target) + STALE_MARGIN
@@ -875,6 +1072,10 @@ class DeviceCore:
         if target is None:
             return
         if now < task.timeout_at:
+            if task.hedge_at <= now:
+                task.hedge_at = _INF
+                if self._hedge_attempt(task, now, out):
+                    return
             if self.connected and not task.resend and task.pool is None and self.table.silent(target, now):
                 self.server_gone({target}, now, "server stopped sending heartbeats", out)
             else:
@@ -886,6 +1087,9 @@ class DeviceCore:
         ours = task.resend or task.link != self._link  # our own link may have lost it
         if not ours:
             self.table.timed_out(target, now, now - task.sent_at)
+            leg = Leg.current(task)
+            leg.counted = True
+            self._give_up(leg)
         self._attempt_failed(task, task.attempts, "timeout", f"no result from {target} in time", now, out,
                              penalise=not ours)
 
@@ -1058,6 +1262,11 @@ class DeviceCore:
             self.table.settled(target)
             if task.received is not None:
                 self.table.task_done(target, answered=True, generation=task.generation)
+        side = task.side
+        if side is not None:  # a hedged task's other attempt: no longer needed, it may still be answered
+            task.side = None
+            self.table.settled(side.server)
+            self._give_up(side, hedged=True)
         out.append(Complete(task, self.node, self._epoch))
 
     # ------------------------------------------------------------------------------ probes

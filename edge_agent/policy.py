@@ -23,7 +23,9 @@ Expected completion time (ECT) of an option, in seconds, and its spread::
                  nothing) with no answer to this device since; 0 while anything measures it
     service_floor = the lowest service time its reports have shown: what it may have gone back to
                  (unknown: the aged part is queue_wait + busy_wait + service)
-    caution    = doubt; for a local run never timed, the default service time
+    caution    = doubt (none while the server's loss is above the ``hedge`` budget: the core then
+                 hedges its attempts, so a lost one costs the hedge's time, not a timeout); for a
+                 local run never timed, the default service time
     service    = the server's; if unknown, ``ect`` assumes the shortest known among the servers it drew
                  for this decision (the default if none is known), with the default's spread
 
@@ -168,6 +170,8 @@ class ServerInfo:
     ``None``: current (its last report changed it, or no report says); ``ect`` does not age it."""
     service_floor: float | None = None
     """The lowest service time its reports have shown for the task (s): what it does when well."""
+    loss: float = 0.0
+    """The share of this device's attempts to it left unanswered, as estimated (EWMA)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +219,13 @@ class PolicyConfig:
     measures it (``ServerInfo.evidence_at``): the spread grows by ``(1 - 0.5 ** (age /
     evidence_half_life)) x (service - service_floor)``, so a server left after a bad period is drawn
     again now and then and its answer says whether it recovered (0: evidence never ages)."""
+    hedge: float = 0.01
+    """``ect``, in the device core: when the chosen server's measured loss (the share of attempts it left
+    unanswered, :meth:`~edge_agent.servers.ServerTable.loss`) is above this budget, the attempt is also
+    sent to the best other server the decision drew that can meet the deadline; the first final answer
+    gives the task its outcome (0: never hedge)."""
+    hedge_delay: float = 0.0
+    """Seconds after the attempt that its hedge goes out, if no answer came by then (0: at once)."""
 
     def __post_init__(self) -> None:
         checks = (
@@ -227,6 +238,7 @@ class PolicyConfig:
             ("rtt_dev_weight", self.rtt_dev_weight >= 0.0), ("choices", self.choices >= 1),
             ("rounds", self.rounds >= 1), ("risk", self.risk >= 0.0), ("explore", self.explore >= 0.0),
             ("busy_tasks", self.busy_tasks >= 0), ("evidence_half_life", self.evidence_half_life >= 0.0),
+            ("hedge", 0.0 <= self.hedge <= 1.0), ("hedge_delay", self.hedge_delay >= 0.0),
         )
         for name, ok in checks:
             if not ok:
@@ -284,6 +296,8 @@ def _server_estimate(task: TaskInfo, server: ServerInfo, config: PolicyConfig,
     caller's clock, to age the evidence (``None``: no ageing)."""
     spread = server.rtt_dev + server.error_dev
     caution = server.doubt
+    if caution and config.hedge and server.loss > config.hedge:
+        caution = 0.0  # the core hedges its attempts: a lost one costs the hedge's time, not a timeout
     rtt = server.rtt
     if rtt is None:
         rtt = config.default_rtt

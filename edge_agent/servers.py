@@ -19,6 +19,12 @@
   earliest unanswered attempt is past the time it was expected (:meth:`ServerTable.expect`). Both halve
   every ``half_life`` seconds and on each answer from the server: they fade on evidence and never ban
   a server.
+* **Loss.** The share of attempts a server left unanswered (:meth:`ServerTable.loss`): an EWMA (gain
+  ``loss_gain``) of 1 per attempt given up without an answer (a timeout, or a hedged attempt the
+  other answer made unneeded, once its timeout passed) and 0 per answer; a late answer to an attempt
+  counted as lost takes that sample back (:meth:`ServerTable.late_answer`): it was slow, not lost. It
+  also halves every ``half_life`` seconds. It bans nothing: the device core hedges attempts to a
+  server whose loss is above the policy's budget.
 * **Answers.** Every answer to one of this device's attempts teaches it about that server
   (:meth:`ServerTable.answered`): the round trip (the measured wall time minus the queue wait and
   service time the server reports and the expected transfer), the service time, the queue wait, the
@@ -404,8 +410,8 @@ def _new_counters() -> dict[str, int]:
 class _Learned:
     """What one device learned of one server from its own attempts there (see the module docstring)."""
 
-    __slots__ = ("at", "busy", "doubt", "due", "error_dev", "latency", "outstanding", "rtt", "rtt_dev",
-                 "service", "trouble_at", "wait")
+    __slots__ = ("at", "busy", "doubt", "due", "error_dev", "latency", "loss", "outstanding", "rtt",
+                 "rtt_dev", "service", "trouble_at", "wait")
 
     def __init__(self) -> None:
         self.at = -_INF
@@ -421,16 +427,19 @@ class _Learned:
         """When the unanswered attempts were expected to be answered (a heap; the earliest first)."""
         self.busy = 0.0
         self.doubt = 0.0
+        self.loss = 0.0
+        """EWMA share of attempts left unanswered (see :meth:`ServerTable.loss`)."""
         self.trouble_at = 0.0
         """The time ``busy`` and ``doubt`` were last decayed to."""
 
     def decay(self, now: float, half_life: float) -> None:
         elapsed = now - self.trouble_at
         if elapsed > 0.0:
-            if self.busy or self.doubt:
+            if self.busy or self.doubt or self.loss:
                 factor = 0.5 ** (elapsed / half_life)
                 self.busy = self.busy * factor if self.busy * factor >= FORGET_BELOW else 0.0
                 self.doubt = self.doubt * factor if self.doubt * factor >= FORGET_BELOW * 0.01 else 0.0
+                self.loss = self.loss * factor if self.loss * factor >= FORGET_BELOW * 0.1 else 0.0
             self.trouble_at = now
 
 
@@ -650,6 +659,8 @@ class ServerTable:
         learned.at = now
         learned.busy *= 0.5
         learned.doubt *= 0.5
+        if learned.loss:
+            learned.loss *= 1.0 - estimators.loss_gain
 
     def busy(self, node: str, now: float) -> None:
         """``node`` answered busy (``rejected-busy`` or ``expired``): load (see the module docstring)."""
@@ -658,6 +669,8 @@ class ServerTable:
         learned = self._learn(node)
         learned.decay(now, self._half_life)
         learned.busy += 1.0
+        if learned.loss:
+            learned.loss *= 1.0 - self._estimators.loss_gain  # an answer: the link works
 
     def timed_out(self, node: str, now: float, waited: float) -> None:
         """An attempt to ``node`` got no answer in ``waited`` seconds: uncertainty (module docstring)."""
@@ -666,6 +679,32 @@ class ServerTable:
         learned = self._learn(node)
         learned.decay(now, self._half_life)
         learned.doubt += waited if waited > 0.0 else 0.0
+        learned.loss += self._estimators.loss_gain * (1.0 - learned.loss)
+
+    def unanswered(self, node: str, now: float) -> None:
+        """An attempt to ``node`` that no longer mattered (its task ended by another answer) got no
+        answer by its timeout: a loss sample, but no doubt (nobody waited for it)."""
+        if node not in self._entries:
+            return
+        learned = self._learn(node)
+        learned.decay(now, self._half_life)
+        learned.loss += self._estimators.loss_gain * (1.0 - learned.loss)
+
+    def late_answer(self, node: str) -> None:
+        """An attempt to ``node`` counted as lost was answered after all: take its loss sample back."""
+        learned = self._learned.get(node)
+        if learned is not None and learned.loss:
+            gain = self._estimators.loss_gain
+            loss = (learned.loss - gain) / (1.0 - gain) if gain < 1.0 else 0.0
+            learned.loss = loss if loss > 0.0 else 0.0
+
+    def loss(self, node: str, now: float) -> float:
+        """The share of this device's attempts to ``node`` left unanswered, as estimated (0: none seen)."""
+        learned = self._learned.get(node)
+        if learned is None or not learned.loss:
+            return 0.0
+        learned.decay(now, self._half_life)
+        return learned.loss
 
     def failure(self, node: str, now: float) -> None:
         if node not in self._entries:
@@ -760,7 +799,7 @@ class ServerTable:
                               row.queue_length, row.in_flight, row.workers, row.service_time, since, failed,
                               row.queue_capacity, evidence_at=row.evidence_at,
                               service_floor=row.service_floor)
-        if learned.busy or learned.doubt:
+        if learned.busy or learned.doubt or learned.loss:
             learned.decay(now, self._half_life)
         if entry is None:
             entry = self._entries[node]
@@ -787,7 +826,7 @@ class ServerTable:
         return ServerInfo(node, row.capable, row.stale, rtt, rtt_dev, row.bandwidth, row.queue_length,
                           row.in_flight, row.workers, service, since, failed, row.queue_capacity,
                           learned.outstanding, wait, error_dev, learned.busy, doubt, learned.latency,
-                          measured_at, row.service_floor)
+                          measured_at, row.service_floor, learned.loss)
 
     def announces(self, task: str) -> bool:
         """True when some server (alive or not) announced ``task`` in a heartbeat."""

@@ -45,6 +45,9 @@ class Estimators(_Frozen):
     evidence_half_life: PositiveSeconds = 2.0
     """Seconds for what answers taught (round trip, service time, queue wait) to lose half its weight
     against the next answer while none comes: after a pause the first answer moves it most of the way."""
+    loss_gain: Gain = 0.1
+    """EWMA gain of a server's loss estimate: each attempt left unanswered is a sample 1 (reversed if
+    its answer comes late), each answer a 0."""
     min_bandwidth_bytes: Annotated[int, Field(ge=1)] = 16 * 1024
     """Only transfers of at least this many bytes (task + result) update the bandwidth estimate."""
 

@@ -476,12 +476,17 @@ class _Simulation:
             self.count("lost_offline")  # published while its device was away: a clean session
             return
         record = job.record
+        device = job.device
+        size = self.result_bytes[record.task] if status == _OK else _ANSWER_BYTES
         if record.outcome != UNFINISHED:
+            core = device.core
+            if core.awaits(record.task_id, attempt):  # a given-up attempt: its answer teaches
+                core.result(record.task_id, node, attempt, status, now, nbytes=job.payload_bytes + size,
+                            queue_wait=queue_wait, service_time=service)
+                return
             # What the core would say of a result for a task it finished (it need not remember them).
             self.count("late_results")
             return
-        size = self.result_bytes[record.task] if status == _OK else _ANSWER_BYTES
-        device = job.device
         self.perform(device, device.core.result(record.task_id, node, attempt, status, now,
                                                 nbytes=job.payload_bytes + size, queue_wait=queue_wait,
                                                 service_time=service), now)

@@ -1,0 +1,171 @@
+"""Hedged attempts in the device core alone: a lossy server's attempt also goes to a second server."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from test_core import Rig, report
+
+from edge_agent.core import DeviceCore, Send
+from edge_agent.policy import PolicyConfig
+from edge_agent.tuning import Tuning
+
+
+def hedging(*, hedge: float = 0.01, hedge_delay: float = 0.0, seed: int = 1) -> Rig:
+    """A device without local runs beside a fast server and a slow one, clean so far."""
+    config = PolicyConfig(default_service_time=0.01, hedge=hedge, hedge_delay=hedge_delay)
+    core = DeviceCore("dev", local_tasks=set(), tuning=Tuning(default_timeout=0.1), rng=random.Random(seed),
+                      policy_config=config)
+    rig = Rig(core)
+    rig.take(core.link_up(0.0))
+    for server in (report("fast", service=0.002), report("slow", service=0.03)):
+        rig.take(core.heartbeat(server, 0.0))
+    return rig
+
+
+def lose_one(rig: Rig, task_id: str = "lost") -> None:
+    """A task whose attempt to ``fast`` is never answered: it times out, ``slow`` answers the retry."""
+    rig.take(rig.core.submit(task_id, "job", 0, rig.now))
+    assert rig.sends[-1].server == "fast"
+    rig.advance(rig.now + 0.15)
+    retry = rig.sends[-1]
+    assert (retry.server, retry.attempt) == ("slow", 2)
+    rig.take(rig.core.result(task_id, "slow", 2, "ok", rig.now, service_time=0.03))
+
+
+def sends_of(rig: Rig, task_id: str) -> list[Send]:
+    return [send for send in rig.sends if send.task.task_id == task_id]
+
+
+def in_flight(rig: Rig) -> dict[str, int]:
+    return {view.node: view.in_flight for view in rig.core.views(rig.now)}
+
+
+def test_without_loss_nothing_is_hedged() -> None:
+    rig = hedging()
+    for i in range(20):
+        rig.take(rig.core.submit(f"t{i}", "job", 0, rig.now))
+        send = rig.sends[-1]
+        rig.now += 0.01
+        rig.take(rig.core.result(f"t{i}", send.server, send.attempt, "ok", rig.now, service_time=0.002))
+    assert len(rig.sends) == 20 and rig.core.counters["hedges"] == 0
+    assert rig.core.table.loss("fast", rig.now) == 0.0 and len(rig.completions) == 20
+
+
+def test_an_attempt_to_a_lossy_server_is_hedged_and_the_first_answer_is_the_one_outcome() -> None:
+    rig = hedging()
+    lose_one(rig)
+    assert rig.core.table.loss("fast", rig.now) == pytest.approx(0.1, rel=0.01)
+    rig.take(rig.core.submit("t", "job", 0, rig.now))
+    first, hedge = sends_of(rig, "t")
+    assert (first.server, first.attempt, hedge.server, hedge.attempt) == ("fast", 1, "slow", 2)
+    assert rig.core.counters["hedges"] == 1 and in_flight(rig) == {"fast": 1, "slow": 1}  # both are load
+    rig.now += 0.005
+    rig.take(rig.core.result("t", "fast", 1, "ok", rig.now, service_time=0.002))
+    record = rig.records["t"]
+    assert (record.outcome, record.target, record.attempts) == ("ok", "fast", 2)
+    assert in_flight(rig) == {"fast": 0, "slow": 0}
+    rig.now += 0.03
+    rig.take(rig.core.result("t", "slow", 2, "ok", rig.now, queue_wait=0.004, service_time=0.03))
+    assert rig.completions.count("t") == 1  # the loser is counted, never a second outcome
+    counters = rig.core.counters
+    assert (counters["hedge_side_won"], counters["hedge_late_answers"], counters["late_results"]) == (1, 1, 1)
+    slow = rig.core.table.snapshot("job", rig.now)[rig.core.table.index_of("slow")]  # type: ignore[index]
+    assert slow.queue_wait is not None and slow.queue_wait > 0.0  # the loser's answer taught it (was 0)
+    assert slow.sent_since_report == 0
+    assert rig.core.table.loss("fast", rig.now) < 0.1  # its answer was a sample 0
+    rig.advance(rig.now + 1.0)  # the dead timers change nothing
+    assert rig.completions.count("t") == 1
+
+
+def hedge_wins(rig: Rig) -> None:
+    """After a loss, task ``t`` goes to both servers and the hedge (``slow``) answers first."""
+    lose_one(rig)
+    rig.take(rig.core.submit("t", "job", 0, rig.now))
+    rig.now += 0.03
+    rig.take(rig.core.result("t", "slow", 2, "ok", rig.now, service_time=0.03))
+
+
+def test_the_hedge_may_win_and_the_lossy_answer_then_only_counts() -> None:
+    rig = hedging()
+    hedge_wins(rig)
+    assert (rig.records["t"].outcome, rig.records["t"].target) == ("ok", "slow")
+    rig.now += 0.01
+    rig.take(rig.core.result("t", "fast", 1, "ok", rig.now, service_time=0.002))
+    assert rig.completions.count("t") == 1 and rig.core.counters["hedge_late_answers"] == 1
+
+
+def test_a_hedged_attempt_left_unanswered_is_a_loss_sample_without_doubt() -> None:
+    rig = hedging()
+    hedge_wins(rig)
+    before = rig.core.table.loss("fast", rig.now)
+    rig.advance(rig.now + 0.5)  # past the lossy attempt's timeout, and it never answered
+    rig.take(rig.core.submit("u", "job", 0, rig.now))
+    assert rig.core.counters["hedge_unanswered"] == 1
+    assert rig.core.table.loss("fast", rig.now) > before
+    assert rig.core.counters["timeouts"] == 1  # only the first task's: the hedged one waited on nothing
+
+
+def test_a_late_answer_takes_its_loss_sample_back() -> None:
+    rig = hedging()
+    lose_one(rig)
+    assert rig.core.table.loss("fast", rig.now) == pytest.approx(0.1, rel=0.01)
+    rig.take(rig.core.result("lost", "fast", 1, "ok", rig.now))  # it was slow, not lost
+    assert rig.core.table.loss("fast", rig.now) == 0.0
+    assert rig.completions.count("lost") == 1 and rig.core.counters["late_results"] == 1
+
+
+def test_the_loss_estimate_fades_on_answers_and_the_hedges_stop() -> None:
+    rig = hedging()
+    lose_one(rig)
+    for i in range(40):  # answers from the lossy server, each a sample 0
+        rig.take(rig.core.submit(f"t{i}", "job", 0, rig.now))
+        rig.now += 0.005
+        rig.take(rig.core.result(f"t{i}", "fast", 1, "ok", rig.now, service_time=0.002))
+    assert rig.core.table.loss("fast", rig.now) <= 0.01 and rig.core.counters["hedges"] > 0
+    hedges = rig.core.counters["hedges"]
+    rig.take(rig.core.submit("clean", "job", 0, rig.now))
+    assert [send.server for send in sends_of(rig, "clean")] == ["fast"]
+    assert rig.core.counters["hedges"] == hedges
+
+
+def test_the_loss_halves_with_time_too() -> None:
+    rig = hedging()
+    lose_one(rig)
+    loss = rig.core.table.loss("fast", rig.now)
+    assert rig.core.table.loss("fast", rig.now + 10.0) == pytest.approx(loss / 2)
+
+
+def test_a_zero_budget_never_hedges() -> None:
+    rig = hedging(hedge=0.0)
+    lose_one(rig)
+    rig.take(rig.core.submit("t", "job", 0, rig.now))
+    assert len(sends_of(rig, "t")) == 1 and rig.core.counters["hedges"] == 0
+
+
+def test_a_delayed_hedge_goes_out_only_while_the_attempt_is_unanswered() -> None:
+    rig = hedging(hedge_delay=0.01)
+    lose_one(rig)
+    rig.take(rig.core.submit("quick", "job", 0, rig.now))
+    rig.now += 0.005
+    rig.take(rig.core.result("quick", "fast", 1, "ok", rig.now, service_time=0.002))
+    rig.advance(rig.now + 0.05)
+    assert len(sends_of(rig, "quick")) == 1
+    rig.take(rig.core.submit("t", "job", 0, rig.now))
+    start = rig.now
+    rig.advance(start + 0.011)
+    hedge = sends_of(rig, "t")[-1]
+    assert (hedge.server, hedge.attempt) == ("slow", 2) and rig.core.counters["hedges"] == 1
+    rig.take(rig.core.result("t", "slow", 2, "ok", rig.now + 0.03, service_time=0.03))
+    assert rig.completions.count("t") == 1
+
+
+def test_a_dead_hedge_server_leaves_the_first_attempt_to_answer() -> None:
+    rig = hedging()
+    lose_one(rig)
+    rig.take(rig.core.submit("t", "job", 0, rig.now))
+    rig.take(rig.core.state("slow", 1, False, rig.now, live=True))  # the hedge's server dies
+    rig.now += 0.005
+    rig.take(rig.core.result("t", "fast", 1, "ok", rig.now, service_time=0.002))
+    assert rig.records["t"].outcome == "ok" and rig.completions.count("t") == 1
