@@ -57,9 +57,14 @@ def away_and_back(target: BrokerEndpoint, make_transport: TransportFactory, topi
     first.subscribe(results, Inbox(), qos=1)
     first.abort()  # no DISCONNECT: as a crash or a power cut would leave it
 
+    witness = Inbox()  # another subscriber: once it has every message, the broker has routed them all
+    make_transport(target, f"witness-{uuid.uuid4().hex[:8]}").subscribe(results, witness, qos=1)
     publisher = make_transport(target, f"srv-{uuid.uuid4().hex[:8]}")
     for n in range(COUNT):
         publisher.publish(results, b"r%d" % n, qos=1)
+    # publish() only queues: on a busy machine the publisher's network thread may send them after the
+    # new transport below subscribed, which would then get them live, session or not.
+    wait_for(lambda: len(witness.payloads()) >= COUNT, message="the broker routed every message")
 
     inbox = Inbox()
     again = make_transport(target, client_id, connect=False, **session)
