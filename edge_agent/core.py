@@ -46,7 +46,9 @@ rules. The rules, in one place:
   stays in flight as the task's *side* attempt. Both count as in flight to their servers and both
   answers teach the table; the first final answer gives the outcome, the other attempt is given up
   (a loss sample for its server if no answer comes by its timeout; its late answer is counted and
-  learned from, never a second outcome).
+  learned from, never a second outcome). When the newer attempt fails and the task has no attempt
+  left or nowhere else to go, it waits for the side attempt until that one's timeout (or its
+  server's death) instead of ending at once.
 * **One outcome per task**: the first ``ok``/``error`` result wins, also from an earlier attempt;
   anything later is counted (``late_results``, ``unknown_results``). A timer at or after the deadline
   gives a task still without an outcome the deadline outcome: ``timeout`` if a server has it,
@@ -835,11 +837,17 @@ class DeviceCore:
         timeout still bounds the wait. (The simulator calls this when a shared entry heard a death.)"""
         if out is None:
             out = []
+        orphans: list[CoreTask] = []
         for task in self._tasks.values():
             side = task.side
             if side is not None and side.server in nodes:  # its answer will not come: no loss either
                 task.side = None
                 self.table.settled(side.server)
+                if task.target is None:  # it waited for this one alone (_wait_for_side)
+                    orphans.append(task)
+        for task in orphans:
+            task.last_status, task.last_error = "failed", error
+            self._dispatch(task, now, out)
         victims = [(task, task.attempts) for task in self._tasks.values()
                    if task.target in nodes and not task.resend]
         if not victims:
@@ -869,6 +877,9 @@ class DeviceCore:
         if task.done:
             return
         if task.attempts >= self._max_attempts:
+            if task.side is not None:
+                self._wait_for_side(task, now, out)  # no attempt left, but the first one may answer
+                return
             self._finish(task, task.last_status, task.last_error or "no attempt left", now, out)
             return
         deadline = task.deadline
@@ -914,6 +925,9 @@ class DeviceCore:
         if target is None and not local_ok:
             if self.parking and not targets:
                 self._park(task, out)
+                return
+            if task.side is not None:
+                self._wait_for_side(task, now, out)  # nowhere else to go, but the first one may answer
                 return
             self._finish(task, "failed", f"no usable server for {name!r} ({decision.reason})", now, out)
             return
@@ -1070,6 +1084,8 @@ class DeviceCore:
     def _check_attempt(self, task: CoreTask, now: float, out: list[Action]) -> None:
         target = task.target
         if target is None:
+            if task.side is not None:
+                self._check_side(task, now, out)
             return
         if now < task.timeout_at:
             if task.hedge_at <= now:
@@ -1125,6 +1141,40 @@ class DeviceCore:
         if task.pool is not None and status not in POOL_RETRIED:
             self._finish(task, status, error, now, out)  # the pool rule: a retry could run it twice
             return
+        self._dispatch(task, now, out)
+
+    def _wait_for_side(self, task: CoreTask, now: float, out: list[Action]) -> None:
+        """The current attempt of a hedged task failed and there is no attempt left or nowhere else to
+        send it: rather than end the task, wait for its side attempt, still in flight, until that
+        one's timeout."""
+        side = task.side
+        assert side is not None
+        self.counters["hedge_waited_for_side"] += 1
+        self._tokens += 1
+        task.timer = self._tokens
+        out.append(Timer(side.timeout_at if side.timeout_at > now else now, _ATTEMPT, task, self._tokens))
+
+    def _check_side(self, task: CoreTask, now: float, out: list[Action]) -> None:
+        """The timer of a task waiting for its side attempt (:meth:`_wait_for_side`): at the side's
+        timeout, a timeout like any other attempt's, and the task gets its outcome."""
+        side = task.side
+        assert side is not None
+        if now < side.timeout_at:
+            self._tokens += 1
+            task.timer = self._tokens
+            out.append(Timer(side.timeout_at, _ATTEMPT, task, self._tokens))
+            return
+        task.side = None
+        self.counters["timeouts"] += 1
+        table = self.table
+        table.settled(side.server)
+        table.task_done(side.server, answered=False, generation=side.generation)
+        if side.link == self._link:  # else our own link may have lost it
+            table.timed_out(side.server, now, now - side.sent_at)
+            table.failure(side.server, now)
+            side.counted = True
+        self._give_up(side)
+        task.last_status, task.last_error = "timeout", f"no result from {side.server} in time"
         self._dispatch(task, now, out)
 
     def _wait_for_resend(self, task: CoreTask, attempt: int) -> None:
@@ -1229,8 +1279,10 @@ class DeviceCore:
 
     # ------------------------------------------------------------------------------ outcomes
     def _deadline_outcome(self, task: CoreTask, now: float, out: list[Action]) -> None:
-        if task.target is not None:
-            status, error = "timeout", f"no result from {task.target} before the deadline"
+        waited_for = task.target if task.target is not None else (
+            task.side.server if task.side is not None else None)
+        if waited_for is not None:
+            status, error = "timeout", f"no result from {waited_for} before the deadline"
         elif task.targets and task.targets[-1] == LOCAL:
             where = "running" if task.started is not None else "queued"
             status, error = "expired", f"deadline passed while {where} locally"

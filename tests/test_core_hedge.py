@@ -12,11 +12,11 @@ from edge_agent.policy import PolicyConfig
 from edge_agent.tuning import Tuning
 
 
-def hedging(*, hedge: float = 0.01, hedge_delay: float = 0.0, seed: int = 1) -> Rig:
+def hedging(*, hedge: float = 0.01, hedge_delay: float = 0.0, seed: int = 1, max_attempts: int = 3) -> Rig:
     """A device without local runs beside a fast server and a slow one, clean so far."""
     config = PolicyConfig(default_service_time=0.01, hedge=hedge, hedge_delay=hedge_delay)
-    core = DeviceCore("dev", local_tasks=set(), tuning=Tuning(default_timeout=0.1), rng=random.Random(seed),
-                      policy_config=config)
+    core = DeviceCore("dev", local_tasks=set(), tuning=Tuning(default_timeout=0.1, max_attempts=max_attempts),
+                      rng=random.Random(seed), policy_config=config)
     rig = Rig(core)
     rig.take(core.link_up(0.0))
     for server in (report("fast", service=0.002), report("slow", service=0.03)):
@@ -169,3 +169,44 @@ def test_a_dead_hedge_server_leaves_the_first_attempt_to_answer() -> None:
     rig.now += 0.005
     rig.take(rig.core.result("t", "fast", 1, "ok", rig.now, service_time=0.002))
     assert rig.records["t"].outcome == "ok" and rig.completions.count("t") == 1
+
+
+def last_attempt_refused() -> Rig:
+    """Two attempts at most: task ``t`` goes to ``fast`` and its hedge, the last attempt, to ``slow``,
+    which answers busy; the attempt to ``fast`` is still in flight."""
+    rig = hedging(max_attempts=2)
+    lose_one(rig)
+    rig.take(rig.core.submit("t", "job", 0, rig.now))
+    assert [(send.server, send.attempt) for send in sends_of(rig, "t")] == [("fast", 1), ("slow", 2)]
+    rig.now += 0.002
+    rig.take(rig.core.result("t", "slow", 2, "rejected-busy", rig.now))
+    assert "t" not in rig.records and rig.core.counters["hedge_waited_for_side"] == 1
+    return rig
+
+
+def test_with_no_attempt_left_a_failed_hedge_waits_for_the_first_attempt() -> None:
+    rig = last_attempt_refused()
+    rig.now += 0.005
+    rig.take(rig.core.result("t", "fast", 1, "ok", rig.now, service_time=0.002))
+    assert (rig.records["t"].outcome, rig.records["t"].target) == ("ok", "fast")
+    rig.advance(rig.now + 1.0)
+    assert rig.completions.count("t") == 1 and len(sends_of(rig, "t")) == 2
+
+
+def test_the_first_attempt_waited_for_times_out_like_any_other() -> None:
+    rig = last_attempt_refused()
+    timeouts = rig.core.counters["timeouts"]
+    rig.advance(rig.now + 1.0)  # fast never answers
+    record = rig.records["t"]
+    assert record.outcome == "timeout" and rig.completions.count("t") == 1
+    assert rig.core.counters["timeouts"] == timeouts + 1 and in_flight(rig) == {"fast": 0, "slow": 0}
+    rig.take(rig.core.result("t", "fast", 1, "ok", rig.now))  # it was slow, not lost: only counted
+    assert rig.completions.count("t") == 1
+
+
+def test_the_first_attempt_waited_for_on_a_server_that_dies_ends_the_task_at_once() -> None:
+    rig = last_attempt_refused()
+    rig.take(rig.core.state("fast", 1, False, rig.now, live=True))
+    record = rig.records["t"]
+    assert (record.outcome, record.error) == ("failed", "server fast went offline")
+    assert rig.completions.count("t") == 1
