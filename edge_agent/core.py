@@ -653,15 +653,11 @@ class DeviceCore:
         task.side = None
         table = self.table
         table.settled(server)
-        table.task_done(server, answered=True, generation=side.generation)
+        self._leg_answered(side, status, now, nbytes, queue_wait, service_time)
         out: list[Action] = []
         if status not in _FINAL:
-            if status in ANSWERED_FAILURES and status != "unknown-task":
-                table.busy(server, now)
             self.counters["hedge_side_failed"] += 1
             return out
-        self._learn(server, now, now - side.sent_at, nbytes, queue_wait, service_time, side.transfer,
-                    side.predicted)
         self.counters["hedge_side_won"] += 1
         if task.target is not None:  # the hedge lost the race: it may still be answered
             table.settled(task.target)
@@ -716,14 +712,20 @@ class DeviceCore:
         if leg.counted:
             table.late_answer(server)
         if leg.hedged:
-            table.task_done(server, answered=True, generation=leg.generation)
-            if status in _FINAL:
-                self._learn(server, now, now - leg.sent_at, nbytes, queue_wait, service_time, leg.transfer,
-                            leg.predicted)
-            elif status in ANSWERED_FAILURES and status != "unknown-task":
-                table.busy(server, now)
+            self._leg_answered(leg, status, now, nbytes, queue_wait, service_time)
             self.counters["hedge_late_answers"] += 1
         return True
+
+    def _leg_answered(self, leg: Leg, status: str, now: float, nbytes: int, queue_wait: float,
+                      service_time: float) -> None:
+        """What an answer to attempt ``leg`` (not the task's current one) tells the table: it is no longer
+        in flight; a final answer teaches as any answer, a busy one is load."""
+        self.table.task_done(leg.server, answered=True, generation=leg.generation)
+        if status in _FINAL:
+            self._learn(leg.server, now, now - leg.sent_at, nbytes, queue_wait, service_time, leg.transfer,
+                        leg.predicted)
+        elif status in ANSWERED_FAILURES and status != "unknown-task":
+            self.table.busy(leg.server, now)
 
     def awaits(self, task_id: str, attempt: int) -> bool:
         """Whether the core remembers attempt ``attempt`` of the finished task ``task_id`` as given up
@@ -1029,9 +1031,7 @@ class DeviceCore:
             if hedge_at < at and hedge_at > now:
                 at = hedge_at
         task.hedge_at = hedge_at
-        self._tokens += 1
-        task.timer = self._tokens
-        out.append(Send(task, target, task.attempts, resend, Timer(at, _ATTEMPT, task, self._tokens)))
+        out.append(Send(task, target, task.attempts, resend, self._attempt_timer(task, at)))
         if hedge_at <= now:
             task.hedge_at = _INF
             self._hedge_attempt(task, now, out)
@@ -1066,6 +1066,12 @@ class DeviceCore:
         self._send(task, chosen, decision, now, out)
         return True
 
+    def _attempt_timer(self, task: CoreTask, at: float) -> Timer:
+        """A new attempt timer of ``task`` due at ``at``; every earlier one of it is dead from now on."""
+        self._tokens += 1
+        task.timer = self._tokens
+        return Timer(at, _ATTEMPT, task, self._tokens)
+
     def _rearm(self, task: CoreTask, now: float, out: list[Action]) -> None:
         """The attempt's timer again: at its timeout, or earlier at its server's (new) stale time."""
         at = task.timeout_at
@@ -1076,9 +1082,7 @@ class DeviceCore:
             stale_at = self.table.stale_at(target) + STALE_MARGIN
             if now < stale_at < at:
                 at = stale_at
-        self._tokens += 1
-        task.timer = self._tokens
-        out.append(Timer(at, _ATTEMPT, task, self._tokens))
+        out.append(self._attempt_timer(task, at))
 
     # ------------------------------------------------------------------------------ failing
     def _check_attempt(self, task: CoreTask, now: float, out: list[Action]) -> None:
@@ -1102,10 +1106,7 @@ class DeviceCore:
         self.counters["timeouts"] += 1
         ours = task.resend or task.link != self._link  # our own link may have lost it
         if not ours:
-            self.table.timed_out(target, now, now - task.sent_at)
-            leg = Leg.current(task)
-            leg.counted = True
-            self._give_up(leg)
+            self._timed_out(Leg.current(task), now)
         self._attempt_failed(task, task.attempts, "timeout", f"no result from {target} in time", now, out,
                              penalise=not ours)
 
@@ -1118,9 +1119,7 @@ class DeviceCore:
             return False
         task.waited_for_link = True
         task.timeout_at = deadline
-        self._tokens += 1
-        task.timer = self._tokens
-        out.append(Timer(deadline, _ATTEMPT, task, self._tokens))
+        out.append(self._attempt_timer(task, deadline))
         self.counters["waited_for_link"] += 1
         return True
 
@@ -1143,6 +1142,13 @@ class DeviceCore:
             return
         self._dispatch(task, now, out)
 
+    def _timed_out(self, leg: Leg, now: float) -> None:
+        """Attempt ``leg`` got no answer by its timeout: uncertainty and a loss sample for its server,
+        taken back if the answer still comes (:meth:`_late_answer`)."""
+        self.table.timed_out(leg.server, now, now - leg.sent_at)
+        leg.counted = True
+        self._give_up(leg)
+
     def _wait_for_side(self, task: CoreTask, now: float, out: list[Action]) -> None:
         """The current attempt of a hedged task failed and there is no attempt left or nowhere else to
         send it: rather than end the task, wait for its side attempt, still in flight, until that
@@ -1150,9 +1156,7 @@ class DeviceCore:
         side = task.side
         assert side is not None
         self.counters["hedge_waited_for_side"] += 1
-        self._tokens += 1
-        task.timer = self._tokens
-        out.append(Timer(side.timeout_at if side.timeout_at > now else now, _ATTEMPT, task, self._tokens))
+        out.append(self._attempt_timer(task, side.timeout_at if side.timeout_at > now else now))
 
     def _check_side(self, task: CoreTask, now: float, out: list[Action]) -> None:
         """The timer of a task waiting for its side attempt (:meth:`_wait_for_side`): at the side's
@@ -1160,9 +1164,7 @@ class DeviceCore:
         side = task.side
         assert side is not None
         if now < side.timeout_at:
-            self._tokens += 1
-            task.timer = self._tokens
-            out.append(Timer(side.timeout_at, _ATTEMPT, task, self._tokens))
+            out.append(self._attempt_timer(task, side.timeout_at))
             return
         task.side = None
         self.counters["timeouts"] += 1
@@ -1170,10 +1172,10 @@ class DeviceCore:
         table.settled(side.server)
         table.task_done(side.server, answered=False, generation=side.generation)
         if side.link == self._link:  # else our own link may have lost it
-            table.timed_out(side.server, now, now - side.sent_at)
+            self._timed_out(side, now)
             table.failure(side.server, now)
-            side.counted = True
-        self._give_up(side)
+        else:
+            self._give_up(side)
         task.last_status, task.last_error = "timeout", f"no result from {side.server} in time"
         self._dispatch(task, now, out)
 
@@ -1260,9 +1262,7 @@ class DeviceCore:
         at = task.timeout_at = now + _timeout(
             decision.expected or 0.0, None if deadline is None else deadline - now, False,
             tuning.default_timeout, tuning.timeout_factor, tuning.attempt_share, tuning.max_timeout)
-        self._tokens += 1
-        task.timer = self._tokens
-        out.append(Send(task, key, task.attempts, False, Timer(at, _ATTEMPT, task, self._tokens)))
+        out.append(Send(task, key, task.attempts, False, self._attempt_timer(task, at)))
 
     def _pool_answer(self, task: CoreTask, server: str, attempt: int) -> bool:
         """Whether a result from ``server`` for ``attempt`` of a pool task is one: ``server`` announces
