@@ -64,6 +64,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from agent_common.readonly import record
+
 __all__ = [
     "DEFAULT_POLICY", "DEFAULT_POLICY_CONFIG", "LOCAL", "POLICIES", "Decision", "LocalInfo", "PolicyConfig",
     "ServerInfo", "TaskInfo", "UnknownPolicyError", "check_policy", "decide", "local_ect", "server_ect",
@@ -91,7 +93,7 @@ def check_policy(name: str) -> str:
     return name
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class TaskInfo:
     """What the policy knows about the task being decided."""
 
@@ -109,7 +111,7 @@ class TaskInfo:
             raise ValueError(f"TaskInfo.backlog must be >= 0, got {self.backlog}")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class LocalInfo:
     """The device's own state for this task name."""
 
@@ -126,7 +128,7 @@ class LocalInfo:
     """Mean deviation of the local service time (s)."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ServerInfo:
     """One row of the device's server table, as seen for this task name."""
 
@@ -248,7 +250,7 @@ class PolicyConfig:
 DEFAULT_POLICY_CONFIG = PolicyConfig()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Decision:
     """The outcome of :func:`decide`, kept for logs, traces and tests."""
 

@@ -7,8 +7,10 @@ that step never happened (``sent`` for a task run locally, ``started`` for a tas
 from __future__ import annotations
 
 import concurrent.futures
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Literal
+
+from agent_common.readonly import record
 
 Outcome = Literal["ok", "error", "expired", "rejected-busy", "unknown-task", "timeout", "failed"]
 OUTCOMES: tuple[str, ...] = ("ok", "error", "expired", "rejected-busy", "unknown-task", "timeout", "failed")
@@ -31,7 +33,7 @@ class TaskFailed(Exception):
         self.name = name
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class TaskRecord:
     """Everything the agent knows about one finished task, for logs, the simulator and tests."""
 
