@@ -65,7 +65,9 @@ class PolicySettings(_Frozen):
     rounds: int = Field(default=3, ge=1)
     risk: float = Field(default=2.0, ge=0.0)
     explore: float = Field(default=1.0, ge=0.0)
+    tail: float = Field(default=1.0, ge=0.0)
     busy_tasks: int = Field(default=4, ge=0)
+    evidence_half_life: float = Field(default=1.0, ge=0.0)
     hedge: float = Field(default=0.01, ge=0.0, le=1.0)
     hedge_delay: float = Field(default=0.0, ge=0.0)
 

@@ -239,6 +239,7 @@ class PolicyConfig:
             ("in_flight_residual", 0.0 <= self.in_flight_residual <= 1.0),
             ("rtt_dev_weight", self.rtt_dev_weight >= 0.0), ("choices", self.choices >= 1),
             ("rounds", self.rounds >= 1), ("risk", self.risk >= 0.0), ("explore", self.explore >= 0.0),
+            ("tail", self.tail >= 0.0),
             ("busy_tasks", self.busy_tasks >= 0), ("evidence_half_life", self.evidence_half_life >= 0.0),
             ("hedge", 0.0 <= self.hedge <= 1.0), ("hedge_delay", self.hedge_delay >= 0.0),
         )

@@ -3,6 +3,7 @@ secrets never from flags, the password from a file."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ import pytest
 from agent_common.settings import SettingsError, load_settings
 from cloud_agent.config import CloudConfig
 from edge_agent.cli import main as edge_main
-from edge_agent.config import load_edge_config
+from edge_agent.config import PolicySettings, load_edge_config
+from edge_agent.policy import PolicyConfig
 
 
 def test_misspelt_environment_variable_is_refused_with_the_closest_name() -> None:
@@ -52,3 +54,9 @@ def test_edge_agent_password_flag_points_to_the_environment(capsys: pytest.Captu
     assert edge_main(["submit", "--id", "cam1", "--password", "x", "square", "{}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "EDGE_AGENT_PASSWORD" in err
+
+
+def test_the_policy_settings_are_the_policy_config_fields_with_its_defaults() -> None:
+    defaults = {field.name: field.default for field in dataclasses.fields(PolicyConfig)}
+    assert PolicySettings().model_dump() == defaults
+    assert PolicySettings().to_policy_config() == PolicyConfig()
