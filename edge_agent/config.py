@@ -70,6 +70,8 @@ class PolicySettings(_Frozen):
     evidence_half_life: float = Field(default=1.0, ge=0.0)
     hedge: float = Field(default=0.01, ge=0.0, le=1.0)
     hedge_delay: float = Field(default=0.0, ge=0.0)
+    loss_cost: float = Field(default=0.0, ge=0.0)
+    hedge_share: float = Field(default=1.0, ge=0.0, le=1.0)
 
     def to_policy_config(self) -> PolicyConfig:
         return PolicyConfig(**self.model_dump())

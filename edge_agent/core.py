@@ -48,7 +48,8 @@ rules. The rules, in one place:
   (a loss sample for its server if no answer comes by its timeout; its late answer is counted and
   learned from, never a second outcome). When the newer attempt fails and the task has no attempt
   left or nowhere else to go, it waits for the side attempt until that one's timeout (or its
-  server's death) instead of ending at once.
+  server's death) instead of ending at once. ``hedge_share`` below 1 caps the hedges: each task
+  submitted adds that much to a bucket of at most :data:`HEDGE_BURST`, each hedge takes one.
 * **One outcome per task**: the first ``ok``/``error`` result wins, also from an earlier attempt;
   anything later is counted (``late_results``, ``unknown_results``). A timer at or after the deadline
   gives a task still without an outcome the deadline outcome: ``timeout`` if a server has it,
@@ -63,7 +64,7 @@ from __future__ import annotations
 import random
 from collections import Counter, OrderedDict, deque
 from collections.abc import Container, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from edge_agent.pinning import (
@@ -103,6 +104,9 @@ GIVEN_UP_MEMORY = 1024
 that a late answer still teaches the table (and takes back a loss sample)."""
 ANSWERED_FAILURES = frozenset({"rejected-busy", "expired", "unknown-task"})
 """Statuses with which a server answered an attempt without doing it: retried elsewhere."""
+HEDGE_BURST = 10.0
+"""Hedges a device may send back to back when :attr:`~edge_agent.policy.PolicyConfig.hedge_share` caps
+them: the bucket's size (it starts full)."""
 _FINAL = frozenset({"ok", "error"})
 _NONE: frozenset[str] = frozenset()
 _INF = float("inf")
@@ -420,11 +424,11 @@ class DeviceCore:
     """
 
     __slots__ = ("_decider", "_epoch", "_expiring", "_finished", "_finished_memory", "_given_up", "_hedge",
-                 "_hedge_delay", "_link", "_links_up", "_local_tasks", "_max_attempts",
-                 "_min_bandwidth_bytes", "_nonces", "_penalty", "_pool", "_previous", "_probe_due",
-                 "_probe_token", "_probes", "_resend_waiting", "_tasks", "_tokens", "_uplink_free",
-                 "_watchdog", "connected", "counters", "node", "parking", "policy", "policy_config", "rng",
-                 "table", "tuning")
+                 "_hedge_delay", "_hedge_share", "_hedge_tokens", "_link", "_links_up", "_local_tasks",
+                 "_max_attempts", "_min_bandwidth_bytes", "_nonces", "_penalty", "_pool", "_previous",
+                 "_probe_due", "_probe_token", "_probes", "_resend_waiting", "_tasks", "_tokens", "_unhedged",
+                 "_uplink_free", "_watchdog", "connected", "counters", "node", "parking", "policy",
+                 "policy_config", "rng", "table", "tuning")
 
     def __init__(self, node: str, *, local_tasks: Container[str], local_workers: int = 1,
                  tuning: Tuning = DEFAULT_TUNING, policy_config: PolicyConfig | None = None,
@@ -452,6 +456,11 @@ class DeviceCore:
         self._penalty = self.policy_config.failure_penalty
         self._hedge = self.policy_config.hedge if decider is None else 0.0
         self._hedge_delay = self.policy_config.hedge_delay
+        self._hedge_share = self.policy_config.hedge_share
+        self._unhedged = replace(self.policy_config, hedge=0.0, loss_cost=tuning.default_timeout)
+        """What a decision goes by while no hedge is left in the bucket: doubt counts as caution again."""
+        self._hedge_tokens = HEDGE_BURST
+        """Hedges this device may still send (the bucket of ``hedge_share``, when below 1)."""
         self._given_up: OrderedDict[tuple[str, int], Leg] = OrderedDict()
         """(task id, attempt) -> an attempt given up without an answer, for its late answer."""
         self._expiring: deque[Leg] = deque()
@@ -533,6 +542,8 @@ class DeviceCore:
         task.pin, task.pool = target, pool
         self._tasks[task_id] = task
         self.counters["submitted"] += 1
+        if self._hedge_share < 1.0 and self._hedge_tokens < HEDGE_BURST:
+            self._hedge_tokens = min(HEDGE_BURST, self._hedge_tokens + self._hedge_share)
         local_pool = self._pool
         if local_pool.arrivals is not None:
             local_pool.arrived(now)
@@ -909,7 +920,7 @@ class DeviceCore:
         decider = self._decider
         if decider is None:
             decision = decide(task.policy, info, local, servers, now=now, rng=self.rng, previous=previous,
-                              exclude=exclude, allow_local=local_ok, config=self.policy_config,
+                              exclude=exclude, allow_local=local_ok, config=self._config(),
                               previous_at=None if previous is None else self.table.index_of(previous))
         else:
             decision = decider(task, info, local, servers, now=now, previous=previous, exclude=exclude,
@@ -955,13 +966,20 @@ class DeviceCore:
             return False
         return any(s.capable and not s.stale for s in self.table.snapshot(name, now))
 
+    def _config(self) -> PolicyConfig:
+        """The policy's tuning for the decision at hand: as configured, unless the hedge bucket is
+        empty (``hedge_share`` below 1), when the attempt cannot be hedged and is decided as such."""
+        if self._hedge_share < 1.0 and self._hedge_tokens < 1.0:
+            return self._unhedged
+        return self.policy_config
+
     def _decide(self, task: CoreTask, info: TaskInfo, local: LocalInfo, servers: Sequence[ServerInfo],
                 now: float, previous: str | None, exclude: frozenset[str], allow_local: bool) -> Decision:
         if self._decider is not None:
             return self._decider(task, info, local, servers, now=now, previous=previous, exclude=exclude,
                                  allow_local=allow_local)
         return decide(task.policy, info, local, servers, now=now, rng=self.rng, previous=previous,
-                      exclude=exclude, allow_local=allow_local, config=self.policy_config,
+                      exclude=exclude, allow_local=allow_local, config=self._config(),
                       previous_at=None if previous is None else self.table.index_of(previous))
 
     def _run_local(self, task: CoreTask, now: float, out: list[Action]) -> None:
@@ -1061,6 +1079,11 @@ class DeviceCore:
         if chosen is None:
             self.counters["hedge_no_alternative"] += 1
             return False
+        if self._hedge_share < 1.0:
+            if self._hedge_tokens < 1.0:
+                self.counters["hedge_over_budget"] += 1
+                return False
+            self._hedge_tokens -= 1.0
         task.side = Leg.current(task)
         self.counters["hedges"] += 1
         self._send(task, chosen, decision, now, out)

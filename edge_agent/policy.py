@@ -228,6 +228,15 @@ class PolicyConfig:
     gives the task its outcome (0: never hedge)."""
     hedge_delay: float = 0.0
     """Seconds after the attempt that its hedge goes out, if no answer came by then (0: at once)."""
+    loss_cost: float = 0.0
+    """Seconds a lost attempt costs: ``ect``'s caution adds ``loss x loss_cost`` for a server whose
+    losses are not hedged (the core sets it to its attempt timeout's floor when no hedge is left)."""
+    hedge_share: float = 1.0
+    """At most this many hedges per task, on average (1: no cap). Each task submitted adds
+    ``hedge_share`` to a bucket of at most :data:`~edge_agent.core.HEDGE_BURST` hedges, each hedge takes
+    one. While it holds less than one, attempts are decided as with ``hedge = 0`` (a lossy server's
+    doubt counts as caution: a lost attempt would cost its timeout) and not hedged (counted
+    ``hedge_over_budget`` when the chosen server is lossy all the same)."""
 
     def __post_init__(self) -> None:
         checks = (
@@ -242,6 +251,7 @@ class PolicyConfig:
             ("tail", self.tail >= 0.0),
             ("busy_tasks", self.busy_tasks >= 0), ("evidence_half_life", self.evidence_half_life >= 0.0),
             ("hedge", 0.0 <= self.hedge <= 1.0), ("hedge_delay", self.hedge_delay >= 0.0),
+            ("hedge_share", 0.0 <= self.hedge_share <= 1.0), ("loss_cost", self.loss_cost >= 0.0),
         )
         for name, ok in checks:
             if not ok:
@@ -299,8 +309,10 @@ def _server_estimate(task: TaskInfo, server: ServerInfo, config: PolicyConfig,
     caller's clock, to age the evidence (``None``: no ageing)."""
     spread = server.rtt_dev + server.error_dev
     caution = server.doubt
-    if caution and config.hedge and server.loss > config.hedge:
+    if config.hedge and server.loss > config.hedge:
         caution = 0.0  # the core hedges its attempts: a lost one costs the hedge's time, not a timeout
+    elif config.loss_cost:
+        caution += server.loss * config.loss_cost  # an unhedged lost attempt costs its timeout
     rtt = server.rtt
     if rtt is None:
         rtt = config.default_rtt

@@ -7,19 +7,22 @@ import random
 import pytest
 from test_core import Rig, report
 
-from edge_agent.core import DeviceCore, Send
-from edge_agent.policy import PolicyConfig
+from edge_agent.config import PolicySettings
+from edge_agent.core import HEDGE_BURST, DeviceCore, Send
+from edge_agent.policy import LocalInfo, PolicyConfig, ServerInfo, TaskInfo, decide
 from edge_agent.tuning import Tuning
 
 
-def hedging(*, hedge: float = 0.01, hedge_delay: float = 0.0, seed: int = 1, max_attempts: int = 3) -> Rig:
-    """A device without local runs beside a fast server and a slow one, clean so far."""
-    config = PolicyConfig(default_service_time=0.01, hedge=hedge, hedge_delay=hedge_delay)
+def hedging(*, hedge: float = 0.01, hedge_delay: float = 0.0, seed: int = 1, max_attempts: int = 3,
+            hedge_share: float = 1.0, slow: float = 0.03) -> Rig:
+    """A device without local runs beside a fast server and a slow one (``slow`` s), clean so far."""
+    config = PolicyConfig(default_service_time=0.01, hedge=hedge, hedge_delay=hedge_delay,
+                          hedge_share=hedge_share)
     core = DeviceCore("dev", local_tasks=set(), tuning=Tuning(default_timeout=0.1, max_attempts=max_attempts),
                       rng=random.Random(seed), policy_config=config)
     rig = Rig(core)
     rig.take(core.link_up(0.0))
-    for server in (report("fast", service=0.002), report("slow", service=0.03)):
+    for server in (report("fast", service=0.002), report("slow", service=slow)):
         rig.take(core.heartbeat(server, 0.0))
     return rig
 
@@ -142,6 +145,65 @@ def test_a_zero_budget_never_hedges() -> None:
     lose_one(rig)
     rig.take(rig.core.submit("t", "job", 0, rig.now))
     assert len(sends_of(rig, "t")) == 1 and rig.core.counters["hedges"] == 0
+
+
+def hedge_run(share: float, tasks: int = 20) -> Rig:
+    """``tasks`` tasks after a loss on ``fast``, each answered by ``fast``: the loss stays above the
+    budget throughout (0.1 x 0.9 ** 20 > 0.01), so each one's attempt is one to hedge."""
+    rig = hedging(hedge_share=share, slow=0.5)  # slow enough that fast wins even with its doubt counted
+    lose_one(rig)
+    for i in range(tasks):
+        rig.take(rig.core.submit(f"t{i}", "job", 0, rig.now))
+        assert sends_of(rig, f"t{i}")[0].server == "fast"
+        rig.now += 0.005
+        rig.take(rig.core.result(f"t{i}", "fast", 1, "ok", rig.now, service_time=0.002))
+        assert rig.records[f"t{i}"].outcome == "ok"
+    assert rig.core.table.loss("fast", rig.now) > 0.01
+    return rig
+
+
+def test_hedges_uncapped_by_default() -> None:
+    counters = hedge_run(1.0).core.counters
+    assert (counters["hedges"], counters["hedge_over_budget"]) == (20, 0)
+
+
+def test_a_hedge_share_caps_the_hedges_to_a_burst_plus_that_share_per_task() -> None:
+    rig = hedge_run(0.25)
+    counters = rig.core.counters
+    # The bucket starts full (HEDGE_BURST = 10), each task adds 0.25 and each hedge takes 1: tasks 1-13
+    # are hedged, 14-16 find less than one left, 17 is, 18-20 are not.
+    assert (HEDGE_BURST, counters["hedges"], counters["hedge_over_budget"]) == (10.0, 14, 6)
+    assert len(rig.sends) == 2 + 20 + 14  # lose_one's two attempts, one per task, the hedges
+    assert all(rig.completions.count(f"t{i}") == 1 for i in range(20))
+
+
+def test_a_zero_share_allows_only_the_burst() -> None:
+    counters = hedge_run(0.0).core.counters
+    assert (counters["hedges"], counters["hedge_over_budget"]) == (10, 10)
+
+
+def test_an_unhedged_loss_is_priced_by_loss_cost() -> None:
+    """What a decision goes by when no hedge is left: a lossy server's loss costs ``loss x loss_cost``
+    (the core sets the attempt timeout's floor), so the clean server wins where the lossy one did."""
+    lossy = ServerInfo("fast", rtt=0.002, service_time=0.002, loss=0.3)
+    clean = ServerInfo("slow", rtt=0.002, service_time=0.03)
+    task, local = TaskInfo("job", 0), LocalInfo(capable=False)
+
+    def chosen(config: PolicyConfig) -> str | None:
+        return decide("ect", task, local, [lossy, clean], now=0.0, rng=random.Random(1), config=config).target
+
+    assert chosen(PolicyConfig(hedge=0.0)) == "fast"
+    assert chosen(PolicyConfig(hedge=0.0, loss_cost=0.2)) == "slow"
+    assert chosen(PolicyConfig(loss_cost=0.2)) == "fast"  # its losses are hedged: no cost
+
+
+def test_a_hedge_share_outside_0_1_is_refused_with_its_name() -> None:
+    with pytest.raises(ValueError, match="hedge_share"):
+        PolicyConfig(hedge_share=1.5)
+    with pytest.raises(ValueError, match="hedge_share"):
+        PolicySettings(hedge_share=-0.1)
+    with pytest.raises(ValueError, match="loss_cost"):
+        PolicyConfig(loss_cost=-1.0)
 
 
 def test_a_delayed_hedge_goes_out_only_while_the_attempt_is_unanswered() -> None:
