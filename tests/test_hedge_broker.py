@@ -5,9 +5,11 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from brokers_support import BrokerEndpoint, Stack, start_cloud, start_edge, wait_for
 
 from agent_common.registry import TaskRegistry
+from edge_agent.core import HEDGE_BURST
 from edge_agent.records import TaskRecord
 from topics.codec import Codec
 from topics.models import Heartbeat, Load, Result, Role, Status, Task, TaskCapability
@@ -88,3 +90,28 @@ def test_a_hedged_task_completes_once_when_the_lossy_server_drops_it(
     assert stats["timeouts"] >= 1 and hedged_and_dropped
     assert all(r.outcome == "ok" and r.target == "clean" for r in hedged_and_dropped)
     assert stats["timeouts"] < len(lossy.dropped)
+
+
+@pytest.mark.parametrize("share", [1.0, 0.0])
+def test_hedge_share_caps_the_hedges_of_the_real_agent(
+        broker: BrokerEndpoint, topic_prefix: str, stack: Stack, share: float) -> None:
+    """A fast server that drops every other task: uncapped, nearly every task to it is hedged;
+    with ``hedge_share = 0`` only the burst is, and the rest go where no loss is priced in."""
+    lossy = DroppingServer(broker, topic_prefix, "lossy", every=2)
+    stack.append(lossy.close)
+    start_cloud(broker, stack, topic_prefix, "clean")
+    edge = start_edge(broker, stack, topic_prefix, registry=TaskRegistry(), default_timeout=0.3,
+                      probe_interval=0.2, policy_config={"hedge_share": share})
+
+    def both() -> bool:
+        return {v.node for v in edge.servers() if not v.stale and "square" in v.tasks} == {"lossy", "clean"}
+
+    wait_for(both, timeout=10.0, message="both servers")
+    tasks = 30
+    results = [edge.submit("square", {"x": x, "cost": 0.02}).result(10) for x in range(tasks)]
+    assert results == [{"y": x * x} for x in range(tasks)]
+    hedges = edge.stats()["hedges"]
+    if share == 1.0:
+        assert hedges > HEDGE_BURST  # the cap below is one the agent would otherwise exceed
+    else:
+        assert 1 <= hedges <= HEDGE_BURST
