@@ -7,16 +7,20 @@ For each broker (embedded amqtt, Mosquitto if installed) one run measures, one r
 * ``agent``: a :class:`~cloud_agent.server.CloudAgent` running the ``noop`` task (receive, decode,
   duplicate check, queue, run on a worker thread, encode a Result, publish).
 
-Both get the same encoded Task bytes at QoS 1 from the same requester (an MqttTransport). Prints
-p50/mean/p99 per task, the agent/echo ratio of the medians and the difference (the agent's own cost).
-Bounded: ``--count`` requests per side (default 500), ~10-30 s in all.
+Both get the same kind of encoded Task bytes at QoS 1 from the same requester (an MqttTransport), in
+``--blocks`` alternating blocks per side (which side goes first alternates), so that a drift of the
+machine hits both alike; each block's tasks are fresh (new ids, created just before) and encoded
+before its clock starts. Prints p50/mean/p99 per task over all blocks, the agent/echo ratio of the
+medians and the difference (the agent's own cost). Bounded: ``--count`` requests per side (default
+1000), ~10-30 s in all.
 
-    python bench/server_overhead.py [--count 500] [--brokers amqtt,mosquitto]
+    python bench/server_overhead.py [--count 1000] [--blocks 5] [--brokers amqtt,mosquitto]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import socket
 import statistics
 import threading
@@ -105,11 +109,17 @@ def summary(times: list[float]) -> tuple[float, float, float]:
             ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))])
 
 
-def run_on(name: str, url_host: str, port: int, count: int) -> None:
+def run_on(name: str, url_host: str, port: int, count: int, blocks: int) -> None:
     codec = Codec("cbor")
     reply = TREE.result_inbox("bench-dev")
-    tasks = [codec.encode(Task(id=f"t{i}", task="noop", sender="bench-dev", reply_to=reply,
-                               created=time.time(), payload={"i": i})) for i in range(count + 50)]
+    numbers = itertools.count()
+
+    def requests(how_many: int) -> list[bytes]:
+        """Fresh tasks (new ids, ``created`` now), encoded before the clock starts."""
+        return [codec.encode(Task(id=f"t{i}", task="noop", sender="bench-dev", reply_to=reply,
+                                  created=time.time(), payload={"i": i}))
+                for i in itertools.islice(numbers, how_many)]
+
     transport = MqttTransport(TransportConfig.from_url(f"mqtt://{url_host}:{port}", client_id="bench-dev"))
     transport.connect()
     requester = Requester(transport, reply)
@@ -120,22 +130,30 @@ def run_on(name: str, url_host: str, port: int, count: int) -> None:
                                                                       client_id="bench-srv")),
                        load_tasks("agent_common.demo_tasks"))
     agent.start()
+    inbox = TREE.task_inbox("bench-srv")
+    echo_times: list[float] = []
+    agent_times: list[float] = []
     try:
         deadline = time.monotonic() + 5.0  # the birth comes after the agent's subscriptions
         while TREE.state("bench-srv") not in requester.online and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(0.1)
-        requester.measure(ECHO_TOPIC, tasks[:50])  # warm-up
-        echo_times = requester.measure(ECHO_TOPIC, tasks[50:])
-        requester.measure(TREE.task_inbox("bench-srv"), tasks[:50])
-        agent_times = requester.measure(TREE.task_inbox("bench-srv"), tasks[50:])
+        requester.measure(ECHO_TOPIC, requests(50))  # warm-up
+        requester.measure(inbox, requests(50))
+        per_block = max(1, count // blocks)
+        for block in range(blocks):
+            # Alternating blocks, which side goes first alternating too: a drift of the machine hits both.
+            sides = [(ECHO_TOPIC, echo_times), (inbox, agent_times)]
+            for topic, times in sides if block % 2 == 0 else sides[::-1]:
+                times.extend(requester.measure(topic, requests(per_block)))
     finally:
         agent.stop(grace=1.0)
         echo.close()
         transport.close()
     e50, emean, e99 = summary(echo_times)
     a50, amean, a99 = summary(agent_times)
-    print(f"\n{name}: {count} no-op tasks, QoS 1, one outstanding, {len(tasks[0])} B requests")
+    print(f"\n{name}: {len(agent_times)} no-op tasks per side in {blocks} alternating blocks, QoS 1, "
+          f"one outstanding, {len(requests(1)[0])} B requests")
     print(f"  raw paho echo : p50 {e50 * 1e3:7.3f} ms  mean {emean * 1e3:7.3f} ms  p99 {e99 * 1e3:7.3f} ms")
     print(f"  cloud agent   : p50 {a50 * 1e3:7.3f} ms  mean {amean * 1e3:7.3f} ms  p99 {a99 * 1e3:7.3f} ms")
     print(f"  ratio agent/echo (p50) {a50 / e50:5.2f}x; server-side overhead per task "
@@ -144,7 +162,8 @@ def run_on(name: str, url_host: str, port: int, count: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--count", type=int, default=500, help="requests per side (default 500)")
+    parser.add_argument("--count", type=int, default=1000, help="requests per side (default 1000)")
+    parser.add_argument("--blocks", type=int, default=5, help="alternating blocks per side (default 5)")
     parser.add_argument("--brokers", default="amqtt,mosquitto", help="comma-separated: amqtt,mosquitto")
     args = parser.parse_args(argv)
     starters: dict[str, Callable[[], Any]] = {"amqtt": lambda: EmbeddedBroker().start()}
@@ -157,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         broker = starters[name]()
         try:
             label = "embedded amqtt 0.12 (same process)" if name == "amqtt" else "Mosquitto (subprocess)"
-            run_on(label, broker.host, broker.port, args.count)
+            run_on(label, broker.host, broker.port, args.count, args.blocks)
         finally:
             broker.close()
     return 0
