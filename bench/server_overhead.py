@@ -138,7 +138,8 @@ def run_on(name: str, url_host: str, port: int, count: int, blocks: int) -> None
         while TREE.state("bench-srv") not in requester.online and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(0.1)
-        requester.measure(ECHO_TOPIC, requests(50))  # warm-up
+        warm_up = requests(50)
+        requester.measure(ECHO_TOPIC, warm_up)
         requester.measure(inbox, requests(50))
         per_block = max(1, count // blocks)
         for block in range(blocks):
@@ -153,7 +154,7 @@ def run_on(name: str, url_host: str, port: int, count: int, blocks: int) -> None
     e50, emean, e99 = summary(echo_times)
     a50, amean, a99 = summary(agent_times)
     print(f"\n{name}: {len(agent_times)} no-op tasks per side in {blocks} alternating blocks, QoS 1, "
-          f"one outstanding, {len(requests(1)[0])} B requests")
+          f"one outstanding, {len(warm_up[0])} B requests")
     print(f"  raw paho echo : p50 {e50 * 1e3:7.3f} ms  mean {emean * 1e3:7.3f} ms  p99 {e99 * 1e3:7.3f} ms")
     print(f"  cloud agent   : p50 {a50 * 1e3:7.3f} ms  mean {amean * 1e3:7.3f} ms  p99 {a99 * 1e3:7.3f} ms")
     print(f"  ratio agent/echo (p50) {a50 / e50:5.2f}x; server-side overhead per task "

@@ -459,8 +459,8 @@ class DeviceCore:
         self._hedge_share = self.policy_config.hedge_share
         self._unhedged = replace(self.policy_config, hedge=0.0, loss_cost=tuning.default_timeout)
         """What a decision goes by while no hedge is left in the bucket: doubt counts as caution again."""
-        self._hedge_tokens = HEDGE_BURST
-        """Hedges this device may still send (the bucket of ``hedge_share``, when below 1)."""
+        self._hedge_tokens = HEDGE_BURST if self._hedge_share < 1.0 else _INF
+        """Hedges this device may still send: the bucket of ``hedge_share`` (infinite: no cap)."""
         self._given_up: OrderedDict[tuple[str, int], Leg] = OrderedDict()
         """(task id, attempt) -> an attempt given up without an answer, for its late answer."""
         self._expiring: deque[Leg] = deque()
@@ -542,7 +542,7 @@ class DeviceCore:
         task.pin, task.pool = target, pool
         self._tasks[task_id] = task
         self.counters["submitted"] += 1
-        if self._hedge_share < 1.0 and self._hedge_tokens < HEDGE_BURST:
+        if self._hedge_tokens < HEDGE_BURST:
             self._hedge_tokens = min(HEDGE_BURST, self._hedge_tokens + self._hedge_share)
         local_pool = self._pool
         if local_pool.arrivals is not None:
@@ -969,7 +969,7 @@ class DeviceCore:
     def _config(self) -> PolicyConfig:
         """The policy's tuning for the decision at hand: as configured, unless the hedge bucket is
         empty (``hedge_share`` below 1), when the attempt cannot be hedged and is decided as such."""
-        if self._hedge_share < 1.0 and self._hedge_tokens < 1.0:
+        if self._hedge_tokens < 1.0:
             return self._unhedged
         return self.policy_config
 
@@ -1079,11 +1079,10 @@ class DeviceCore:
         if chosen is None:
             self.counters["hedge_no_alternative"] += 1
             return False
-        if self._hedge_share < 1.0:
-            if self._hedge_tokens < 1.0:
-                self.counters["hedge_over_budget"] += 1
-                return False
-            self._hedge_tokens -= 1.0
+        if self._hedge_tokens < 1.0:
+            self.counters["hedge_over_budget"] += 1
+            return False
+        self._hedge_tokens -= 1.0
         task.side = Leg.current(task)
         self.counters["hedges"] += 1
         self._send(task, chosen, decision, now, out)
